@@ -1,0 +1,238 @@
+//! The typed shape of `config.yaml` and `jobs/<name>.yaml`, exactly as users write them.
+//! Unknown keys are rejected everywhere. Meaning (stores resolved, files read) is given to
+//! these by `crate::job`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::types::{ByteSize, ColumnType, Compression, DurationSpec, OrderedMap, ParamValue};
+
+/// `config.yaml`: where data lives, which engine runs the SQL, where run state is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Named object stores. A job URL belongs to the store whose `url` is its longest prefix.
+    #[serde(default)]
+    pub stores: BTreeMap<String, StoreSpec>,
+    /// The query engine.
+    #[serde(default)]
+    pub engine: EngineSpec,
+    /// Where run history and leases are kept (used by the scheduler).
+    #[serde(default)]
+    pub state: Option<StateSpec>,
+    /// Default IANA time zone of schedules, e.g. `Europe/Berlin`.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Folder of job files, relative to this file.
+    #[serde(default = "default_jobs_dir")]
+    pub jobs_dir: String,
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+fn default_jobs_dir() -> String {
+    "jobs".into()
+}
+
+/// One object store: `file://./data`, `s3://bucket`, `gs://bucket`, `az://container`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSpec {
+    /// Root URL of the store. `file://` paths are relative to the config file.
+    pub url: String,
+    /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region (S3).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Allow plain-HTTP endpoints (local S3-compatible servers). Off by default.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Retries of a failed request (object_store backs off exponentially between them).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: usize,
+    /// Give up retrying a request after this long.
+    #[serde(default = "default_retry_timeout")]
+    pub retry_timeout: DurationSpec,
+    /// Extra builder options passed to object_store, e.g. `aws_virtual_hosted_style_request: "false"`.
+    /// Credentials come from the standard environment (`AWS_ACCESS_KEY_ID`, ...), never from here.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn default_max_retries() -> usize {
+    10
+}
+
+fn default_retry_timeout() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(180))
+}
+
+/// Which engine executes SQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EngineSpec {
+    /// In-process DataFusion.
+    Local {
+        /// Parallelism of scans and joins; defaults to the number of cores.
+        #[serde(default)]
+        target_partitions: Option<usize>,
+        /// Memory for query execution; operators that can spill do so above it.
+        #[serde(default)]
+        memory_limit: Option<ByteSize>,
+        /// Folder for spill files; defaults to the OS temp folder.
+        #[serde(default)]
+        spill_dir: Option<String>,
+        /// Rows per Arrow batch.
+        #[serde(default)]
+        batch_size: Option<usize>,
+    },
+    /// A DataFusion Ballista cluster (`df://host:50050`).
+    Ballista { url: String },
+}
+
+impl Default for EngineSpec {
+    fn default() -> Self {
+        Self::Local {
+            target_partitions: None,
+            memory_limit: None,
+            spill_dir: None,
+            batch_size: None,
+        }
+    }
+}
+
+/// Run history and leases.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    pub url: String,
+}
+
+/// `jobs/<name>.yaml`: inputs, steps and outputs of one job. The job's name is the file stem.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Free text shown in logs and `validate`.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Standard 5-field cron (`30 2 * * *`), used by `clvflow schedule`.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// IANA time zone of `schedule`; defaults to the config's.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Jobs whose run for the same date must have committed first.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Retry policy of the scheduler.
+    #[serde(default)]
+    pub retries: Option<RetrySpec>,
+    /// Per-attempt time limit; a run past it is cancelled and publishes nothing.
+    #[serde(default)]
+    pub timeout: Option<DurationSpec>,
+    /// Values for `{{ params.name }}` in SQL.
+    #[serde(default)]
+    pub params: OrderedMap<ParamValue>,
+    /// Input tables by logical name (the name SQL uses).
+    pub inputs: OrderedMap<InputSpec>,
+    /// Steps run in order; each result is a table named after the step.
+    pub steps: Vec<StepSpec>,
+    /// Tables written back to object storage.
+    #[serde(default)]
+    pub outputs: Vec<OutputSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts after the first.
+    pub max: u32,
+    /// Wait before the first retry; doubles each time.
+    #[serde(default = "default_backoff")]
+    pub backoff: DurationSpec,
+}
+
+fn default_backoff() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(60))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    #[default]
+    Parquet,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Partitioning {
+    /// Files directly under the URL (or matching its glob).
+    #[default]
+    None,
+    /// `key=value/` folders; declare the keys in `partition_columns`.
+    Hive,
+}
+
+/// One input table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// A folder (ending in `/`), a file, or a glob (`.../*.parquet`) in a configured store.
+    pub url: String,
+    #[serde(default)]
+    pub format: InputFormat,
+    #[serde(default)]
+    pub partitioning: Partitioning,
+    /// Hive partition keys and their types, in folder order.
+    #[serde(default)]
+    pub partition_columns: OrderedMap<ColumnType>,
+    /// The columns the job uses, with their types. The table exposes exactly these (plus the
+    /// partition columns); every file must have them with a matching type.
+    pub columns: OrderedMap<ColumnType>,
+    /// Accept an input with no files or no rows (otherwise that is an error).
+    #[serde(default)]
+    pub allow_empty: bool,
+}
+
+/// One step. Exactly one kind key (`sql`) is given.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Table name of the result; later steps and outputs refer to it.
+    pub name: String,
+    /// Path of a SQL file (relative to the project folder) with one query.
+    #[serde(default)]
+    pub sql: Option<String>,
+}
+
+/// One output table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// The step whose result is written.
+    pub from: String,
+    /// Table folder in a configured store, e.g. `s3://warehouse/marts/customer_value/`.
+    pub url: String,
+    /// Hive partition columns, outermost first. Their values become folders and leave the files.
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// Parquet compression.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Maximum rows per Parquet row group.
+    #[serde(default = "default_row_group_size")]
+    pub row_group_size: usize,
+    /// Folder name used for NULL partition values (e.g. `__HIVE_DEFAULT_PARTITION__`).
+    /// Unset: a NULL partition value is an error.
+    #[serde(default)]
+    pub null_partition_value: Option<String>,
+}
+
+fn default_row_group_size() -> usize {
+    1_048_576
+}

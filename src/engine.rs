@@ -1,0 +1,58 @@
+//! The one place a DataFusion session is built from `config.yaml`: parallelism, a memory limit
+//! enforced by a spilling pool, the spill folder, and every configured object store registered.
+//! Another engine (a Ballista cluster) is a new arm of [`EngineSpec`] here, nothing else.
+
+use std::sync::Arc;
+
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::config::EngineSpec;
+use crate::error::{Error, Result};
+use crate::job::Project;
+
+/// Builds a session for `project`.
+pub fn session(project: &Project) -> Result<SessionContext> {
+    let EngineSpec::Local {
+        target_partitions,
+        memory_limit,
+        spill_dir,
+        batch_size,
+    } = &project.config.value.engine
+    else {
+        return Err(Error::Internal(
+            "non-local engine passed config checks".into(),
+        ));
+    };
+    let mut config = SessionConfig::new()
+        .with_information_schema(true)
+        // Writes: one file per partition folder and output stream, not one per core.
+        .set_usize("datafusion.execution.minimum_parallel_output_files", 1);
+    if let Some(n) = target_partitions {
+        config = config.with_target_partitions((*n).max(1));
+    }
+    if let Some(n) = batch_size {
+        config = config.with_batch_size((*n).max(1));
+    }
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(limit) = memory_limit {
+        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit.0 as usize)));
+    }
+    if let Some(dir) = spill_dir {
+        let dir = project.root.join(dir);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create spill folder", e))?;
+        runtime = runtime.with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Directories(vec![dir])),
+        );
+    }
+    let runtime = runtime
+        .build_arc()
+        .map_err(|e| Error::df("build the DataFusion runtime", e))?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    for store in &project.stores.stores {
+        ctx.register_object_store(&store.registry_url, store.object_store.clone());
+    }
+    Ok(ctx)
+}

@@ -1,0 +1,22 @@
+//! clvflow: batch ETL and scheduled jobs for customer value analytics on Apache DataFusion.
+//!
+//! A job (`jobs/<name>.yaml`) reads Parquet inputs from object storage, runs SQL steps, and
+//! commits Hive-partitioned Parquet outputs with a protocol that never exposes a half-written
+//! table (see [`sink`]).
+
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod cron;
+pub mod demo;
+pub mod deps;
+pub mod engine;
+pub mod error;
+pub mod failpoint;
+pub mod generate;
+pub mod job;
+pub mod runner;
+pub mod sink;
+pub mod steps;
+
+pub use error::{Error, Result};

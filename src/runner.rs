@@ -1,0 +1,167 @@
+//! Runs one job for one run date: check and register inputs, run steps in order, write and
+//! commit outputs. Also `validate`: the same path without data (SQL planned against the declared
+//! schemas), collecting every problem.
+
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::prelude::SessionContext;
+use tracing::info;
+
+use crate::catalog::inputs::{self, InputSummary};
+use crate::config::Diagnostic;
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::job::{JobPlan, Project};
+use crate::sink::{self, OutputOutcome, RunInfo};
+use crate::steps::sql::{self, StepOutcome};
+
+/// Everything a run did, for logs, the CLI and run history.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub run_id: String,
+    pub job: String,
+    pub run_date: NaiveDate,
+    pub inputs: Vec<(String, InputSummary)>,
+    pub steps: Vec<(String, StepOutcome)>,
+    pub outputs: Vec<OutputOutcome>,
+    pub elapsed: Duration,
+}
+
+/// A fresh run id: sortable by time, unique.
+pub fn new_run_id() -> String {
+    let ts = chrono::Utc::now().format("%Y%m%dT%H%M%S");
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("{ts}-{}", &rand[..12])
+}
+
+/// Runs `job` for `run_date`.
+pub async fn run_job(
+    project: &Project,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    run_id: &str,
+) -> Result<RunReport> {
+    let started = Instant::now();
+    info!(job = %job.name, %run_date, run_id, "run started");
+    let ctx = engine::session(project)?;
+    let (input_report, step_report) = execute(&ctx, job, run_date).await?;
+
+    let run = RunInfo {
+        run_id: run_id.to_string(),
+        job: job.name.clone(),
+        run_date,
+    };
+    let mut output_report = Vec::new();
+    for out in &job.outputs {
+        let t = Instant::now();
+        let o = sink::write(&ctx, out, &run).await?;
+        if let Some(v) = o.recovery.rolled_forward {
+            info!(job = %job.name, output = %out.from, version = v, "finished publishing an interrupted earlier run");
+        }
+        info!(job = %job.name, output = %out.from, table = %o.table_url, version = o.version, rows = o.rows,
+              files = o.files, bytes = o.bytes, replaced = ?o.replaced, ms = t.elapsed().as_millis() as u64,
+              "output committed");
+        output_report.push(o);
+    }
+    let elapsed = started.elapsed();
+    info!(job = %job.name, %run_date, run_id, ms = elapsed.as_millis() as u64, "run succeeded");
+    Ok(RunReport {
+        run_id: run_id.to_string(),
+        job: job.name.clone(),
+        run_date,
+        inputs: input_report,
+        steps: step_report,
+        outputs: output_report,
+        elapsed,
+    })
+}
+
+type Executed = (Vec<(String, InputSummary)>, Vec<(String, StepOutcome)>);
+
+/// Checks and registers the inputs, then runs every step; results stay registered on `ctx`.
+async fn execute(ctx: &SessionContext, job: &JobPlan, run_date: NaiveDate) -> Result<Executed> {
+    let mut input_report = Vec::new();
+    for input in &job.inputs {
+        let t = Instant::now();
+        let s = inputs::register_checked(ctx, &job.name, input).await?;
+        info!(job = %job.name, input = %input.name, files = s.files, rows = s.rows, bytes = s.bytes,
+              ms = t.elapsed().as_millis() as u64, "input checked");
+        input_report.push((input.name.clone(), s));
+    }
+    let mut step_report = Vec::new();
+    for step in &job.steps {
+        let out = sql::run(ctx, job, step, run_date).await?;
+        info!(job = %job.name, step = %step.name, rows = out.rows, bytes = out.bytes,
+              ms = out.elapsed.as_millis() as u64, "step done");
+        step_report.push((step.name.clone(), out));
+    }
+    Ok((input_report, step_report))
+}
+
+/// Runs the steps of `job` without writing outputs, and returns the session holding every
+/// step's result by name (for tests and inspection).
+pub async fn run_steps(
+    project: &Project,
+    job: &JobPlan,
+    run_date: NaiveDate,
+) -> Result<SessionContext> {
+    let ctx = engine::session(project)?;
+    execute(&ctx, job, run_date).await?;
+    Ok(ctx)
+}
+
+/// Checks job `name` end to end without reading data. Returns the plan, or every problem.
+pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
+    let job = project.load_job(name)?;
+    let ctx = engine::session(project)?;
+    for input in &job.inputs {
+        inputs::register_declared(&ctx, input)?;
+    }
+    let today = chrono::Utc::now().date_naive();
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut schemas: Vec<(String, SchemaRef)> = Vec::new();
+    for step in &job.steps {
+        match sql::plan(&ctx, &job, step, today).await {
+            Ok(schema) => schemas.push((step.name.clone(), schema)),
+            Err(d) => {
+                // A step that fails makes later steps that use it fail too: report only the cause.
+                let noise = d.iter().all(|x| {
+                    failed.iter().any(|f| {
+                        x.message.contains(&format!("'{f}'"))
+                            || x.message.contains(&format!("\"{f}\""))
+                    })
+                });
+                if failed.is_empty() || !noise {
+                    diags.extend(d);
+                }
+                failed.push(step.name.clone());
+            }
+        }
+    }
+    for out in &job.outputs {
+        let Some((_, schema)) = schemas.iter().find(|(n, _)| *n == out.from) else {
+            continue;
+        };
+        for (j, c) in out.partition_by.iter().enumerate() {
+            if schema.field_with_name(c).is_err() {
+                let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                diags.push(job.doc.diag(
+                    &format!("{}.partition_by[{j}]", out.field),
+                    format!(
+                        "`{c}` is not a column of step `{}`; it has: {}",
+                        out.from,
+                        have.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    if diags.is_empty() {
+        Ok(job)
+    } else {
+        Err(Error::Config(diags))
+    }
+}

@@ -1,0 +1,93 @@
+//! SQL steps: a file with one query, templated (`{{ run_date }}`, `{{ params.x }}`), planned by
+//! DataFusion against the inputs and earlier steps, materialised once so outputs and later steps
+//! do not recompute it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::SessionContext;
+
+use crate::config::Diagnostic;
+use crate::error::{Error, Result};
+use crate::job::{JobPlan, StepKind, StepPlan};
+
+/// What one step produced.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    pub rows: usize,
+    pub bytes: usize,
+    pub elapsed: Duration,
+    pub schema: SchemaRef,
+}
+
+/// Runs `step` and registers its (materialised) result under the step's name.
+pub async fn run(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    step: &StepPlan,
+    run_date: chrono::NaiveDate,
+) -> Result<StepOutcome> {
+    let started = Instant::now();
+    let sql = job.render_sql(step, run_date).map_err(Error::Config)?;
+    let step_err = |source: DataFusionError| Error::Step {
+        job: job.name.clone(),
+        step: step.name.clone(),
+        source,
+    };
+    let df = ctx.sql(&sql).await.map_err(step_err)?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(step_err)?;
+    let rows = batches.iter().map(|b| b.num_rows()).sum();
+    let bytes = batches.iter().map(|b| b.get_array_memory_size()).sum();
+    let partitions = if batches.is_empty() {
+        vec![vec![]]
+    } else {
+        vec![batches]
+    };
+    let table = MemTable::try_new(schema.clone(), partitions).map_err(step_err)?;
+    ctx.register_table(&step.name, Arc::new(table))
+        .map_err(step_err)?;
+    Ok(StepOutcome {
+        rows,
+        bytes,
+        elapsed: started.elapsed(),
+        schema,
+    })
+}
+
+/// Plans `step` without reading data and registers an empty table of its result schema, so
+/// later steps can be planned too. Problems point into the SQL file.
+pub async fn plan(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    step: &StepPlan,
+    run_date: chrono::NaiveDate,
+) -> std::result::Result<SchemaRef, Vec<Diagnostic>> {
+    let sql = job.render_sql(step, run_date)?;
+    let StepKind::Sql { file, .. } = &step.kind;
+    let diag = |e: DataFusionError| {
+        let (line, col) = e
+            .diagnostic()
+            .and_then(|d| d.span)
+            .map(|s| (s.start.line as usize, s.start.column as usize))
+            .unwrap_or((1, 1));
+        let message = e.strip_backtrace();
+        let message = message.lines().next().unwrap_or_default().to_string();
+        vec![Diagnostic {
+            file: file.clone(),
+            line: line.max(1),
+            col: col.max(1),
+            field: format!("{}.sql", step.field),
+            message: format!("SQL does not plan: {message}"),
+        }]
+    };
+    let df = ctx.sql(&sql).await.map_err(diag)?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let table = MemTable::try_new(schema.clone(), vec![vec![]]).map_err(diag)?;
+    ctx.register_table(&step.name, Arc::new(table))
+        .map_err(diag)?;
+    Ok(schema)
+}

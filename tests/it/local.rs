@@ -1,0 +1,104 @@
+//! The shipped job end to end on the local store, read back by DuckDB.
+
+use crate::common::*;
+
+#[test]
+fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicate() {
+    let p = TestProject::shipped();
+    p.generate(3000);
+    let out = p.run();
+    assert!(out.status.success(), "{}", show(&out));
+    let log = stderr(&out);
+    for step in ["orders_clean", "customer_summary", "channel_summary"] {
+        assert!(
+            log.contains(&format!("step={step}")),
+            "no log line for step {step}:\n{log}"
+        );
+    }
+
+    let expected = expected_totals(&p, RUN_DATE);
+    assert!(
+        expected.0 > 500,
+        "the sample should have buyers: {expected:?}"
+    );
+    let got = summary_totals(&p);
+    assert_eq!(
+        got.0, expected.0,
+        "customers: ours {got:?} vs DuckDB from raw exports {expected:?}"
+    );
+    assert!(
+        (got.1 - expected.1).abs() < 0.01,
+        "revenue: ours {got:?} vs DuckDB {expected:?}"
+    );
+
+    // Hive folders are what BI tools read: run_date and acquisition_channel come from the paths.
+    let parts = duckdb(
+        p.path(),
+        "select distinct cast(run_date as varchar), acquisition_channel from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true) order by 2",
+    );
+    assert_eq!(parts.len(), 5, "{parts:?}");
+    assert!(parts.iter().all(|r| r[0] == RUN_DATE), "{parts:?}");
+    let channels = duckdb(
+        p.path(),
+        "select sum(buyers) from read_parquet('data/marts/channel_summary/*/*.parquet', hive_partitioning = true)",
+    );
+    assert_eq!(channels[0][0].as_i64().unwrap(), expected.0);
+
+    // Same date again: the date's partitions are replaced, never duplicated.
+    let files_before = p.snapshot("data/marts/customer_summary").len();
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    assert_eq!(summary_totals(&p), got);
+    assert_eq!(
+        p.snapshot("data/marts/customer_summary").len(),
+        files_before
+    );
+
+    // Another date adds its own partitions and leaves the first alone.
+    p.ok(&["run", "customer_value", "--date", "2026-11-01"]);
+    let by_date = duckdb(
+        p.path(),
+        "select cast(run_date as varchar), count(*) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true) group by 1 order by 1",
+    );
+    assert_eq!(by_date.len(), 2, "{by_date:?}");
+    assert_eq!(
+        by_date[0][1].as_i64().unwrap(),
+        expected_totals(&p, "2026-11-01").0
+    );
+    assert_eq!(by_date[1][1].as_i64().unwrap(), expected.0);
+
+    // `files` lists exactly the committed files; DuckDB reading only those sees the same rows.
+    let listed = p.ok(&["files", "file://./data/marts/customer_summary/"]);
+    let files: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| format!("'{}'", l.trim_start_matches("file://")))
+        .collect();
+    assert_eq!(files.len(), p.snapshot("data/marts/customer_summary").len());
+    let strict = duckdb(
+        p.path(),
+        &format!(
+            "select count(*) from read_parquet([{}], hive_partitioning = true)",
+            files.join(",")
+        ),
+    );
+    assert_eq!(
+        strict[0][0].as_i64().unwrap(),
+        by_date[0][1].as_i64().unwrap() + expected.0
+    );
+}
+
+#[test]
+fn demo_runs_on_a_fresh_project() {
+    let p = TestProject::shipped();
+    let out = p.ok(&["demo", "--customers", "1500"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("generated 1500 customers"), "{stdout}");
+    assert!(stdout.contains("data/marts/customer_summary/"), "{stdout}");
+    assert!(
+        stdout.contains("acquisition_channel"),
+        "no table preview:\n{stdout}"
+    );
+    // A second demo reuses the data and replaces the date's partitions.
+    let before = summary_totals(&p);
+    p.ok(&["demo", "--customers", "1500"]);
+    assert_eq!(summary_totals(&p), before);
+}

@@ -1,0 +1,9 @@
+//! The one integration test binary (every extra binary links DataFusion again).
+
+mod bad_input;
+mod commit;
+mod common;
+mod golden;
+mod local;
+mod s3;
+mod validate;

@@ -1,0 +1,74 @@
+//! `validate`: every shipped job passes; mistakes are all reported as file:line:col: field: message.
+
+use crate::common::*;
+
+#[test]
+fn every_shipped_job_validates() {
+    let p = TestProject::shipped();
+    let out = p.ok(&["validate"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let jobs = std::fs::read_dir(p.file("jobs")).unwrap().count();
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok: ")).count(),
+        jobs,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn three_mistakes_are_reported_together_with_positions() {
+    let p = TestProject::shipped();
+    // 1: unknown key (line 2), 2: SQL file that does not exist, 3: partition column not in the step.
+    p.edit(
+        "jobs/customer_value.yaml",
+        "schedule: \"30 2 * * *\"",
+        "schedul: \"30 2 * * *\"",
+    );
+    p.edit(
+        "jobs/customer_value.yaml",
+        "sql: sql/channel_summary.sql",
+        "sql: sql/channel_sumary.sql",
+    );
+    p.edit(
+        "jobs/customer_value.yaml",
+        "partition_by: [run_date, acquisition_channel]",
+        "partition_by: [run_date, segment]",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("jobs/customer_value.yaml:"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
+    assert!(
+        lines.iter().any(|l| l.contains("customer_value.yaml:20:")
+            && l.contains("steps[2].sql: cannot read SQL file `sql/channel_sumary.sql`")),
+        "{err}"
+    );
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:24:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
+}
+
+#[test]
+fn dependency_cycles_and_unknown_jobs_are_rejected() {
+    let p = TestProject::shipped();
+    p.write("jobs/a.yaml", "depends_on: [b]\ninputs:\n  customers: { url: file://./data/exports/customers/, columns: { customer_id: int64 } }\nsteps:\n  - { name: x, sql: sql/x.sql }\n");
+    p.write("jobs/b.yaml", "depends_on: [a, nope]\ninputs:\n  customers: { url: file://./data/exports/customers/, columns: { customer_id: int64 } }\nsteps:\n  - { name: x, sql: sql/x.sql }\n");
+    p.write("sql/x.sql", "select customer_id from customers");
+    let out = p.clvflow(&["validate", "a", "b"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("b.yaml:1:") && err.contains("depends_on[1]: no job named `nope`"),
+        "{err}"
+    );
+    // b does not load (unknown dependency), so the cycle a -> b -> a is only visible once b is fixed.
+    p.write("jobs/b.yaml", "depends_on: [a]\ninputs:\n  customers: { url: file://./data/exports/customers/, columns: { customer_id: int64 } }\nsteps:\n  - { name: x, sql: sql/x.sql }\n");
+    let err = stderr(&p.clvflow(&["validate", "a", "b"]));
+    assert!(
+        err.contains("a.yaml:1:1: depends_on: dependency cycle: a -> b -> a"),
+        "{err}"
+    );
+}
