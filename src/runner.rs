@@ -10,7 +10,6 @@ use datafusion::prelude::SessionContext;
 use tracing::info;
 
 use crate::catalog::inputs::{self, InputSummary};
-use crate::config::Diagnostic;
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::job::{JobPlan, Project};
@@ -114,14 +113,24 @@ pub async fn run_steps(
 
 /// Checks job `name` end to end without reading data. Returns the plan, or every problem.
 pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
-    let job = project.load_job(name)?;
+    if !project.job_file_exists(name) {
+        return project.load_job(name); // the "no such job" diagnostic
+    }
+    let (job, mut diags) = project.check_job(name)?;
     let ctx = engine::session(project)?;
     for input in &job.inputs {
         inputs::register_declared(&ctx, input)?;
     }
     let today = chrono::Utc::now().date_naive();
-    let mut diags: Vec<Diagnostic> = Vec::new();
-    let mut failed: Vec<String> = Vec::new();
+    // Steps that did not load (e.g. a missing SQL file) count as failed for the noise filter.
+    let mut failed: Vec<String> = job
+        .doc
+        .value
+        .steps
+        .iter()
+        .filter(|s| !job.steps.iter().any(|p| p.name == s.name))
+        .map(|s| s.name.clone())
+        .collect();
     let mut schemas: Vec<(String, SchemaRef)> = Vec::new();
     for step in &job.steps {
         match sql::plan(&ctx, &job, step, today).await {

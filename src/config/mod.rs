@@ -55,6 +55,9 @@ impl fmt::Display for Diagnostic {
 pub struct Document<T> {
     pub file: PathBuf,
     pub value: T,
+    /// Structural problems already found. When not empty, `value` is what remained after the
+    /// offending fields were dropped: good enough to look for further problems, never to run.
+    pub problems: Vec<Diagnostic>,
     locator: Locator,
 }
 
@@ -86,6 +89,16 @@ pub fn load<T: DeserializeOwned>(file: &Path) -> Result<Document<T>, Vec<Diagnos
     parse(file, &text)
 }
 
+/// Like [`load`], but any problem is an error.
+pub fn load_strict<T: DeserializeOwned>(file: &Path) -> Result<Document<T>, Vec<Diagnostic>> {
+    let doc = load(file)?;
+    if doc.problems.is_empty() {
+        Ok(doc)
+    } else {
+        Err(doc.problems)
+    }
+}
+
 /// Parses `text` (the contents of `file`); all problems are returned at once.
 pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<Document<T>, Vec<Diagnostic>> {
     let at = |pos: Pos, field: String, message: String| Diagnostic {
@@ -107,29 +120,51 @@ pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<Document<T>
         Ok(value) => Ok(Document {
             file: file.to_path_buf(),
             value,
+            problems: Vec::new(),
             locator,
         }),
         Err(first) => {
-            let mut out = Vec::new();
-            for (path, message) in collect_errors::<T>(text, first) {
-                let pos = locator.locate(&path);
-                out.push(at(pos, locate::normalize(&path), message));
+            let (found, rest) = collect_errors::<T>(text, first);
+            let problems: Vec<Diagnostic> = found
+                .into_iter()
+                .map(|(path, message)| at(locator.locate(&path), locate::normalize(&path), message))
+                .collect();
+            match rest {
+                Some(value) => Ok(Document {
+                    file: file.to_path_buf(),
+                    value,
+                    problems,
+                    locator,
+                }),
+                None => Err(problems),
             }
-            Err(out)
         }
+    }
+}
+
+/// Like [`parse`], but any problem is an error.
+pub fn parse_strict<T: DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> Result<Document<T>, Vec<Diagnostic>> {
+    let doc = parse(file, text)?;
+    if doc.problems.is_empty() {
+        Ok(doc)
+    } else {
+        Err(doc.problems)
     }
 }
 
 /// Finds every structural error: reports one, prunes the node it is about, checks again.
 /// Sequence items are removed when pruned, so later paths are translated back to the indices
-/// the user wrote.
+/// the user wrote. Also returns what parses once everything wrong is pruned, if anything does.
 fn collect_errors<T: DeserializeOwned>(
     text: &str,
     first: serde_path_to_error::Error<serde_yaml::Error>,
-) -> Vec<(String, String)> {
+) -> (Vec<(String, String)>, Option<T>) {
     let mut found = vec![describe(first.path().to_string(), first.inner())];
     let Ok(mut doc) = serde_yaml::from_str::<serde_yaml::Value>(text) else {
-        return found;
+        return (found, None);
     };
     let mut current = prune_target(&found[0]);
     let mut removed: Vec<(String, usize)> = Vec::new();
@@ -138,7 +173,7 @@ fn collect_errors<T: DeserializeOwned>(
             break;
         }
         match serde_path_to_error::deserialize::<_, T>(doc.clone()) {
-            Ok(_) => break,
+            Ok(value) => return (found, Some(value)),
             Err(e) => {
                 let (cur_path, msg) = describe(e.path().to_string(), e.inner());
                 let original = to_original(&cur_path, &removed);
@@ -150,7 +185,7 @@ fn collect_errors<T: DeserializeOwned>(
             }
         }
     }
-    found
+    (found, None)
 }
 
 /// What to remove to get past an error: the node itself, or for a missing field its parent.
@@ -308,7 +343,7 @@ mod tests {
     use super::*;
 
     fn job(text: &str) -> Result<Document<JobSpec>, Vec<Diagnostic>> {
-        parse(Path::new("jobs/x.yaml"), text)
+        parse_strict(Path::new("jobs/x.yaml"), text)
     }
 
     const GOOD: &str = "inputs:\n  orders:\n    url: file://./data/orders/\n    columns: { id: int64 }\nsteps:\n  - { name: a, sql: sql/a.sql }\n";

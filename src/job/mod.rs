@@ -24,7 +24,8 @@ pub struct Project {
 impl Project {
     /// Loads `config.yaml` and builds its stores (nothing is contacted yet).
     pub fn load(config_path: &Path) -> Result<Self> {
-        let config: Document<ConfigFile> = config::load(config_path).map_err(Error::Config)?;
+        let config: Document<ConfigFile> =
+            config::load_strict(config_path).map_err(Error::Config)?;
         let root = config_path
             .parent()
             .map(Path::to_path_buf)
@@ -88,6 +89,10 @@ impl Project {
         Ok(names.into_iter().collect())
     }
 
+    pub fn job_file_exists(&self, name: &str) -> bool {
+        self.job_file(name).exists()
+    }
+
     fn job_file(&self, name: &str) -> PathBuf {
         let dir = self.jobs_dir();
         let yml = dir.join(format!("{name}.yml"));
@@ -113,7 +118,25 @@ impl Project {
         }
         let doc: Document<JobSpec> = config::load(&file).map_err(Error::Config)?;
         let known_jobs: BTreeSet<String> = self.job_names()?.into_iter().collect();
-        JobPlan::build(name, doc, self, &known_jobs).map_err(Error::Config)
+        let (plan, diags) = JobPlan::build(name, doc, self, &known_jobs);
+        if diags.is_empty() {
+            Ok(plan)
+        } else {
+            Err(Error::Config(diags))
+        }
+    }
+
+    /// Loads job `name` as far as it goes: the plan holds every part that checked out, and the
+    /// diagnostics every problem (for `validate`, which goes on to plan the SQL that it can).
+    pub fn check_job(&self, name: &str) -> Result<(JobPlan, Vec<Diagnostic>)> {
+        let file = self.job_file(name);
+        match config::load::<JobSpec>(&file) {
+            Ok(doc) => {
+                let known_jobs: BTreeSet<String> = self.job_names()?.into_iter().collect();
+                Ok(JobPlan::build(name, doc, self, &known_jobs))
+            }
+            Err(d) => Err(Error::Config(d)),
+        }
     }
 }
 
@@ -175,9 +198,10 @@ impl JobPlan {
         doc: Document<JobSpec>,
         project: &Project,
         known_jobs: &BTreeSet<String>,
-    ) -> std::result::Result<Self, Vec<Diagnostic>> {
+    ) -> (Self, Vec<Diagnostic>) {
         let spec = doc.value.clone();
-        let mut diags = Vec::new();
+        // Structural problems first; the checks below still run on what parsed.
+        let mut diags = doc.problems.clone();
         let mut params = BTreeMap::new();
         for (k, v) in spec.params.iter() {
             params.insert(format!("params.{k}"), v.to_string());
@@ -370,18 +394,15 @@ impl JobPlan {
             }
         }
 
-        if diags.is_empty() {
-            Ok(Self {
-                name: name.to_string(),
-                doc,
-                params,
-                inputs,
-                steps,
-                outputs,
-            })
-        } else {
-            Err(diags)
-        }
+        let plan = Self {
+            name: name.to_string(),
+            doc,
+            params,
+            inputs,
+            steps,
+            outputs,
+        };
+        (plan, diags)
     }
 
     /// Template variables for a run date.

@@ -127,7 +127,7 @@ pub async fn write(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Res
         };
         for meta in log.list(&base).await? {
             let rel = relative(&log.table.path, &meta.location);
-            if rel.ends_with(".parquet") {
+            if rel.ends_with(".parquet") && !added.iter().any(|a| a.file.path == rel) {
                 removed.push(rel);
             }
         }

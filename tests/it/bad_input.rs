@@ -172,8 +172,16 @@ fn bad_data_exits_1_and_names_input_file_and_column() {
     let (p, snap, totals) = committed();
     let job = "jobs/customer_value.yaml";
     let good = p.read(job);
-    // A column the export does not have (renamed upstream).
-    p.write(job, &good.replace("amount: float64", "amount_usd: float64"));
+    // A file whose `amount` column was renamed upstream (pyarrow writes it, beside good files).
+    let code = "import pyarrow.parquet as pq, sys, json\nt = pq.read_table(sys.argv[1])\npq.write_table(t.rename_columns(['customer_id', 'order_id', 'order_ts', 'amount_usd', 'channel']), sys.argv[2])\nprint(json.dumps(t.num_rows))";
+    let dir = p.file("data/exports/orders/order_month=2026-02");
+    py_json(
+        code,
+        &[
+            dir.join("part-00000.parquet").to_str().unwrap(),
+            dir.join("part-renamed.parquet").to_str().unwrap(),
+        ],
+    );
     fails(
         &p,
         &snap,
@@ -181,11 +189,12 @@ fn bad_data_exits_1_and_names_input_file_and_column() {
         1,
         &[
             "input `orders`",
-            "order_month=",
-            "missing column `amount_usd` (declared float64)",
-            "amount Float64",
+            "order_month=2026-02/part-renamed.parquet",
+            "missing column `amount` (declared float64)",
+            "amount_usd Float64",
         ],
     );
+    std::fs::remove_file(dir.join("part-renamed.parquet")).unwrap();
     // A column of another type.
     p.write(
         job,
@@ -305,12 +314,22 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
 
     p.edit("jobs/customer_value.yaml", "partition_by: [run_date, acquisition_channel]", "partition_by: [run_date, acquisition_channel]\n    null_partition_value: __HIVE_DEFAULT_PARTITION__");
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    // The NULLs sit in the Hive default folder, which DuckDB (like Hive and Spark) reads as NULL.
+    assert!(p.file("data/marts/customer_summary/run_date=2026-11-22/acquisition_channel=__HIVE_DEFAULT_PARTITION__").is_dir());
     let rows = duckdb(
         p.path(),
         "select acquisition_channel, count(*) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true) group by 1 order by 1",
     );
+    let nulls = rows
+        .iter()
+        .find(|r| r[0].is_null())
+        .map(|r| r[1].as_i64().unwrap());
+    let buyers_without_customer_row = duckdb(
+        p.path(),
+        "select count(distinct customer_id) from read_parquet('data/exports/orders/*/*.parquet') where customer_id > 400 and order_ts < timestamp '2026-11-22'",
+    );
     assert!(
-        rows.iter().any(|r| r[0] == "__HIVE_DEFAULT_PARTITION__"),
+        nulls.is_some_and(|n| n > 0 && n <= buyers_without_customer_row[0][0].as_i64().unwrap()),
         "{rows:?}"
     );
     let total: i64 = rows.iter().map(|r| r[1].as_i64().unwrap()).sum();

@@ -178,7 +178,7 @@ pub fn f64_of(v: &Value) -> f64 {
 pub fn summary_totals(p: &TestProject) -> (i64, f64) {
     let rows = duckdb(
         p.path(),
-        "select count(*), coalesce(sum(revenue), 0), count(distinct run_date) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true)",
+        "select count(*), round(coalesce(sum(revenue), 0), 2), count(distinct run_date) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true)",
     );
     (rows[0][0].as_i64().unwrap(), f64_of(&rows[0][1]))
 }
@@ -191,7 +191,7 @@ pub fn expected_totals(p: &TestProject, run_date: &str) -> (i64, f64) {
               i as (select * from s where customer_id is not null and order_ts < timestamp '{run_date}'),
               n as (select customer_id, order_id, sum(amount) as net from i group by customer_id, order_id having sum(amount) > 0),
               c as (select customer_id, round(sum(net), 2) as revenue from n group by customer_id)
-         select count(*), sum(revenue) from c"
+         select count(*), round(sum(revenue), 2) from c"
     );
     let rows = duckdb(p.path(), &sql);
     (rows[0][0].as_i64().unwrap(), f64_of(&rows[0][1]))
