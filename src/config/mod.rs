@@ -210,10 +210,10 @@ fn describe(path: String, err: &serde_yaml::Error) -> (String, String) {
     }
     // serde_yaml starts messages with its own path ("inputs.orders: missing field ..."): we
     // report the path separately.
-    if let Some((head, rest)) = msg.split_once(": ") {
-        if !head.contains([' ', '`']) {
-            msg = rest.to_string();
-        }
+    if let Some((head, rest)) = msg.split_once(": ")
+        && !head.contains([' ', '`'])
+    {
+        msg = rest.to_string();
     }
     let base = locate::normalize(&path);
     if let Some(name) = msg

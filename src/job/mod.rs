@@ -380,18 +380,18 @@ impl JobPlan {
                 ));
             }
         }
-        if let Some(tz) = &spec.timezone {
-            if tz.parse::<chrono_tz::Tz>().is_err() {
-                diags.push(doc.diag(
-                    "timezone",
-                    format!("unknown time zone `{tz}`; use an IANA name such as Europe/Berlin"),
-                ));
-            }
+        if let Some(tz) = &spec.timezone
+            && tz.parse::<chrono_tz::Tz>().is_err()
+        {
+            diags.push(doc.diag(
+                "timezone",
+                format!("unknown time zone `{tz}`; use an IANA name such as Europe/Berlin"),
+            ));
         }
-        if let Some(s) = &spec.schedule {
-            if let Err(m) = crate::cron::check(s) {
-                diags.push(doc.diag("schedule", m));
-            }
+        if let Some(s) = &spec.schedule
+            && let Err(m) = crate::cron::check(s)
+        {
+            diags.push(doc.diag("schedule", m));
         }
 
         let plan = Self {

@@ -123,11 +123,11 @@ pub struct Recovery {
 /// a table; the scheduler never runs a job twice at once).
 pub async fn recover(log: &TableLog) -> Result<Recovery> {
     let mut rec = Recovery::default();
-    if let Some(latest) = log.latest().await? {
-        if log.published().await? < latest.version {
-            publish(log, &latest).await?;
-            rec.rolled_forward = Some(latest.version);
-        }
+    if let Some(latest) = log.latest().await?
+        && log.published().await? < latest.version
+    {
+        publish(log, &latest).await?;
+        rec.rolled_forward = Some(latest.version);
     }
     let staging = log.log_path("staging");
     rec.staged_files_removed = log.list(&staging).await?.len();
