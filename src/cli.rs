@@ -11,7 +11,13 @@ use crate::error::Error;
 use crate::generate;
 use crate::job::Project;
 use crate::runner;
+use crate::scheduler::execute::{JobExecutor, Outcome, RunContext};
+use crate::scheduler::metrics::Metrics;
+use crate::scheduler::{self, DaemonOptions, Dispatcher};
 use crate::sink::log::TableLog;
+use crate::state::StateStore;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,6 +70,29 @@ pub enum Command {
         date: NaiveDate,
         #[arg(long, default_value_t = 20_000)]
         customers: u64,
+    },
+    /// Run every scheduled job on its cron schedule until SIGTERM/SIGINT.
+    Schedule {
+        /// Serve /healthz and Prometheus /metrics here, e.g. 127.0.0.1:9464.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Run a job for every date in a range, in order; dates that already succeeded are skipped.
+    Backfill {
+        job: String,
+        #[arg(long)]
+        from: NaiveDate,
+        #[arg(long)]
+        to: NaiveDate,
+        /// Run dates that already succeeded again.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show run history (newest first).
+    History {
+        job: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
     /// Print the committed data files of an output table (for readers that want only
     /// committed data, e.g. DuckDB `read_parquet([...])`).
@@ -122,10 +151,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { job, date } => {
             let date = date.unwrap_or_else(|| chrono::Utc::now().date_naive());
             let plan = runner::validate_job(&project, &job).await?;
-            let report = runner::run_job(&project, &plan, date, &runner::new_run_id()).await?;
-            print_report(&report);
-            Ok(())
+            manual_run(&project, &plan, date).await
         }
+        Command::Schedule { listen } => schedule(&project, listen).await,
+        Command::Backfill {
+            job,
+            from,
+            to,
+            force,
+        } => backfill(&project, &job, from, to, force).await,
+        Command::History { job, limit } => history(&project, job.as_deref(), limit).await,
         Command::Generate(args) => {
             let loc = project
                 .stores
@@ -153,6 +188,214 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Identifies this process in leases and history.
+fn owner() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// `clvflow run`: holds the job's lease (so it never overlaps a scheduled run of the same job)
+/// and records the run in the history.
+async fn manual_run(
+    project: &Project,
+    plan: &crate::job::JobPlan,
+    date: NaiveDate,
+) -> anyhow::Result<()> {
+    use crate::state::{RunRecord, Status, Trigger};
+    let state = StateStore::open(project)?;
+    let ttl = project.config.value.scheduler.lease_ttl.0;
+    let Some(lease) = state.acquire(&plan.name, &owner(), ttl).await? else {
+        return Err(anyhow!(
+            "job `{}` is running in another process (its lease in {} is held); try again when it ends",
+            plan.name,
+            state.url()
+        ));
+    };
+    let run_id = runner::new_run_id();
+    let mut record = RunRecord {
+        run_id: run_id.clone(),
+        job: plan.name.clone(),
+        run_date: date,
+        attempt: 1,
+        max_attempts: 1,
+        trigger: Trigger::Manual,
+        scheduled_for: None,
+        started_at: chrono::Utc::now(),
+        ended_at: None,
+        status: Status::Running,
+        rows: 0,
+        files: 0,
+        error: None,
+        host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+    };
+    state.put(&record).await?;
+    let result = runner::run_job(project, plan, date, &run_id).await;
+    record.ended_at = Some(chrono::Utc::now());
+    match &result {
+        Ok(r) => {
+            record.status = Status::Succeeded;
+            record.rows = r.outputs.iter().map(|o| o.rows).sum();
+            record.files = r.outputs.iter().map(|o| o.files as u64).sum();
+        }
+        Err(e) => {
+            record.status = Status::Failed;
+            record.error = Some(format!("{e:#}"));
+        }
+    }
+    let recorded = state.put(&record).await;
+    lease.release().await;
+    let report = result?;
+    recorded?;
+    print_report(&report);
+    Ok(())
+}
+
+async fn run_context(
+    project: &Project,
+) -> anyhow::Result<(Arc<RunContext>, Vec<scheduler::Scheduled>, Vec<String>)> {
+    let (jobs, scheduled) = scheduler::load_jobs(project).await?;
+    let order = crate::deps::run_order(project)?;
+    let ctx = RunContext {
+        state: StateStore::open(project)?,
+        executor: Arc::new(JobExecutor {
+            project: project.clone(),
+        }),
+        jobs,
+        lease_ttl: project.config.value.scheduler.lease_ttl.0,
+        owner: owner(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    Ok((Arc::new(ctx), scheduled, order))
+}
+
+async fn schedule(project: &Project, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let (ctx, scheduled, order) = run_context(project).await?;
+    let cfg = &project.config.value.scheduler;
+    let opts = DaemonOptions {
+        max_active_runs: cfg.max_active_runs,
+        max_catchup: cfg.max_catchup,
+        grace: cfg.grace_period.0,
+        poll: cfg.poll_interval.0,
+        listen,
+    };
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        trigger.cancel();
+    });
+    scheduler::run_daemon(ctx, scheduled, order, opts, shutdown).await?;
+    Ok(())
+}
+
+async fn backfill(
+    project: &Project,
+    job: &str,
+    from: NaiveDate,
+    to: NaiveDate,
+    force: bool,
+) -> anyhow::Result<()> {
+    if to < from {
+        return Err(anyhow!("--to {to} is before --from {from}"));
+    }
+    let (ctx, _, order) = run_context(project).await?;
+    if !ctx.jobs.contains_key(job) {
+        return Err(anyhow!("no job named `{job}`"));
+    }
+    // One job never runs twice at once (its output tables have one writer), so dates run one
+    // after another.
+    let mut dispatcher = Dispatcher::new(ctx.clone(), &order, 1);
+    let requests = scheduler::backfill_requests(job, from, to, force);
+    let poll = project.config.value.scheduler.poll_interval.0;
+    let mut failed = 0;
+    for (req, outcome) in scheduler::drain(&mut dispatcher, requests, poll).await {
+        let shown = match &outcome {
+            Ok(Outcome::Finished(s)) => s.to_string(),
+            Ok(Outcome::AlreadyDone) => {
+                "already succeeded (skipped; --force runs it again)".to_string()
+            }
+            Ok(Outcome::Skipped(why)) | Ok(Outcome::Waiting(why)) => why.clone(),
+            Ok(Outcome::Busy) => "the job is running in another process".to_string(),
+            Err(e) => format!("error: {e:#}"),
+        };
+        if !matches!(
+            outcome,
+            Ok(Outcome::Finished(crate::state::Status::Succeeded)) | Ok(Outcome::AlreadyDone)
+        ) {
+            failed += 1;
+        }
+        println!("{} {}  {}", req.job, req.run_date, shown);
+    }
+    if failed > 0 {
+        return Err(anyhow!(
+            "{failed} date(s) did not succeed; run the same backfill again to resume"
+        ));
+    }
+    Ok(())
+}
+
+async fn history(project: &Project, job: Option<&str>, limit: usize) -> anyhow::Result<()> {
+    let state = StateStore::open(project)?;
+    let mut records = state.history(job).await?;
+    records.reverse();
+    println!(
+        "{:<16} {:<10} {:<8} {:<9} {:<20} {:>8} {:>9} {:>6}  {}",
+        "job",
+        "run_date",
+        "attempt",
+        "trigger",
+        "started",
+        "seconds",
+        "rows",
+        "files",
+        "status / error"
+    );
+    for r in records.iter().take(limit) {
+        let secs = r
+            .ended_at
+            .map(|e| {
+                format!(
+                    "{:.1}",
+                    (e - r.started_at).num_milliseconds() as f64 / 1000.0
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let trigger = format!("{:?}", r.trigger).to_lowercase();
+        let status = match &r.error {
+            Some(e) => format!("{} ({})", r.status, e.lines().next().unwrap_or_default()),
+            None => r.status.to_string(),
+        };
+        println!(
+            "{:<16} {:<10} {:<8} {:<9} {:<20} {:>8} {:>9} {:>6}  {}",
+            r.job,
+            r.run_date.to_string(),
+            format!("{}/{}", r.attempt, r.max_attempts),
+            trigger,
+            r.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            secs,
+            r.rows,
+            r.files,
+            status
+        );
+    }
+    Ok(())
 }
 
 async fn validate(project: &Project, jobs: Vec<String>) -> anyhow::Result<()> {

@@ -16,7 +16,9 @@ pub mod failpoint;
 pub mod generate;
 pub mod job;
 pub mod runner;
+pub mod scheduler;
 pub mod sink;
+pub mod state;
 pub mod steps;
 
 pub use error::{Error, Result};

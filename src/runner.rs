@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDate;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::prelude::SessionContext;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::catalog::inputs::{self, InputSummary};
@@ -42,20 +43,58 @@ pub async fn run_job(
     run_date: NaiveDate,
     run_id: &str,
 ) -> Result<RunReport> {
+    run_job_cancellable(project, job, run_date, run_id, &CancellationToken::new()).await
+}
+
+/// Runs `job` for `run_date`; cancelling `cancel` before every output is staged stops the run
+/// with nothing published. Once all outputs are staged they are committed and published
+/// regardless (a few object-store calls), so a run is never cut between two outputs by a cancel.
+pub async fn run_job_cancellable(
+    project: &Project,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    run_id: &str,
+    cancel: &CancellationToken,
+) -> Result<RunReport> {
     let started = Instant::now();
     info!(job = %job.name, %run_date, run_id, "run started");
     let ctx = engine::session(project)?;
-    let (input_report, step_report) = execute(&ctx, job, run_date).await?;
-
     let run = RunInfo {
         run_id: run_id.to_string(),
         job: job.name.clone(),
         run_date,
     };
+    let work = async {
+        let (inputs, steps) = execute(&ctx, job, run_date).await?;
+        let mut staged = Vec::new();
+        for out in &job.outputs {
+            staged.push((Instant::now(), sink::stage(&ctx, out, &run).await?));
+        }
+        Ok::<_, Error>((inputs, steps, staged))
+    };
+    let cancelled = || {
+        Error::Cancelled(format!(
+            "job `{}` for {run_date} (nothing was published)",
+            job.name
+        ))
+    };
+    let (input_report, step_report, staged) = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => {
+            info!(job = %job.name, %run_date, run_id, "run cancelled before commit; nothing published");
+            return Err(cancelled());
+        }
+        r = work => r?,
+    };
+    if cancel.is_cancelled() {
+        for (_, s) in staged {
+            sink::abandon(s).await;
+        }
+        return Err(cancelled());
+    }
     let mut output_report = Vec::new();
-    for out in &job.outputs {
-        let t = Instant::now();
-        let o = sink::write(&ctx, out, &run).await?;
+    for ((t, staged), out) in staged.into_iter().zip(&job.outputs) {
+        let o = sink::commit(staged).await?;
         if let Some(v) = o.recovery.rolled_forward {
             info!(job = %job.name, output = %out.from, version = v, "finished publishing an interrupted earlier run");
         }

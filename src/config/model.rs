@@ -27,6 +27,65 @@ pub struct ConfigFile {
     /// Folder of job files, relative to this file.
     #[serde(default = "default_jobs_dir")]
     pub jobs_dir: String,
+    /// How `clvflow schedule` runs jobs.
+    #[serde(default)]
+    pub scheduler: SchedulerSpec,
+}
+
+/// Daemon settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSpec {
+    /// Runs executing at once, across all jobs (one job never runs twice at once).
+    #[serde(default = "default_max_active_runs")]
+    pub max_active_runs: usize,
+    /// Run, on start, the runs missed while the daemon was down.
+    #[serde(default = "default_true")]
+    pub catchup: bool,
+    /// At most this many missed runs per job (the most recent ones), oldest first.
+    #[serde(default = "default_max_catchup")]
+    pub max_catchup: usize,
+    /// A lease not renewed for this long is considered abandoned (its holder died).
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: DurationSpec,
+    /// On SIGTERM/SIGINT, how long running runs may go on before they are cancelled.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: DurationSpec,
+    /// How often runs waiting for an upstream job or a lease are looked at again.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: DurationSpec,
+}
+
+impl Default for SchedulerSpec {
+    fn default() -> Self {
+        Self {
+            max_active_runs: default_max_active_runs(),
+            catchup: true,
+            max_catchup: default_max_catchup(),
+            lease_ttl: default_lease_ttl(),
+            grace_period: default_grace_period(),
+            poll_interval: default_poll_interval(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_active_runs() -> usize {
+    2
+}
+fn default_max_catchup() -> usize {
+    3
+}
+fn default_lease_ttl() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(300))
+}
+fn default_grace_period() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(60))
+}
+fn default_poll_interval() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(30))
 }
 
 fn default_timezone() -> String {
@@ -135,6 +194,9 @@ pub struct JobSpec {
     /// Per-attempt time limit; a run past it is cancelled and publishes nothing.
     #[serde(default)]
     pub timeout: Option<DurationSpec>,
+    /// Overrides `scheduler.catchup` for this job.
+    #[serde(default)]
+    pub catchup: Option<bool>,
     /// Values for `{{ params.name }}` in SQL.
     #[serde(default)]
     pub params: OrderedMap<ParamValue>,

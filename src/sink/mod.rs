@@ -76,8 +76,28 @@ impl RunInfo {
     }
 }
 
+/// An output written to staging, not yet committed.
+#[derive(Debug)]
+pub struct Staged {
+    log: TableLog,
+    out: OutputPlan,
+    run: RunInfo,
+    schema: datafusion::arrow::datatypes::Schema,
+    staging_rel: String,
+    added: Vec<AddedFile>,
+    recovery: publish::Recovery,
+}
+
 /// Writes step `out.from` (registered on `ctx`) to its table and commits it.
 pub async fn write(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Result<OutputOutcome> {
+    let staged = stage(ctx, out, run).await?;
+    commit(staged).await
+}
+
+/// Recovers the table, then writes the step's rows to staging and checks them. Nothing in the
+/// table changes; dropping the future (cancellation) leaves only staged files for the next run
+/// to delete.
+pub async fn stage(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Result<Staged> {
     let log = TableLog::new(out.location.clone())?;
     let recovery = publish::recover(&log).await?;
     let df = prepare(ctx, out, run).await?;
@@ -116,7 +136,35 @@ pub async fn write(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Res
             return Err(e);
         }
     };
+    Ok(Staged {
+        log,
+        out: out.clone(),
+        run: run.clone(),
+        schema,
+        staging_rel,
+        added,
+        recovery,
+    })
+}
 
+/// Deletes a staged output that will not be committed.
+pub async fn abandon(staged: Staged) {
+    let _ = publish::delete_prefix(&staged.log, &staged.log.log_path(&staged.staging_rel)).await;
+}
+
+/// Creates the commit marker of a staged output and publishes it. Not to be cancelled: once the
+/// marker exists the publish is completed, by this run or by the next.
+pub async fn commit(staged: Staged) -> Result<OutputOutcome> {
+    let Staged {
+        log,
+        out,
+        run,
+        schema,
+        added,
+        recovery,
+        ..
+    } = staged;
+    let (out, run) = (&out, &run);
     let replaced = replaced_partitions(out, run, &added);
     let mut removed = Vec::new();
     for prefix in &replaced {

@@ -37,9 +37,14 @@ pub async fn publish(log: &TableLog, commit: &Commit) -> Result<()> {
     .try_collect::<Vec<()>>()
     .await?;
 
-    futures::stream::iter(commit.removed.iter().map(|rel| {
+    // Owned paths: a closure over borrowed items makes this future fail the Send check.
+    let removed: Vec<object_store::path::Path> = commit
+        .removed
+        .iter()
+        .map(|rel| log.table_path(rel))
+        .collect();
+    futures::stream::iter(removed.into_iter().map(|path| {
         let store = store.clone();
-        let path = log.table_path(rel);
         async move {
             match store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -42,7 +42,7 @@ fn three_mistakes_are_reported_together_with_positions() {
         .filter(|l| l.contains("jobs/customer_value.yaml:"))
         .collect();
     assert_eq!(lines.len(), 3, "{err}");
-    assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
+    assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
     assert!(
         lines.iter().any(|l| l.contains("customer_value.yaml:20:")
             && l.contains("steps[2].sql: cannot read SQL file `sql/channel_sumary.sql`")),
