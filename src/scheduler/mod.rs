@@ -309,6 +309,10 @@ pub async fn run_daemon(
             let job = TimerJob::new_one_shot_async(wait, move |_, _| {
                 let tx = tx.clone();
                 Box::pin(async move {
+                    // The timer ticks coarsely and may wake a little early: never start early.
+                    if let Ok(early) = (fire.at - Utc::now()).to_std() {
+                        tokio::time::sleep(early).await;
+                    }
                     let _ = tx.send((idx, fire)).await;
                 })
             });

@@ -6,4 +6,5 @@ mod common;
 mod golden;
 mod local;
 mod s3;
+mod scheduler;
 mod validate;
