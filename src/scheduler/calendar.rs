@@ -9,7 +9,7 @@
 //!
 //! The run date of a fire is its wall-clock date in the job's zone.
 
-use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 
@@ -43,7 +43,12 @@ impl Schedule {
 
     /// The first fire strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<Fire> {
-        let mut wall = after.with_timezone(&self.tz).naive_local();
+        // Whole seconds: cron times have none, and croner keeps a fraction it is given.
+        let mut wall = after
+            .with_timezone(&self.tz)
+            .naive_local()
+            .with_nanosecond(0)
+            .unwrap_or_default();
         // At most a few steps: each step moves to a later wall-clock time.
         for _ in 0..8 {
             let next_wall = self.next_wall(wall)?;
@@ -155,6 +160,13 @@ mod tests {
         assert_eq!(days, ["2026-10-25", "2026-10-26"]);
         assert_eq!(fires[0].at, utc("2026-10-25T00:30:00Z")); // 02:30 CEST, not 02:30 CET
         assert_eq!(fires[1].at, utc("2026-10-26T01:30:00Z")); // 02:30 CET
+    }
+
+    #[test]
+    fn fires_are_on_whole_seconds() {
+        let s = Schedule::parse("* * * * *", "UTC").unwrap();
+        let f = s.next_after(utc("2026-11-22T11:47:10.605Z")).unwrap();
+        assert_eq!(f.at, utc("2026-11-22T11:48:00Z"));
     }
 
     #[test]
