@@ -36,6 +36,13 @@ pub enum Error {
         source: datafusion::error::DataFusionError,
     },
 
+    #[error("job `{job}`: step `{step}`: {message}")]
+    Model {
+        job: String,
+        step: String,
+        message: String,
+    },
+
     #[error("job `{job}`: output `{output}`: {message}")]
     Output {
         job: String,

@@ -13,8 +13,9 @@ use tracing::info;
 use crate::catalog::inputs::{self, InputSummary};
 use crate::engine;
 use crate::error::{Error, Result};
-use crate::job::{JobPlan, Project};
+use crate::job::{JobPlan, Project, StepKind};
 use crate::sink::{self, OutputOutcome, RunInfo};
+use crate::steps::clv;
 use crate::steps::sql::{self, StepOutcome};
 
 /// Everything a run did, for logs, the CLI and run history.
@@ -120,6 +121,16 @@ type Executed = (Vec<(String, InputSummary)>, Vec<(String, StepOutcome)>);
 
 /// Checks and registers the inputs, then runs every step; results stay registered on `ctx`.
 async fn execute(ctx: &SessionContext, job: &JobPlan, run_date: NaiveDate) -> Result<Executed> {
+    execute_until(ctx, job, run_date, None).await
+}
+
+/// Like [`execute`], stopping after step `until` when given.
+async fn execute_until(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    until: Option<&str>,
+) -> Result<Executed> {
     let mut input_report = Vec::new();
     for input in &job.inputs {
         let t = Instant::now();
@@ -130,23 +141,35 @@ async fn execute(ctx: &SessionContext, job: &JobPlan, run_date: NaiveDate) -> Re
     }
     let mut step_report = Vec::new();
     for step in &job.steps {
-        let out = sql::run(ctx, job, step, run_date).await?;
+        let out = match &step.kind {
+            StepKind::Sql { .. } => sql::run(ctx, job, step, run_date).await?,
+            StepKind::Clv(spec) => {
+                let (out, t) = clv::step::run(ctx, &job.name, &step.name, spec, run_date).await?;
+                info!(job = %job.name, step = %step.name, bgnbd_ms = t.bgnbd.as_millis() as u64,
+                      gamma_gamma_ms = t.gamma_gamma.as_millis() as u64, predict_ms = t.predict.as_millis() as u64, "models fitted");
+                out
+            }
+        };
         info!(job = %job.name, step = %step.name, rows = out.rows, bytes = out.bytes,
               ms = out.elapsed.as_millis() as u64, "step done");
         step_report.push((step.name.clone(), out));
+        if until == Some(step.name.as_str()) {
+            break;
+        }
     }
     Ok((input_report, step_report))
 }
 
-/// Runs the steps of `job` without writing outputs, and returns the session holding every
-/// step's result by name (for tests and inspection).
+/// Runs the steps of `job` (up to `until`, when given) without writing outputs, and returns the
+/// session holding every step's result by name (for tests and inspection).
 pub async fn run_steps(
     project: &Project,
     job: &JobPlan,
     run_date: NaiveDate,
+    until: Option<&str>,
 ) -> Result<SessionContext> {
     let ctx = engine::session(project)?;
-    execute(&ctx, job, run_date).await?;
+    execute_until(&ctx, job, run_date, until).await?;
     Ok(ctx)
 }
 
@@ -172,6 +195,20 @@ pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
         .collect();
     let mut schemas: Vec<(String, SchemaRef)> = Vec::new();
     for step in &job.steps {
+        if let StepKind::Clv(spec) = &step.kind {
+            if failed.contains(&spec.from) {
+                failed.push(step.name.clone());
+                continue;
+            }
+            if let Err(m) = clv::step::plan(&ctx, &step.name, spec).await {
+                diags.push(job.doc.diag(&format!("{}.clv.from", step.field), m));
+                failed.push(step.name.clone());
+            } else {
+                schemas.push((step.name.clone(), clv::step::output_schema()));
+                schemas.push((format!("{}_fit", step.name), clv::step::fit_schema()));
+            }
+            continue;
+        }
         match sql::plan(&ctx, &job, step, today).await {
             Ok(schema) => schemas.push((step.name.clone(), schema)),
             Err(d) => {

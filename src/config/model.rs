@@ -261,7 +261,7 @@ pub struct InputSpec {
     pub allow_empty: bool,
 }
 
-/// One step. Exactly one kind key (`sql`) is given.
+/// One step. Exactly one kind key (`sql` or `clv`) is given.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
@@ -270,6 +270,47 @@ pub struct StepSpec {
     /// Path of a SQL file (relative to the project folder) with one query.
     #[serde(default)]
     pub sql: Option<String>,
+    /// Predictive customer lifetime value (BG/NBD + Gamma-Gamma). Also registers `<name>_fit`.
+    #[serde(default)]
+    pub clv: Option<ClvSpec>,
+}
+
+/// The predictive CLV step.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClvSpec {
+    /// A step or input with `customer_id`, `x`, `t_x`, `t` (weeks) and `mean_repeat_spend`,
+    /// such as `sql/btyd_summary.sql`.
+    pub from: String,
+    /// The model; only `bgnbd_gamma_gamma` for now.
+    #[serde(default)]
+    pub model: ClvModel,
+    /// Months of future purchases valued.
+    #[serde(default = "default_horizon_months")]
+    pub horizon_months: u32,
+    /// Annual discount rate (0.10 = 10 % a year), applied monthly.
+    #[serde(default = "default_discount_rate")]
+    pub discount_rate: f64,
+    /// Share of spend that is profit.
+    #[serde(default = "default_margin")]
+    pub margin: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClvModel {
+    #[default]
+    BgnbdGammaGamma,
+}
+
+fn default_horizon_months() -> u32 {
+    12
+}
+fn default_discount_rate() -> f64 {
+    0.10
+}
+fn default_margin() -> f64 {
+    0.30
 }
 
 /// One output table.

@@ -172,6 +172,7 @@ pub struct StepPlan {
 #[derive(Debug, Clone)]
 pub enum StepKind {
     Sql { file: PathBuf, text: String },
+    Clv(config::ClvSpec),
 }
 
 #[derive(Debug, Clone)]
@@ -289,25 +290,67 @@ impl JobPlan {
                     ),
                 ));
             }
-            let Some(sql) = &s.sql else {
-                diags.push(doc.diag(&field, "a step needs a kind: add `sql: sql/<file>.sql`"));
-                continue;
-            };
-            let file = project.root.join(sql);
-            match std::fs::read_to_string(&file) {
-                Ok(text) => steps.push(StepPlan {
-                    name: s.name.clone(),
-                    kind: StepKind::Sql { file, text },
-                    field,
-                }),
-                Err(e) => diags.push(doc.diag(
-                    &format!("{field}.sql"),
-                    format!(
-                        "cannot read SQL file `{}`: {e}; the path is relative to {}",
-                        sql,
-                        project.root.display()
-                    ),
-                )),
+            let tables: BTreeSet<&String> = names.iter().collect();
+            match (&s.sql, &s.clv) {
+                (Some(_), Some(_)) | (None, None) => {
+                    diags.push(doc.diag(&field, "a step needs exactly one kind: `sql: sql/<file>.sql` or `clv: { from: <step> }`"));
+                }
+                (None, Some(clv)) => {
+                    if !tables.contains(&clv.from) || clv.from == s.name {
+                        diags.push(doc.diag(
+                            &format!("{field}.clv.from"),
+                            format!("no input or earlier step named `{}`", clv.from),
+                        ));
+                    }
+                    if clv.horizon_months == 0 || clv.horizon_months > 600 {
+                        diags.push(doc.diag(
+                            &format!("{field}.clv.horizon_months"),
+                            "must be between 1 and 600",
+                        ));
+                    }
+                    if !(0.0..1.0).contains(&clv.discount_rate) {
+                        diags.push(doc.diag(
+                            &format!("{field}.clv.discount_rate"),
+                            "an annual rate: at least 0 and below 1 (0.10 = 10 %)",
+                        ));
+                    }
+                    if !(0.0..=1.0).contains(&clv.margin) {
+                        diags.push(doc.diag(
+                            &format!("{field}.clv.margin"),
+                            "a share of spend: between 0 and 1",
+                        ));
+                    }
+                    let fit = format!("{}_fit", s.name);
+                    if !names.insert(fit.clone()) {
+                        diags.push(doc.diag(
+                            &format!("{field}.name"),
+                            format!("`{fit}` (this step's fit report) is already a table name"),
+                        ));
+                    }
+                    steps.push(StepPlan {
+                        name: s.name.clone(),
+                        kind: StepKind::Clv(clv.clone()),
+                        field,
+                    });
+                }
+                (Some(sql), None) => {
+                    let file = project.root.join(sql);
+                    match std::fs::read_to_string(&file) {
+                        Ok(text) => steps.push(StepPlan {
+                            name: s.name.clone(),
+                            kind: StepKind::Sql { file, text },
+                            field,
+                        }),
+                        Err(e) => diags.push(doc.diag(
+                            &format!("{field}.sql"),
+                            format!(
+                                "cannot read SQL file `{}`: {e}; the path is relative to {}",
+                                sql,
+                                project.root.display()
+                            ),
+                        )),
+                    }
+                }
             }
         }
         if spec.steps.is_empty() {
@@ -318,8 +361,19 @@ impl JobPlan {
         let mut out_urls = BTreeSet::new();
         for (i, o) in spec.outputs.iter().enumerate() {
             let field = format!("outputs[{i}]");
-            if !spec.steps.iter().any(|s| s.name == o.from) {
-                let known: Vec<&str> = spec.steps.iter().map(|s| s.name.as_str()).collect();
+            let fit_tables: Vec<String> = spec
+                .steps
+                .iter()
+                .filter(|s| s.clv.is_some())
+                .map(|s| format!("{}_fit", s.name))
+                .collect();
+            if !spec.steps.iter().any(|s| s.name == o.from) && !fit_tables.contains(&o.from) {
+                let known: Vec<&str> = spec
+                    .steps
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .chain(fit_tables.iter().map(String::as_str))
+                    .collect();
                 diags.push(doc.diag(
                     &format!("{field}.from"),
                     format!("no step named `{}`; steps: {}", o.from, known.join(", ")),
@@ -422,7 +476,9 @@ impl JobPlan {
         step: &StepPlan,
         run_date: chrono::NaiveDate,
     ) -> std::result::Result<String, Vec<Diagnostic>> {
-        let StepKind::Sql { file, text } = &step.kind;
+        let StepKind::Sql { file, text } = &step.kind else {
+            return Err(vec![self.doc.diag(&step.field, "not a SQL step")]);
+        };
         template::render(text, &self.vars(run_date)).map_err(|errs| {
             errs.into_iter()
                 .map(|e| Diagnostic {

@@ -67,7 +67,10 @@ pub async fn plan(
     run_date: chrono::NaiveDate,
 ) -> std::result::Result<SchemaRef, Vec<Diagnostic>> {
     let sql = job.render_sql(step, run_date)?;
-    let StepKind::Sql { file, .. } = &step.kind;
+    let file = match &step.kind {
+        StepKind::Sql { file, .. } => file,
+        StepKind::Clv(_) => &job.doc.file,
+    };
     let diag = |e: DataFusionError| {
         let (line, col) = e
             .diagnostic()

@@ -102,3 +102,40 @@ fn demo_runs_on_a_fresh_project() {
     p.ok(&["demo", "--customers", "1500"]);
     assert_eq!(summary_totals(&p), before);
 }
+
+#[test]
+fn the_clv_job_recovers_the_generators_bgnbd_parameters() {
+    // The generator draws purchases from BG/NBD with r = 0.25, α = 4 (weeks), a = 0.8, b = 2.5.
+    // Through cleaning SQL, the BTYD summary and the fit, the parameters come back.
+    let p = TestProject::shipped();
+    p.generate(20_000);
+    p.ok(&["run", "customer_clv", "--date", RUN_DATE]);
+    let rows = duckdb(
+        p.path(),
+        "select name, value from read_parquet('data/marts/clv_fit/*/*.parquet', hive_partitioning = true) where model = 'bgnbd'",
+    );
+    let get = |n: &str| f64_of(&rows.iter().find(|r| r[0] == n).unwrap()[1]);
+    for (name, want, tol) in [
+        ("r", 0.25, 0.10),
+        ("alpha", 4.0, 0.15),
+        ("a", 0.8, 0.30),
+        ("b", 2.5, 0.35),
+    ] {
+        let got = get(name);
+        assert!(
+            ((got - want) / want).abs() < tol,
+            "{name}: fitted {got}, generator {want}: {rows:?}"
+        );
+    }
+    let clv = duckdb(
+        p.path(),
+        "select count(*), min(p_alive), max(p_alive), min(clv), count(*) filter (where isnan(clv) or clv is null) from read_parquet('data/marts/customer_clv/*/*.parquet', hive_partitioning = true)",
+    );
+    assert_eq!(clv[0][0].as_i64().unwrap(), expected_totals(&p, RUN_DATE).0);
+    assert!(
+        f64_of(&clv[0][1]) > 0.0 && f64_of(&clv[0][2]) <= 1.0,
+        "{clv:?}"
+    );
+    assert!(f64_of(&clv[0][3]) >= 0.0, "{clv:?}");
+    assert_eq!(clv[0][4].as_i64().unwrap(), 0, "NaN or NULL CLV: {clv:?}");
+}

@@ -5,3 +5,4 @@ pub mod bgnbd;
 pub mod gamma_gamma;
 pub mod optimize;
 pub mod special;
+pub mod step;
