@@ -13,8 +13,12 @@ use datafusion::datasource::listing::{
 };
 use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectMeta;
+use object_store::{ObjectMeta, ObjectStoreExt};
 
+use datafusion::arrow::array::AsArray;
+use datafusion::datasource::file_format::csv::CsvFormat;
+
+use crate::config::InputFormat;
 use crate::config::types::ColumnType;
 use crate::error::{Error, Result};
 use crate::job::InputPlan;
@@ -96,6 +100,9 @@ pub async fn register_checked(
     job: &str,
     input: &InputPlan,
 ) -> Result<InputSummary> {
+    if input.format == InputFormat::Csv {
+        return register_csv(ctx, job, input).await;
+    }
     let err = |message: String| Error::Input {
         job: job.to_string(),
         input: input.name.clone(),
@@ -103,11 +110,25 @@ pub async fn register_checked(
     };
     let store = input.location.store.object_store.clone();
     let mut url = input.location.url.clone();
-    let mut files = list(ctx, &url, store.as_ref(), &input.location.store.name).await?;
+    let mut files = list(
+        ctx,
+        &url,
+        store.as_ref(),
+        &input.location.store.name,
+        ".parquet",
+    )
+    .await?;
     let globbed = url.contains(['*', '?', '[']);
     if files.is_empty() && !url.ends_with('/') && !globbed {
         url.push('/');
-        files = list(ctx, &url, store.as_ref(), &input.location.store.name).await?;
+        files = list(
+            ctx,
+            &url,
+            store.as_ref(),
+            &input.location.store.name,
+            ".parquet",
+        )
+        .await?;
     }
     if files.is_empty() {
         if input.allow_empty {
@@ -205,17 +226,113 @@ pub async fn register_checked(
     })
 }
 
+/// A CSV reference table, read whole with the declared schema; its header must name the
+/// declared columns in order.
+async fn register_csv(ctx: &SessionContext, job: &str, input: &InputPlan) -> Result<InputSummary> {
+    let err = |message: String| Error::Input {
+        job: job.to_string(),
+        input: input.name.clone(),
+        message,
+    };
+    let url = input.location.url.clone();
+    let store = input.location.store.object_store.clone();
+    let files = list(
+        ctx,
+        &url,
+        store.as_ref(),
+        &input.location.store.name,
+        ".csv",
+    )
+    .await?;
+    if files.is_empty() {
+        return Err(err(format!("no .csv file at {url}")));
+    }
+    let mut bytes = 0;
+    for meta in &files {
+        bytes += meta.size;
+        let head = store
+            .get_range(&meta.location, 0..meta.size.min(4096))
+            .await
+            .map_err(|e| Error::store(url.clone(), "read CSV header", e))?;
+        let text = String::from_utf8_lossy(&head);
+        let header: Vec<&str> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .collect();
+        let declared: Vec<&str> = input.columns.iter().map(|(n, _)| n.as_str()).collect();
+        if header != declared {
+            return Err(Error::InputFile {
+                job: job.to_string(),
+                input: input.name.clone(),
+                file: meta.location.to_string(),
+                message: format!(
+                    "header is `{}`, declared columns are `{}`",
+                    header.join(","),
+                    declared.join(",")
+                ),
+            });
+        }
+    }
+    let fields: Vec<Field> = input
+        .columns
+        .iter()
+        .map(|(n, t)| Field::new(n, declared_type(*t), true))
+        .collect();
+    let options = ListingOptions::new(Arc::new(CsvFormat::default().with_has_header(true)))
+        .with_file_extension(".csv");
+    let table_url = ListingTableUrl::parse(&url)
+        .map_err(|e| Error::df(format!("input `{}` url {url}", input.name), e))?;
+    let config = ListingTableConfig::new(table_url)
+        .with_listing_options(options)
+        .with_schema(Arc::new(Schema::new(fields)));
+    let table = ListingTable::try_new(config)
+        .map_err(|e| Error::df(format!("input `{}`", input.name), e))?;
+    ctx.register_table(&input.name, Arc::new(table))
+        .map_err(|e| Error::df(format!("register input `{}`", input.name), e))?;
+    let rows = ctx
+        .sql(&format!("SELECT count(*) FROM \"{}\"", input.name))
+        .await
+        .map_err(|e| Error::df(format!("read input `{}`", input.name), e))?
+        .collect()
+        .await
+        .map_err(|e| {
+            Error::df(
+                format!(
+                    "read input `{}` (check its values against the declared types)",
+                    input.name
+                ),
+                e,
+            )
+        })?
+        .first()
+        .and_then(|b| {
+            b.column(0)
+                .as_primitive_opt::<datafusion::arrow::datatypes::Int64Type>()
+                .map(|a| a.value(0))
+        })
+        .unwrap_or(0) as u64;
+    Ok(InputSummary {
+        files: files.len(),
+        rows,
+        bytes,
+    })
+}
+
 async fn list(
     ctx: &SessionContext,
     url: &str,
     store: &dyn object_store::ObjectStore,
     store_name: &str,
+    extension: &str,
 ) -> Result<Vec<ObjectMeta>> {
     let table_url =
         ListingTableUrl::parse(url).map_err(|e| Error::df(format!("parse input url {url}"), e))?;
     let state = ctx.state();
     let listed: std::result::Result<Vec<ObjectMeta>, _> =
-        match table_url.list_all_files(&state, store, ".parquet").await {
+        match table_url.list_all_files(&state, store, extension).await {
             Ok(stream) => stream.try_collect().await,
             Err(e) => Err(e),
         };

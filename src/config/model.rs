@@ -228,6 +228,9 @@ fn default_backoff() -> DurationSpec {
 pub enum InputFormat {
     #[default]
     Parquet,
+    /// Comma-separated with a header row; for small reference tables (e.g. the RFM segment map).
+    /// Typed by the declared columns, which must be all its columns, in order.
+    Csv,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

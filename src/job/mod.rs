@@ -158,6 +158,7 @@ pub struct InputPlan {
     pub partition_columns: Vec<(String, ColumnType)>,
     pub columns: Vec<(String, ColumnType)>,
     pub allow_empty: bool,
+    pub format: config::InputFormat,
     /// Field path in the job file, for diagnostics.
     pub field: String,
 }
@@ -264,6 +265,7 @@ impl JobPlan {
                     partition_columns: ispec.partition_columns.0.clone(),
                     columns: ispec.columns.0.clone(),
                     allow_empty: ispec.allow_empty,
+                    format: ispec.format,
                     field,
                 });
             }

@@ -31,6 +31,7 @@ impl TestProject {
         std::fs::copy(root.join("config.yaml"), dir.path().join("config.yaml")).unwrap();
         copy_dir(&root.join("jobs"), &dir.path().join("jobs"));
         copy_dir(&root.join("sql"), &dir.path().join("sql"));
+        copy_dir(&root.join("reference"), &dir.path().join("reference"));
         Self { dir }
     }
 

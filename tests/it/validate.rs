@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:20:")
-            && l.contains("steps[2].sql: cannot read SQL file `sql/channel_sumary.sql`")),
+        lines.iter().any(|l| l.contains("customer_value.yaml:25:")
+            && l.contains("steps[3].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:24:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:29:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
 }
 
 #[test]
