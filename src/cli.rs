@@ -79,7 +79,9 @@ pub enum Command {
     },
     /// Run a job for every date in a range, in order; dates that already succeeded are skipped.
     Backfill {
-        job: String,
+        /// One or more jobs; for a date, a job runs after the jobs it depends on.
+        #[arg(required = true)]
+        jobs: Vec<String>,
         #[arg(long)]
         from: NaiveDate,
         #[arg(long)]
@@ -87,6 +89,9 @@ pub enum Command {
         /// Run dates that already succeeded again.
         #[arg(long)]
         force: bool,
+        /// Runs at once across the given jobs (each job still runs one date at a time).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
     },
     /// Show run history (newest first).
     History {
@@ -155,11 +160,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Schedule { listen } => schedule(&project, listen).await,
         Command::Backfill {
-            job,
+            jobs,
             from,
             to,
             force,
-        } => backfill(&project, &job, from, to, force).await,
+            parallel,
+        } => backfill(&project, &jobs, from, to, force, parallel).await,
         Command::History { job, limit } => history(&project, job.as_deref(), limit).await,
         Command::Generate(args) => {
             let loc = project
@@ -307,22 +313,26 @@ async fn schedule(project: &Project, listen: Option<std::net::SocketAddr>) -> an
 
 async fn backfill(
     project: &Project,
-    job: &str,
+    jobs: &[String],
     from: NaiveDate,
     to: NaiveDate,
     force: bool,
+    parallel: usize,
 ) -> anyhow::Result<()> {
     if to < from {
         return Err(anyhow!("--to {to} is before --from {from}"));
     }
     let (ctx, _, order) = run_context(project).await?;
-    if !ctx.jobs.contains_key(job) {
-        return Err(anyhow!("no job named `{job}`"));
+    if let Some(unknown) = jobs.iter().find(|j| !ctx.jobs.contains_key(*j)) {
+        return Err(anyhow!("no job named `{unknown}`"));
     }
-    // One job never runs twice at once (its output tables have one writer), so dates run one
-    // after another.
-    let mut dispatcher = Dispatcher::new(ctx.clone(), &order, 1);
-    let requests = scheduler::backfill_requests(job, from, to, force);
+    // Runs of different jobs go in parallel (up to --parallel); one job's dates run one after
+    // another, oldest first (its output tables have one writer).
+    let mut dispatcher = Dispatcher::new(ctx.clone(), &order, parallel);
+    let requests: Vec<_> = jobs
+        .iter()
+        .flat_map(|job| scheduler::backfill_requests(job, from, to, force))
+        .collect();
     let poll = project.config.value.scheduler.poll_interval.0;
     let mut failed = 0;
     for (req, outcome) in scheduler::drain(&mut dispatcher, requests, poll).await {

@@ -44,6 +44,13 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
     );
     assert_eq!(channels[0][0].as_i64().unwrap(), expected.0);
 
+    // Output file settings: zstd by default, row groups of at most row_group_size rows.
+    let meta = duckdb(
+        p.path(),
+        "select distinct compression from parquet_metadata('data/marts/customer_summary/*/*/*.parquet')",
+    );
+    assert_eq!(meta, vec![vec![serde_json::Value::from("ZSTD")]]);
+
     // Same date again: the date's partitions are replaced, never duplicated.
     let files_before = p.snapshot("data/marts/customer_summary").len();
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
@@ -165,6 +172,13 @@ print(json.dumps({"theirs": len(theirs), "ours": len(ours), "diff": diff, "segme
     let r = py_json(code, &[p.path().to_str().unwrap(), RUN_DATE]);
     assert_eq!(r["theirs"], r["ours"], "{r}");
     assert!(r["theirs"].as_i64().unwrap() > 1000, "{r}");
-    assert_eq!(r["diff"].as_array().unwrap().len(), 0, "rows that differ (DuckDB, clvflow): {r}");
-    assert!(r["segments"].as_array().unwrap().len() >= 9, "most segments should be populated: {r}");
+    assert_eq!(
+        r["diff"].as_array().unwrap().len(),
+        0,
+        "rows that differ (DuckDB, clvflow): {r}"
+    );
+    assert!(
+        r["segments"].as_array().unwrap().len() >= 9,
+        "most segments should be populated: {r}"
+    );
 }

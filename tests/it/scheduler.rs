@@ -505,6 +505,27 @@ fn the_daemon_fires_on_schedule_and_sigterm_cancels_without_publishing() {
         );
     }
     assert!(seen.contains("schedule fired"), "{seen}");
+    // The operability endpoint answers while the run is in flight.
+    let addr = seen
+        .split("bound=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("no bound address logged")
+        .to_string();
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    assert!(get("/healthz").ends_with("ok\n"));
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("clvflow_runs_running{job=\"customer_value\"} 1"),
+        "{metrics}"
+    );
     let pid = child.id().to_string();
     assert!(
         std::process::Command::new("kill")
