@@ -15,8 +15,8 @@ use crate::engine;
 use crate::error::{Error, Result};
 use crate::job::{JobPlan, Project, StepKind};
 use crate::sink::{self, OutputOutcome, RunInfo};
-use crate::steps::clv;
 use crate::steps::sql::{self, StepOutcome};
+use crate::steps::{clv, kmeans};
 
 /// Everything a run did, for logs, the CLI and run history.
 #[derive(Debug, Clone)]
@@ -143,6 +143,9 @@ async fn execute_until(
     for step in &job.steps {
         let out = match &step.kind {
             StepKind::Sql { .. } => sql::run(ctx, job, step, run_date).await?,
+            StepKind::Kmeans(spec) => {
+                kmeans::run(ctx, &job.name, &step.name, spec, run_date).await?
+            }
             StepKind::Clv(spec) => {
                 let (out, t) = clv::step::run(ctx, &job.name, &step.name, spec, run_date).await?;
                 info!(job = %job.name, step = %step.name, bgnbd_ms = t.bgnbd.as_millis() as u64,
@@ -195,6 +198,23 @@ pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
         .collect();
     let mut schemas: Vec<(String, SchemaRef)> = Vec::new();
     for step in &job.steps {
+        if let StepKind::Kmeans(spec) = &step.kind {
+            if failed.contains(&spec.from) {
+                failed.push(step.name.clone());
+                continue;
+            }
+            if let Err(m) = kmeans::plan(&ctx, &step.name, spec).await {
+                diags.push(job.doc.diag(&format!("{}.kmeans", step.field), m));
+                failed.push(step.name.clone());
+            } else {
+                schemas.push((step.name.clone(), kmeans::output_schema(spec)));
+                schemas.push((
+                    format!("{}_profile", step.name),
+                    kmeans::profile_schema(spec),
+                ));
+            }
+            continue;
+        }
         if let StepKind::Clv(spec) = &step.kind {
             if failed.contains(&spec.from) {
                 failed.push(step.name.clone());

@@ -276,6 +276,69 @@ pub struct StepSpec {
     /// Predictive customer lifetime value (BG/NBD + Gamma-Gamma). Also registers `<name>_fit`.
     #[serde(default)]
     pub clv: Option<ClvSpec>,
+    /// K-means segmentation. Also registers `<name>_profile`.
+    #[serde(default)]
+    pub kmeans: Option<KmeansSpec>,
+}
+
+/// The K-means step.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmeansSpec {
+    /// A step or input with the id and feature columns.
+    pub from: String,
+    /// The id column (integer).
+    #[serde(default = "default_id")]
+    pub id: String,
+    /// Numeric features, all ≥ 0 (they are log-transformed, then standardised).
+    pub features: Vec<String>,
+    /// `auto` (chosen by silhouette) or a number of clusters.
+    #[serde(default)]
+    pub k: KmeansK,
+    /// Largest k tried by `auto`.
+    #[serde(default = "default_k_max")]
+    pub k_max: usize,
+    /// Random seed: same input and seed, same clusters.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The feature that orders clusters: cluster 1 has its highest mean. Default: the last feature.
+    #[serde(default)]
+    pub value: String,
+    /// Rows used to choose k and score the silhouette.
+    #[serde(default = "default_sample")]
+    pub sample: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum KmeansK {
+    Fixed(usize),
+    Auto(AutoK),
+}
+
+impl Default for KmeansK {
+    fn default() -> Self {
+        Self::Auto(AutoK::Auto)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AutoK {
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+fn default_id() -> String {
+    "customer_id".into()
+}
+fn default_k_max() -> usize {
+    8
+}
+fn default_seed() -> u64 {
+    7
+}
+fn default_sample() -> usize {
+    2000
 }
 
 /// The predictive CLV step.

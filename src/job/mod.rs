@@ -174,6 +174,7 @@ pub struct StepPlan {
 pub enum StepKind {
     Sql { file: PathBuf, text: String },
     Clv(config::ClvSpec),
+    Kmeans(config::KmeansSpec),
 }
 
 #[derive(Debug, Clone)]
@@ -293,9 +294,67 @@ impl JobPlan {
                 ));
             }
             let tables: BTreeSet<&String> = names.iter().collect();
+            let kinds = usize::from(s.sql.is_some())
+                + usize::from(s.clv.is_some())
+                + usize::from(s.kmeans.is_some());
+            if let Some(km) = &s.kmeans {
+                if kinds == 1 {
+                    if !tables.contains(&km.from) || km.from == s.name {
+                        diags.push(doc.diag(
+                            &format!("{field}.kmeans.from"),
+                            format!("no input or earlier step named `{}`", km.from),
+                        ));
+                    }
+                    if km.features.is_empty() {
+                        diags.push(doc.diag(
+                            &format!("{field}.kmeans.features"),
+                            "list at least one feature column",
+                        ));
+                    }
+                    if let config::KmeansK::Fixed(k) = km.k {
+                        if !(2..=50).contains(&k) {
+                            diags.push(doc.diag(
+                                &format!("{field}.kmeans.k"),
+                                "`auto` or a number from 2 to 50",
+                            ));
+                        }
+                    }
+                    if !(2..=20).contains(&km.k_max) {
+                        diags.push(
+                            doc.diag(&format!("{field}.kmeans.k_max"), "a number from 2 to 20"),
+                        );
+                    }
+                    if !km.value.is_empty() && !km.features.contains(&km.value) {
+                        diags.push(doc.diag(
+                            &format!("{field}.kmeans.value"),
+                            format!("`{}` is not one of the features", km.value),
+                        ));
+                    }
+                    if km.sample < 100 {
+                        diags.push(doc.diag(&format!("{field}.kmeans.sample"), "at least 100"));
+                    }
+                    let profile = format!("{}_profile", s.name);
+                    if !names.insert(profile.clone()) {
+                        diags.push(doc.diag(
+                            &format!("{field}.name"),
+                            format!("`{profile}` (this step's profile) is already a table name"),
+                        ));
+                    }
+                    let mut km = km.clone();
+                    if km.value.is_empty() {
+                        km.value = km.features.last().cloned().unwrap_or_default();
+                    }
+                    steps.push(StepPlan {
+                        name: s.name.clone(),
+                        kind: StepKind::Kmeans(km),
+                        field,
+                    });
+                    continue;
+                }
+            }
             match (&s.sql, &s.clv) {
-                (Some(_), Some(_)) | (None, None) => {
-                    diags.push(doc.diag(&field, "a step needs exactly one kind: `sql: sql/<file>.sql` or `clv: { from: <step> }`"));
+                _ if kinds != 1 => {
+                    diags.push(doc.diag(&field, "a step needs exactly one kind: `sql: sql/<file>.sql`, `clv: { from: <step> }` or `kmeans: { from: <step>, features: [...] }`"));
                 }
                 (None, Some(clv)) => {
                     if !tables.contains(&clv.from) || clv.from == s.name {
@@ -353,6 +412,8 @@ impl JobPlan {
                         )),
                     }
                 }
+                // Covered by the guard above (exactly one kind is set).
+                _ => {}
             }
         }
         if spec.steps.is_empty() {
@@ -363,11 +424,15 @@ impl JobPlan {
         let mut out_urls = BTreeSet::new();
         for (i, o) in spec.outputs.iter().enumerate() {
             let field = format!("outputs[{i}]");
+            // Steps that register a second table: clv (`<name>_fit`), kmeans (`<name>_profile`).
             let fit_tables: Vec<String> = spec
                 .steps
                 .iter()
-                .filter(|s| s.clv.is_some())
-                .map(|s| format!("{}_fit", s.name))
+                .filter_map(|s| match (&s.clv, &s.kmeans) {
+                    (Some(_), _) => Some(format!("{}_fit", s.name)),
+                    (_, Some(_)) => Some(format!("{}_profile", s.name)),
+                    _ => None,
+                })
                 .collect();
             if !spec.steps.iter().any(|s| s.name == o.from) && !fit_tables.contains(&o.from) {
                 let known: Vec<&str> = spec

@@ -119,12 +119,16 @@ pub async fn serve(
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
+                // Read up to the end of the request head: a client may send it in pieces.
                 let mut buf = vec![0u8; 4096];
-                let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-                    .unwrap_or(0);
+                let mut n = 0;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::time::timeout_at(deadline, sock.read(&mut buf[n..])).await {
+                        Ok(Ok(read)) if read > 0 => n += read,
+                        _ => break,
+                    }
+                }
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body, ctype) = match path {

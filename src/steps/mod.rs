@@ -2,4 +2,5 @@
 //! steps (and outputs) refer to it like any table. One file per step kind.
 
 pub mod clv;
+pub mod kmeans;
 pub mod sql;

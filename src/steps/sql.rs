@@ -69,7 +69,7 @@ pub async fn plan(
     let sql = job.render_sql(step, run_date)?;
     let file = match &step.kind {
         StepKind::Sql { file, .. } => file,
-        StepKind::Clv(_) => &job.doc.file,
+        StepKind::Clv(_) | StepKind::Kmeans(_) => &job.doc.file,
     };
     let diag = |e: DataFusionError| {
         let (line, col) = e

@@ -515,7 +515,8 @@ fn the_daemon_fires_on_schedule_and_sigterm_cancels_without_publishing() {
     let get = |path: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
         body

@@ -48,7 +48,7 @@ fn three_mistakes_are_reported_together_with_positions() {
             && l.contains("steps[3].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:29:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:31:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
 }
 
 #[test]
