@@ -14,7 +14,7 @@ use datafusion::datasource::listing::{
 };
 
 use crate::cli::print_report;
-use crate::job::Project;
+use crate::job::{JobPlan, Project};
 use crate::sink::log::TableLog;
 use crate::{deps, engine, generate, runner};
 
@@ -61,6 +61,7 @@ pub async fn run(project: &Project, date: NaiveDate, customers: u64) -> anyhow::
             show_table(project, TableLog::new(out.location.clone())?).await?;
         }
     }
+    summary(project, &plans, date).await?;
     Ok(())
 }
 
@@ -95,8 +96,31 @@ async fn show_table(project: &Project, log: TableLog) -> anyhow::Result<()> {
     }
 
     let ctx = engine::session(project)?;
-    let parts: Vec<(String, DataType)> = commit
-        .partition_by
+    register(&ctx, &log, &commit.partition_by, "t").await?;
+    let df = ctx.sql("SELECT * FROM t LIMIT 3").await?;
+    df.show().await.context("read the table back")?;
+    if let Some(path) = log
+        .table
+        .url
+        .strip_prefix("file://")
+        .map(|p| p.trim_end_matches('/'))
+    {
+        let depth = "*/".repeat(commit.partition_by.len());
+        println!(
+            "  duckdb: SELECT * FROM read_parquet('{path}/{depth}*.parquet', hive_partitioning = true);"
+        );
+    }
+    Ok(())
+}
+
+/// Registers a committed output table (Hive folders, partition values as strings) as `name`.
+async fn register(
+    ctx: &datafusion::prelude::SessionContext,
+    log: &TableLog,
+    partition_by: &[String],
+    name: &str,
+) -> anyhow::Result<()> {
+    let parts: Vec<(String, DataType)> = partition_by
         .iter()
         .map(|c| (c.clone(), DataType::Utf8))
         .collect();
@@ -110,19 +134,93 @@ async fn show_table(project: &Project, log: TableLog) -> anyhow::Result<()> {
             .with_listing_options(options)
             .with_schema(schema),
     )?;
-    ctx.register_table("t", Arc::new(table))?;
-    let df = ctx.sql("SELECT * FROM t LIMIT 5").await?;
-    df.show().await.context("read the table back")?;
-    if let Some(path) = log
-        .table
-        .url
-        .strip_prefix("file://")
-        .map(|p| p.trim_end_matches('/'))
+    ctx.register_table(name, Arc::new(table))?;
+    Ok(())
+}
+
+/// The answers the marketing and finance teams ask for, from the committed outputs of the
+/// shipped customer_value job (skipped when a project has no such outputs).
+async fn summary(project: &Project, plans: &[JobPlan], date: NaiveDate) -> anyhow::Result<()> {
+    let ctx = engine::session(project)?;
+    let mut have = Vec::new();
+    for table in ["customer_value", "value_tiers", "ltv_cac"] {
+        if let Some(out) = plans
+            .iter()
+            .flat_map(|p| &p.outputs)
+            .find(|o| o.from == table)
+        {
+            let log = TableLog::new(out.location.clone())?;
+            register(&ctx, &log, &out.partition_by, table).await?;
+            have.push(table);
+        }
+    }
+    if have.len() < 3 {
+        return Ok(());
+    }
+    let rows = |sql: String| {
+        let ctx = ctx.clone();
+        async move {
+            let batches = ctx.sql(&sql).await?.collect().await?;
+            let mut out = Vec::new();
+            for b in &batches {
+                let cols: Vec<_> = b.columns().to_vec();
+                for i in 0..b.num_rows() {
+                    let mut row = Vec::new();
+                    for c in &cols {
+                        row.push(datafusion::arrow::util::display::array_value_to_string(
+                            c, i,
+                        )?);
+                    }
+                    out.push(row);
+                }
+            }
+            anyhow::Ok(out)
+        }
+    };
+    println!(
+        "
+Summary for {date}:"
+    );
+    println!("  RFM segments (customers):");
+    for r in rows(format!(
+        "SELECT segment, COUNT(*) AS n FROM customer_value WHERE run_date = '{date}' GROUP BY segment ORDER BY n DESC, segment"
+    ))
+    .await?
     {
-        let depth = "*/".repeat(commit.partition_by.len());
+        println!("    {:<22} {:>8}", r[0], r[1]);
+    }
+    for r in rows(format!(
+        "SELECT customer_share, predicted_value_share, historical_value_share FROM value_tiers WHERE run_date = '{date}' AND value_tier = 'top_20'"
+    ))
+    .await?
+    {
         println!(
-            "  duckdb: SELECT * FROM read_parquet('{path}/{depth}*.parquet', hive_partitioning = true);"
+            "  top 20% of customers by predicted CLV: {:.1}% of predicted value, {:.1}% of profit to date",
+            r[1].parse::<f64>().unwrap_or(f64::NAN) * 100.0,
+            r[2].parse::<f64>().unwrap_or(f64::NAN) * 100.0
         );
+    }
+    let channels = rows(format!(
+        "SELECT acquisition_channel, ltv_to_cac FROM ltv_cac WHERE run_date = '{date}' ORDER BY ltv_to_cac"
+    ))
+    .await?;
+    let below: Vec<String> = channels
+        .iter()
+        .filter(|r| r[1].parse::<f64>().is_ok_and(|v| v < 1.0))
+        .map(|r| format!("{} ({})", r[0], r[1]))
+        .collect();
+    println!(
+        "  LTV:CAC by channel: {}",
+        channels
+            .iter()
+            .map(|r| format!("{} {}", r[0], r[1]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if below.is_empty() {
+        println!("  channels below LTV:CAC = 1: none");
+    } else {
+        println!("  channels below LTV:CAC = 1: {}", below.join(", "));
     }
     Ok(())
 }

@@ -121,7 +121,7 @@ type Executed = (Vec<(String, InputSummary)>, Vec<(String, StepOutcome)>);
 
 /// Checks and registers the inputs, then runs every step; results stay registered on `ctx`.
 async fn execute(ctx: &SessionContext, job: &JobPlan, run_date: NaiveDate) -> Result<Executed> {
-    execute_until(ctx, job, run_date, None).await
+    execute_until(ctx, job, run_date, None, &[]).await
 }
 
 /// Like [`execute`], stopping after step `until` when given.
@@ -130,6 +130,7 @@ async fn execute_until(
     job: &JobPlan,
     run_date: NaiveDate,
     until: Option<&str>,
+    skip: &[&str],
 ) -> Result<Executed> {
     let mut input_report = Vec::new();
     for input in &job.inputs {
@@ -141,6 +142,12 @@ async fn execute_until(
     }
     let mut step_report = Vec::new();
     for step in &job.steps {
+        if skip.contains(&step.name.as_str()) {
+            if until == Some(step.name.as_str()) {
+                break;
+            }
+            continue;
+        }
         let out = match &step.kind {
             StepKind::Sql { .. } => sql::run(ctx, job, step, run_date).await?,
             StepKind::Kmeans(spec) => {
@@ -148,8 +155,11 @@ async fn execute_until(
             }
             StepKind::Clv(spec) => {
                 let (out, t) = clv::step::run(ctx, &job.name, &step.name, spec, run_date).await?;
-                info!(job = %job.name, step = %step.name, bgnbd_ms = t.bgnbd.as_millis() as u64,
-                      gamma_gamma_ms = t.gamma_gamma.as_millis() as u64, predict_ms = t.predict.as_millis() as u64, "models fitted");
+                if let Some(t) = t {
+                    info!(job = %job.name, step = %step.name, bgnbd_ms = t.bgnbd.as_millis() as u64,
+                          gamma_gamma_ms = t.gamma_gamma.as_millis() as u64, predict_ms = t.predict.as_millis() as u64,
+                          backtest_ms = t.backtest.as_millis() as u64, "models fitted");
+                }
                 out
             }
         };
@@ -172,8 +182,21 @@ pub async fn run_steps(
     until: Option<&str>,
 ) -> Result<SessionContext> {
     let ctx = engine::session(project)?;
-    execute_until(&ctx, job, run_date, until).await?;
+    execute_until(&ctx, job, run_date, until, &[]).await?;
     Ok(ctx)
+}
+
+/// Like [`run_steps`] on a session the caller made, not running the steps in `skip`: the caller
+/// has registered tables of those names (e.g. fixed model results, to test the SQL after them).
+pub async fn run_steps_on(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    until: Option<&str>,
+    skip: &[&str],
+) -> Result<()> {
+    execute_until(ctx, job, run_date, until, skip).await?;
+    Ok(())
 }
 
 /// Checks job `name` end to end without reading data. Returns the plan, or every problem.
@@ -216,16 +239,21 @@ pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
             continue;
         }
         if let StepKind::Clv(spec) = &step.kind {
-            if failed.contains(&spec.from) {
+            let sources = [
+                Some(&spec.from),
+                spec.backtest.as_ref(),
+                spec.acquisition_costs.as_ref(),
+            ];
+            if sources.iter().flatten().any(|t| failed.contains(t)) {
                 failed.push(step.name.clone());
                 continue;
             }
-            if let Err(m) = clv::step::plan(&ctx, &step.name, spec).await {
-                diags.push(job.doc.diag(&format!("{}.clv.from", step.field), m));
-                failed.push(step.name.clone());
-            } else {
-                schemas.push((step.name.clone(), clv::step::output_schema()));
-                schemas.push((format!("{}_fit", step.name), clv::step::fit_schema()));
+            match clv::step::plan(&ctx, &step.name, spec, today).await {
+                Ok(tables) => schemas.extend(tables),
+                Err(m) => {
+                    diags.push(job.doc.diag(&format!("{}.clv", step.field), m));
+                    failed.push(step.name.clone());
+                }
             }
             continue;
         }

@@ -341,25 +341,49 @@ fn default_sample() -> usize {
     2000
 }
 
-/// The predictive CLV step.
+/// The CLV step: one model, picked by name.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClvSpec {
-    /// A step or input with `customer_id`, `x`, `t_x`, `t` (weeks) and `mean_repeat_spend`,
-    /// such as `sql/btyd_summary.sql`.
+    /// For `bgnbd_gamma_gamma`: a step with `customer_id`, `x`, `t_x`, `t` (weeks) and
+    /// `mean_repeat_spend`, such as `sql/btyd_summary.sql`. For the other models: an order table
+    /// with `customer_id`, `order_ts` and `net_amount`, such as `sql/orders_clean.sql`.
     pub from: String,
-    /// The model; only `bgnbd_gamma_gamma` for now.
+    /// `bgnbd_gamma_gamma` (default), `historical`, `formula`, `formula_retention` or `discounted`.
     #[serde(default)]
     pub model: ClvModel,
-    /// Months of future purchases valued.
+    /// Months of future purchases valued (`bgnbd_gamma_gamma`).
     #[serde(default = "default_horizon_months")]
     pub horizon_months: u32,
-    /// Annual discount rate (0.10 = 10 % a year), applied monthly.
+    /// Annual discount rate (0.10 = 10 % a year): applied monthly by `bgnbd_gamma_gamma`, yearly
+    /// by `discounted`.
     #[serde(default = "default_discount_rate")]
     pub discount_rate: f64,
-    /// Share of spend that is profit.
+    /// Share of spend that is gross profit.
     #[serde(default = "default_margin")]
     pub margin: f64,
+    /// `formula`: expected relationship length in years.
+    #[serde(default)]
+    pub expected_years: Option<f64>,
+    /// `formula`, `formula_retention`: purchases per year for every customer. Unset: each
+    /// customer's own rate, orders / max(1, years since the first order).
+    #[serde(default)]
+    pub purchases_per_year: Option<f64>,
+    /// `formula_retention`: the yearly retention rate. Unset: estimated from the history (share of
+    /// the customers who ordered in the year before last that ordered again in the last year).
+    #[serde(default)]
+    pub retention_rate: Option<f64>,
+    /// `discounted`: a table with `customer_id` and `acquisition_cost` (missing costs count as 0).
+    #[serde(default)]
+    pub acquisition_costs: Option<String>,
+    /// `discounted`: relationship years counted (t = 1..years). Unset: all years so far.
+    #[serde(default)]
+    pub years: Option<u32>,
+    /// `bgnbd_gamma_gamma`: a calibration/holdout table (`customer_id`, `x`, `t_x`, `t`,
+    /// `x_holdout`, `holdout_weeks`, such as `sql/btyd_backtest.sql`). The step refits the model on
+    /// the calibration columns and writes `<step>_backtest`: predicted vs actual holdout purchases.
+    #[serde(default)]
+    pub backtest: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -367,6 +391,22 @@ pub struct ClvSpec {
 pub enum ClvModel {
     #[default]
     BgnbdGammaGamma,
+    Historical,
+    Formula,
+    FormulaRetention,
+    Discounted,
+}
+
+impl ClvModel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BgnbdGammaGamma => "bgnbd_gamma_gamma",
+            Self::Historical => "historical",
+            Self::Formula => "formula",
+            Self::FormulaRetention => "formula_retention",
+            Self::Discounted => "discounted",
+        }
+    }
 }
 
 fn default_horizon_months() -> u32 {

@@ -381,12 +381,101 @@ impl JobPlan {
                             "a share of spend: between 0 and 1",
                         ));
                     }
-                    let fit = format!("{}_fit", s.name);
-                    if !names.insert(fit.clone()) {
+                    use config::ClvModel as M;
+                    let model = clv.model;
+                    let predictive = model == M::BgnbdGammaGamma;
+                    // Options that only some models read: a stray one is a mistake, not a no-op.
+                    let only = [
+                        (
+                            "expected_years",
+                            clv.expected_years.is_some(),
+                            model == M::Formula,
+                        ),
+                        (
+                            "purchases_per_year",
+                            clv.purchases_per_year.is_some(),
+                            matches!(model, M::Formula | M::FormulaRetention),
+                        ),
+                        (
+                            "retention_rate",
+                            clv.retention_rate.is_some(),
+                            model == M::FormulaRetention,
+                        ),
+                        (
+                            "acquisition_costs",
+                            clv.acquisition_costs.is_some(),
+                            model == M::Discounted,
+                        ),
+                        ("years", clv.years.is_some(), model == M::Discounted),
+                        ("backtest", clv.backtest.is_some(), predictive),
+                    ];
+                    for (key, given, read) in only {
+                        if given && !read {
+                            diags.push(doc.diag(
+                                &format!("{field}.clv.{key}"),
+                                format!("not used by the `{}` model; remove it", model.name()),
+                            ));
+                        }
+                    }
+                    if model == M::Formula && clv.expected_years.is_none() {
                         diags.push(doc.diag(
-                            &format!("{field}.name"),
-                            format!("`{fit}` (this step's fit report) is already a table name"),
+                            &format!("{field}.clv"),
+                            "the `formula` model needs `expected_years` (the expected relationship length in years)",
                         ));
+                    }
+                    if let Some(y) = clv.expected_years {
+                        if !(y > 0.0 && y <= 100.0) {
+                            diags.push(doc.diag(
+                                &format!("{field}.clv.expected_years"),
+                                "a number of years above 0 and at most 100",
+                            ));
+                        }
+                    }
+                    if let Some(v) = clv.purchases_per_year {
+                        if !(v > 0.0 && v.is_finite()) {
+                            diags.push(doc.diag(
+                                &format!("{field}.clv.purchases_per_year"),
+                                "a positive number",
+                            ));
+                        }
+                    }
+                    if let Some(r) = clv.retention_rate {
+                        if !(0.0..=1.0).contains(&r) {
+                            diags.push(doc.diag(
+                                &format!("{field}.clv.retention_rate"),
+                                "a yearly rate between 0 and 1",
+                            ));
+                        }
+                    }
+                    if clv.years == Some(0) {
+                        diags.push(doc.diag(&format!("{field}.clv.years"), "at least 1"));
+                    }
+                    for (key, table) in [
+                        ("backtest", &clv.backtest),
+                        ("acquisition_costs", &clv.acquisition_costs),
+                    ] {
+                        if let Some(t) = table {
+                            if !tables.contains(t) || *t == s.name {
+                                diags.push(doc.diag(
+                                    &format!("{field}.clv.{key}"),
+                                    format!("no input or earlier step named `{t}`"),
+                                ));
+                            }
+                        }
+                    }
+                    let mut extra = vec![format!("{}_fit", s.name)];
+                    if clv.backtest.is_some() {
+                        extra.push(format!("{}_backtest", s.name));
+                    }
+                    for t in extra {
+                        if !names.insert(t.clone()) {
+                            diags.push(doc.diag(
+                                &format!("{field}.name"),
+                                format!(
+                                    "`{t}` (a table this step registers) is already a table name"
+                                ),
+                            ));
+                        }
                     }
                     steps.push(StepPlan {
                         name: s.name.clone(),
@@ -424,14 +513,18 @@ impl JobPlan {
         let mut out_urls = BTreeSet::new();
         for (i, o) in spec.outputs.iter().enumerate() {
             let field = format!("outputs[{i}]");
-            // Steps that register a second table: clv (`<name>_fit`), kmeans (`<name>_profile`).
+            // Tables steps register besides their own: clv (`<name>_fit`, `<name>_backtest`),
+            // kmeans (`<name>_profile`).
             let fit_tables: Vec<String> = spec
                 .steps
                 .iter()
-                .filter_map(|s| match (&s.clv, &s.kmeans) {
-                    (Some(_), _) => Some(format!("{}_fit", s.name)),
-                    (_, Some(_)) => Some(format!("{}_profile", s.name)),
-                    _ => None,
+                .flat_map(|s| match (&s.clv, &s.kmeans) {
+                    (Some(c), _) if c.backtest.is_some() => {
+                        vec![format!("{}_fit", s.name), format!("{}_backtest", s.name)]
+                    }
+                    (Some(_), _) => vec![format!("{}_fit", s.name)],
+                    (_, Some(_)) => vec![format!("{}_profile", s.name)],
+                    _ => vec![],
                 })
                 .collect();
             if !spec.steps.iter().any(|s| s.name == o.from) && !fit_tables.contains(&o.from) {

@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:25:")
+        lines.iter().any(|l| l.contains("customer_value.yaml:35:")
             && l.contains("steps[3].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:31:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:52:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
 }
 
 #[test]
@@ -69,6 +69,42 @@ fn dependency_cycles_and_unknown_jobs_are_rejected() {
     let err = stderr(&p.clvflow(&["validate", "a", "b"]));
     assert!(
         err.contains("a.yaml:1:1: depends_on: dependency cycle: a -> b -> a"),
+        "{err}"
+    );
+}
+
+#[test]
+fn clv_model_options_are_checked_per_model() {
+    let p = TestProject::shipped();
+    // historical takes no backtest; formula needs expected_years; a costs table must exist.
+    p.edit(
+        "jobs/customer_value.yaml",
+        "clv: { from: orders_clean, model: historical, margin: 0.30 }",
+        "clv: { from: orders_clean, model: historical, margin: 0.30, backtest: btyd_backtest }",
+    );
+    p.edit(
+        "jobs/customer_value.yaml",
+        "model: discounted, margin: 0.30, discount_rate: 0.10, acquisition_costs: customers }",
+        "model: discounted, margin: 0.30, discount_rate: 0.10, acquisition_costs: costs }",
+    );
+    p.edit(
+        "jobs/customer_clv.yaml",
+        "model: bgnbd_gamma_gamma, horizon_months: 12",
+        "model: formula, horizon_months: 12",
+    );
+    let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
+    assert!(
+        err.contains("customer_value.yaml:43:")
+            && err.contains("steps[8].clv.backtest: not used by the `historical` model; remove it"),
+        "{err}"
+    );
+    assert!(
+        err.contains("steps[9].clv.acquisition_costs: no input or earlier step named `costs`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("customer_clv.yaml:")
+            && err.contains("steps[2].clv: the `formula` model needs `expected_years`"),
         "{err}"
     );
 }

@@ -4,5 +4,6 @@
 pub mod bgnbd;
 pub mod gamma_gamma;
 pub mod optimize;
+pub mod rules;
 pub mod special;
 pub mod step;
