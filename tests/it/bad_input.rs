@@ -109,7 +109,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         2,
         &[
             "sql/customer_summary.sql:",
-            "steps[2].sql: undefined template variable `params.margin`: add `margin` under `params:`",
+            "steps[3].sql: undefined template variable `params.margin`: add `margin` under `params:`",
         ],
     );
 
@@ -124,7 +124,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         2,
         &[
             "sql/customer_summary.sql:",
-            "steps[2].sql: SQL does not plan",
+            "steps[3].sql: SQL does not plan",
             "order_count",
         ],
     );
@@ -143,7 +143,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:52:",
+            "customer_value.yaml:53:",
             "outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`",
         ],
     );

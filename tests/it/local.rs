@@ -172,12 +172,23 @@ con = duckdb.connect()
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
 con.execute("create table orders_clean as " + sql('orders_clean'))
+con.execute("create table rfm_features as " + sql('rfm_features'))
 con.execute("create table rfm as " + sql('rfm'))
 theirs = con.execute("select customer_id, recency_days, frequency, monetary, r_score, f_score, m_score, segment_id from rfm order by customer_id").fetchall()
+# The scoring rule in plain Python: cut k = the value at position ceil(k n / 5) of the sorted
+# values (recency negated); score = 1 + number of cuts strictly below the value.
+import math
+def scores(values):
+    s = sorted(values); n = len(s)
+    cuts = [s[math.ceil(k * n / 5) - 1] for k in range(1, 5)]
+    return [1 + sum(v > c for c in cuts) for v in values]
+feats = con.execute("select customer_id, recency_days, frequency, monetary from rfm_features order by customer_id").fetchall()
+py = list(zip([f[0] for f in feats], scores([-f[1] for f in feats]), scores([f[2] for f in feats]), scores([float(f[3]) for f in feats])))
+py_diff = [(a, b) for a, b in zip(py, [(t[0], t[4], t[5], t[6]) for t in theirs]) if a != b][:5]
 ours = con.execute("select customer_id, recency_days, frequency, monetary, r_score, f_score, m_score, segment_id from read_parquet('data/marts/customer_rfm/*/*/*.parquet', hive_partitioning = true) order by customer_id").fetchall()
 diff = [(a, b) for a, b in zip(theirs, ours) if a != b][:5]
 segments = con.execute("select segment_id, count(*) from rfm group by 1 order by 1").fetchall()
-print(json.dumps({"theirs": len(theirs), "ours": len(ours), "diff": diff, "segments": segments}, default=str))
+print(json.dumps({"theirs": len(theirs), "ours": len(ours), "diff": diff, "segments": segments, "py_diff": py_diff, "py": len(py)}, default=str))
 "#;
     let r = py_json(code, &[p.path().to_str().unwrap(), RUN_DATE]);
     assert_eq!(r["theirs"], r["ours"], "{r}");
@@ -187,6 +198,12 @@ print(json.dumps({"theirs": len(theirs), "ours": len(ours), "diff": diff, "segme
         0,
         "rows that differ (DuckDB, clvflow): {r}"
     );
+    assert_eq!(
+        r["py_diff"].as_array().unwrap().len(),
+        0,
+        "scores that differ from the rule computed in Python (python, engine): {r}"
+    );
+    assert_eq!(r["py"], r["theirs"], "{r}");
     assert!(
         r["segments"].as_array().unwrap().len() >= 9,
         "most segments should be populated: {r}"
@@ -214,7 +231,7 @@ mart = lambda t: f"read_parquet('data/marts/{t}/**/*.parquet', hive_partitioning
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view customers as select * from read_parquet('data/exports/customers/*.parquet')")
 con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
-for name in ['orders_clean', 'rfm', 'customer_summary', 'btyd_backtest', 'cohort_retention']:
+for name in ['orders_clean', 'rfm_features', 'rfm', 'customer_summary', 'btyd_backtest', 'cohort_retention']:
     con.execute(f"create table {name} as " + sql(name))
 ours_value = mart('customer_value')
 con.execute(f"create table clusters as select customer_id, cluster from {mart('customer_clusters')}")

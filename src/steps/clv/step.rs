@@ -522,13 +522,40 @@ async fn run_predictive(
     let mut purchases = Vec::with_capacity(n);
     let mut spend = Vec::with_capacity(n);
     let mut value = Vec::with_capacity(n);
-    for (h, m) in rows.hist.iter().zip(&rows.spend) {
-        let s = gamma_gamma::expected_spend(&gg.params, h.x, *m);
-        let (e, v) = clv_one(&p, h, s, spec);
-        alive.push(bgnbd::p_alive(&p, h));
-        purchases.push(e);
-        spend.push(s);
-        value.push(v);
+    // Per customer predictions are independent: computed on scoped threads, in order.
+    let predict = |hist: &[bgnbd::History], spends: &[f64]| -> Vec<[f64; 4]> {
+        hist.iter()
+            .zip(spends)
+            .map(|(h, m)| {
+                let s = gamma_gamma::expected_spend(&gg.params, h.x, *m);
+                let (e, v) = clv_one(&p, h, s, spec);
+                [bgnbd::p_alive(&p, h), e, s, v]
+            })
+            .collect()
+    };
+    let size = n.div_ceil(8).max(1);
+    let parts: Vec<Vec<[f64; 4]>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = rows
+            .hist
+            .chunks(size)
+            .zip(rows.spend.chunks(size))
+            .map(|(h, m)| sc.spawn(move || predict(h, m)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    for part in parts {
+        for [a, e, s, v] in part {
+            alive.push(a);
+            purchases.push(e);
+            spend.push(s);
+            value.push(v);
+        }
+    }
+    if alive.len() != n {
+        return Err(model_err("a prediction thread failed".into()));
     }
     let t_predict = t.elapsed();
     let cols: Vec<ArrayRef> = vec![
