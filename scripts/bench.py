@@ -61,13 +61,14 @@ import duckdb, sys, time
 run_date = sys.argv[1]
 sql = lambda name: open(f"sql/{name}.sql").read().replace("{{ run_date }}", run_date)
 con = duckdb.connect()
+con.execute("set enable_progress_bar = false")
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
 t = time.perf_counter(); con.execute("create table orders_clean as " + sql("orders_clean")); a = time.perf_counter() - t
 t = time.perf_counter(); con.execute("create table rfm_features as " + sql("rfm_features")); con.execute("create table rfm as " + sql("rfm")); b = time.perf_counter() - t
 print(a, b, con.execute("select count(*) from rfm").fetchone()[0])
 '''
-out = subprocess.run([sys.executable, "-c", code, run_date], cwd=work, capture_output=True, text=True, check=True).stdout.split()
+out = subprocess.run([sys.executable, "-c", code, run_date], cwd=work, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].split()
 duck_clean, duck_rfm, duck_rows = float(out[0]), float(out[1]), int(out[2])
 _, logs = run(["run", "customer_value", "--date", run_date])
 ms = {l["fields"].get("step"): l["fields"]["ms"] for l in logs if l.get("fields", {}).get("message") == "step done"}

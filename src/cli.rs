@@ -366,16 +366,8 @@ async fn history(project: &Project, job: Option<&str>, limit: usize) -> anyhow::
     let mut records = state.history(job).await?;
     records.reverse();
     println!(
-        "{:<16} {:<10} {:<8} {:<9} {:<20} {:>8} {:>9} {:>6}  {}",
-        "job",
-        "run_date",
-        "attempt",
-        "trigger",
-        "started",
-        "seconds",
-        "rows",
-        "files",
-        "status / error"
+        "{:<16} {:<10} {:<8} {:<9} {:<20} {:>8} {:>9} {:>6}  status / error",
+        "job", "run_date", "attempt", "trigger", "started", "seconds", "rows", "files"
     );
     for r in records.iter().take(limit) {
         let secs = r

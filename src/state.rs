@@ -184,7 +184,7 @@ impl StateStore {
         .into_iter()
         .flatten()
         .collect();
-        out.sort_by(|a, b| (a.started_at, a.attempt).cmp(&(b.started_at, b.attempt)));
+        out.sort_by_key(|a| (a.started_at, a.attempt));
         Ok(out)
     }
 

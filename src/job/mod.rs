@@ -297,60 +297,58 @@ impl JobPlan {
             let kinds = usize::from(s.sql.is_some())
                 + usize::from(s.clv.is_some())
                 + usize::from(s.kmeans.is_some());
-            if let Some(km) = &s.kmeans {
-                if kinds == 1 {
-                    if !tables.contains(&km.from) || km.from == s.name {
-                        diags.push(doc.diag(
-                            &format!("{field}.kmeans.from"),
-                            format!("no input or earlier step named `{}`", km.from),
-                        ));
-                    }
-                    if km.features.is_empty() {
-                        diags.push(doc.diag(
-                            &format!("{field}.kmeans.features"),
-                            "list at least one feature column",
-                        ));
-                    }
-                    if let config::KmeansK::Fixed(k) = km.k {
-                        if !(2..=50).contains(&k) {
-                            diags.push(doc.diag(
-                                &format!("{field}.kmeans.k"),
-                                "`auto` or a number from 2 to 50",
-                            ));
-                        }
-                    }
-                    if !(2..=20).contains(&km.k_max) {
-                        diags.push(
-                            doc.diag(&format!("{field}.kmeans.k_max"), "a number from 2 to 20"),
-                        );
-                    }
-                    if !km.value.is_empty() && !km.features.contains(&km.value) {
-                        diags.push(doc.diag(
-                            &format!("{field}.kmeans.value"),
-                            format!("`{}` is not one of the features", km.value),
-                        ));
-                    }
-                    if km.sample < 100 {
-                        diags.push(doc.diag(&format!("{field}.kmeans.sample"), "at least 100"));
-                    }
-                    let profile = format!("{}_profile", s.name);
-                    if !names.insert(profile.clone()) {
-                        diags.push(doc.diag(
-                            &format!("{field}.name"),
-                            format!("`{profile}` (this step's profile) is already a table name"),
-                        ));
-                    }
-                    let mut km = km.clone();
-                    if km.value.is_empty() {
-                        km.value = km.features.last().cloned().unwrap_or_default();
-                    }
-                    steps.push(StepPlan {
-                        name: s.name.clone(),
-                        kind: StepKind::Kmeans(km),
-                        field,
-                    });
-                    continue;
+            if let Some(km) = &s.kmeans
+                && kinds == 1
+            {
+                if !tables.contains(&km.from) || km.from == s.name {
+                    diags.push(doc.diag(
+                        &format!("{field}.kmeans.from"),
+                        format!("no input or earlier step named `{}`", km.from),
+                    ));
                 }
+                if km.features.is_empty() {
+                    diags.push(doc.diag(
+                        &format!("{field}.kmeans.features"),
+                        "list at least one feature column",
+                    ));
+                }
+                if let config::KmeansK::Fixed(k) = km.k
+                    && !(2..=50).contains(&k)
+                {
+                    diags.push(doc.diag(
+                        &format!("{field}.kmeans.k"),
+                        "`auto` or a number from 2 to 50",
+                    ));
+                }
+                if !(2..=20).contains(&km.k_max) {
+                    diags.push(doc.diag(&format!("{field}.kmeans.k_max"), "a number from 2 to 20"));
+                }
+                if !km.value.is_empty() && !km.features.contains(&km.value) {
+                    diags.push(doc.diag(
+                        &format!("{field}.kmeans.value"),
+                        format!("`{}` is not one of the features", km.value),
+                    ));
+                }
+                if km.sample < 100 {
+                    diags.push(doc.diag(&format!("{field}.kmeans.sample"), "at least 100"));
+                }
+                let profile = format!("{}_profile", s.name);
+                if !names.insert(profile.clone()) {
+                    diags.push(doc.diag(
+                        &format!("{field}.name"),
+                        format!("`{profile}` (this step's profile) is already a table name"),
+                    ));
+                }
+                let mut km = km.clone();
+                if km.value.is_empty() {
+                    km.value = km.features.last().cloned().unwrap_or_default();
+                }
+                steps.push(StepPlan {
+                    name: s.name.clone(),
+                    kind: StepKind::Kmeans(km),
+                    field,
+                });
+                continue;
             }
             match (&s.sql, &s.clv) {
                 _ if kinds != 1 => {
@@ -423,29 +421,29 @@ impl JobPlan {
                             "the `formula` model needs `expected_years` (the expected relationship length in years)",
                         ));
                     }
-                    if let Some(y) = clv.expected_years {
-                        if !(y > 0.0 && y <= 100.0) {
-                            diags.push(doc.diag(
-                                &format!("{field}.clv.expected_years"),
-                                "a number of years above 0 and at most 100",
-                            ));
-                        }
+                    if let Some(y) = clv.expected_years
+                        && !(y > 0.0 && y <= 100.0)
+                    {
+                        diags.push(doc.diag(
+                            &format!("{field}.clv.expected_years"),
+                            "a number of years above 0 and at most 100",
+                        ));
                     }
-                    if let Some(v) = clv.purchases_per_year {
-                        if !(v > 0.0 && v.is_finite()) {
-                            diags.push(doc.diag(
-                                &format!("{field}.clv.purchases_per_year"),
-                                "a positive number",
-                            ));
-                        }
+                    if let Some(v) = clv.purchases_per_year
+                        && !(v > 0.0 && v.is_finite())
+                    {
+                        diags.push(doc.diag(
+                            &format!("{field}.clv.purchases_per_year"),
+                            "a positive number",
+                        ));
                     }
-                    if let Some(r) = clv.retention_rate {
-                        if !(0.0..=1.0).contains(&r) {
-                            diags.push(doc.diag(
-                                &format!("{field}.clv.retention_rate"),
-                                "a yearly rate between 0 and 1",
-                            ));
-                        }
+                    if let Some(r) = clv.retention_rate
+                        && !(0.0..=1.0).contains(&r)
+                    {
+                        diags.push(doc.diag(
+                            &format!("{field}.clv.retention_rate"),
+                            "a yearly rate between 0 and 1",
+                        ));
                     }
                     if clv.years == Some(0) {
                         diags.push(doc.diag(&format!("{field}.clv.years"), "at least 1"));
@@ -454,13 +452,13 @@ impl JobPlan {
                         ("backtest", &clv.backtest),
                         ("acquisition_costs", &clv.acquisition_costs),
                     ] {
-                        if let Some(t) = table {
-                            if !tables.contains(t) || *t == s.name {
-                                diags.push(doc.diag(
-                                    &format!("{field}.clv.{key}"),
-                                    format!("no input or earlier step named `{t}`"),
-                                ));
-                            }
+                        if let Some(t) = table
+                            && (!tables.contains(t) || *t == s.name)
+                        {
+                            diags.push(doc.diag(
+                                &format!("{field}.clv.{key}"),
+                                format!("no input or earlier step named `{t}`"),
+                            ));
                         }
                     }
                     let mut extra = vec![format!("{}_fit", s.name)];

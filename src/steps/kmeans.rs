@@ -455,6 +455,7 @@ pub async fn run(
             order.iter().map(|c| sizes[*c] as f64 / n as f64),
         )),
     ];
+    #[allow(clippy::needless_range_loop)] // f indexes the inner vectors, one column per feature
     for f in 0..spec.features.len() {
         cols.push(Arc::new(Float64Array::from_iter_values(
             order.iter().map(|c| means[*c][f]),

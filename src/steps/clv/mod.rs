@@ -31,8 +31,8 @@ pub fn par_sum<T: Sync, const N: usize>(
     let mut total = (0.0, [0.0; N]);
     for (l, g) in parts {
         total.0 += l;
-        for i in 0..N {
-            total.1[i] += g[i];
+        for (t, v) in total.1.iter_mut().zip(g) {
+            *t += v;
         }
     }
     total

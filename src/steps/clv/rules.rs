@@ -61,10 +61,10 @@ pub fn model_sql(spec: &ClvSpec, run_date: chrono::NaiveDate, retention: f64) ->
     let orders = orders_cte(spec, run_date);
     let margin = lit(spec.margin);
     let now = format!("date_part('epoch', TIMESTAMP '{run_date} 00:00:00')");
-    let per_customer = format!(
+    let per_customer =
         "c AS (SELECT customer_id, COUNT(*) AS orders, SUM(amount) AS revenue, MIN(e) AS first_e \
          FROM o GROUP BY customer_id)"
-    );
+            .to_string();
     let ppy = match spec.purchases_per_year {
         Some(v) => lit(v),
         None => format!(
