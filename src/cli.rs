@@ -1,4 +1,5 @@
-//! Command line: `validate`, `run`, `generate`, `demo`, `files`. Errors reach `main` as anyhow
+//! Command line: `validate`, `run`, `explain`, `generate`, `demo`, `files`, `schedule`,
+//! `backfill`, `history`. Errors reach `main` as anyhow
 //! chains; user mistakes exit 2, failed jobs exit 1.
 
 use std::path::PathBuf;
@@ -99,6 +100,19 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Show how DataFusion runs one SQL step: runs the job's earlier steps for the date, then
+    /// prints the step's physical plan; with --analyze it also runs the step and shows each
+    /// operator's rows, time and memory (for tuning SQL).
+    Explain {
+        job: String,
+        step: String,
+        /// Run date (YYYY-MM-DD); defaults to today (UTC).
+        #[arg(long)]
+        date: Option<NaiveDate>,
+        /// Run the step and show metrics (EXPLAIN ANALYZE).
+        #[arg(long)]
+        analyze: bool,
+    },
     /// Print the committed data files of an output table (for readers that want only
     /// committed data, e.g. DuckDB `read_parquet([...])`).
     Files {
@@ -176,6 +190,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "generated {} customers, {} order rows in {} files ({} bytes) under {}",
                 s.customers, s.order_rows, s.files, s.bytes, loc.url
+            );
+            Ok(())
+        }
+        Command::Explain {
+            job,
+            step,
+            date,
+            analyze,
+        } => {
+            let date = date.unwrap_or_else(|| chrono::Utc::now().date_naive());
+            let plan = runner::validate_job(&project, &job).await?;
+            print!(
+                "{}",
+                runner::explain_step(&project, &plan, &step, date, analyze).await?
             );
             Ok(())
         }

@@ -1,15 +1,19 @@
 //! The one place a DataFusion session is built from `config.yaml`: parallelism, a memory limit
-//! enforced by a spilling pool, the spill folder, and every configured object store registered.
+//! enforced by a spilling pool (greedy or fair), DataFusion settings, the spill folder, the SQL
+//! functions clvflow adds, and every configured object store registered.
 //! Another engine (a Ballista cluster) is a new arm of [`EngineSpec`] here, nothing else.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::memory_pool::{
+    FairSpillPool, GreedyMemoryPool, MemoryPool, TrackConsumersPool,
+};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::config::EngineSpec;
+use crate::config::{EngineSpec, MemoryPoolKind};
 use crate::error::{Error, Result};
 use crate::job::Project;
 
@@ -20,6 +24,8 @@ pub fn session(project: &Project) -> Result<SessionContext> {
         memory_limit,
         spill_dir,
         batch_size,
+        memory_pool,
+        settings,
     } = &project.config.value.engine
     else {
         return Err(Error::Internal(
@@ -36,9 +42,27 @@ pub fn session(project: &Project) -> Result<SessionContext> {
     if let Some(n) = batch_size {
         config = config.with_batch_size((*n).max(1));
     }
+    for (key, value) in settings {
+        // Checked when the config was loaded.
+        config
+            .options_mut()
+            .set(key, value)
+            .map_err(|e| Error::df(format!("engine.settings: {key}"), e))?;
+    }
     let mut runtime = RuntimeEnvBuilder::new();
     if let Some(limit) = memory_limit {
-        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit.0 as usize)));
+        let limit = limit.0 as usize;
+        // Tracked: an error names the operators that hold the most memory.
+        let top = NonZeroUsize::MIN.saturating_add(4);
+        let pool: Arc<dyn MemoryPool> = match memory_pool {
+            MemoryPoolKind::Greedy => {
+                Arc::new(TrackConsumersPool::new(GreedyMemoryPool::new(limit), top))
+            }
+            MemoryPoolKind::Fair => {
+                Arc::new(TrackConsumersPool::new(FairSpillPool::new(limit), top))
+            }
+        };
+        runtime = runtime.with_memory_pool(pool);
     }
     if let Some(dir) = spill_dir {
         let dir = project.root.join(dir);
@@ -51,6 +75,7 @@ pub fn session(project: &Project) -> Result<SessionContext> {
         .build_arc()
         .map_err(|e| Error::df("build the DataFusion runtime", e))?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
+    crate::functions::register(&ctx);
     for store in &project.stores.stores {
         ctx.register_object_store(&store.registry_url, store.object_store.clone());
     }

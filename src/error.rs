@@ -13,6 +13,10 @@ pub enum Error {
     #[error("{}", render_diagnostics(.0))]
     Config(Vec<Diagnostic>),
 
+    /// A command-line argument that names nothing (an unknown step, say).
+    #[error("{0}")]
+    Usage(String),
+
     #[error("job `{job}`: input `{input}`: {message}")]
     Input {
         job: String,
@@ -92,9 +96,9 @@ fn render_diagnostics(diags: &[Diagnostic]) -> String {
 }
 
 impl Error {
-    /// True when the user's config or job files are at fault (exit code 2).
+    /// True when the user's config or job files, or the command line, are at fault (exit code 2).
     pub fn is_config(&self) -> bool {
-        matches!(self, Error::Config(_))
+        matches!(self, Error::Config(_) | Error::Usage(_))
     }
 
     pub fn store(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// After data files are staged, before the commit marker is written.
+/// After every output of a run is staged, before the first commit marker is written.
 pub const AFTER_STAGING: &str = "after-staging";
 /// After the commit marker, before any file is published.
 pub const AFTER_COMMIT: &str = "after-commit";

@@ -2,6 +2,7 @@
 //! commit outputs. Also `validate`: the same path without data (SQL planned against the declared
 //! schemas), collecting every problem.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
@@ -13,8 +14,11 @@ use tracing::info;
 use crate::catalog::inputs::{self, InputSummary};
 use crate::engine;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::job::{JobPlan, Project, StepKind};
-use crate::sink::{self, OutputOutcome, RunInfo};
+use crate::lifetimes::{self, Lifetimes};
+use crate::memstat;
+use crate::sink::{self, OutputOutcome, RunInfo, Staged};
 use crate::steps::sql::{self, StepOutcome};
 use crate::steps::{clv, kmeans};
 
@@ -47,9 +51,12 @@ pub async fn run_job(
     run_job_cancellable(project, job, run_date, run_id, &CancellationToken::new()).await
 }
 
-/// Runs `job` for `run_date`; cancelling `cancel` before every output is staged stops the run
-/// with nothing published. Once all outputs are staged they are committed and published
-/// regardless (a few object-store calls), so a run is never cut between two outputs by a cancel.
+/// Runs `job` for `run_date`. Each output is staged as soon as the step that produces it is
+/// done, and step results are dropped after their last reader (see [`crate::lifetimes`]), so a
+/// run holds only what is still needed. Cancelling `cancel` before every output is staged stops
+/// the run with nothing published (what was staged is deleted). Once all outputs are staged they
+/// are committed and published regardless (a few object-store calls), so a run is never cut
+/// between two outputs by a cancel.
 pub async fn run_job_cancellable(
     project: &Project,
     job: &JobPlan,
@@ -65,13 +72,15 @@ pub async fn run_job_cancellable(
         job: job.name.clone(),
         run_date,
     };
+    let staging = Staging {
+        run: &run,
+        lifetimes: lifetimes::plan(&ctx, job, run_date),
+        staged: Mutex::new(Vec::new()),
+    };
     let work = async {
-        let (inputs, steps) = execute(&ctx, job, run_date).await?;
-        let mut staged = Vec::new();
-        for out in &job.outputs {
-            staged.push((Instant::now(), sink::stage(&ctx, out, &run).await?));
-        }
-        Ok::<_, Error>((inputs, steps, staged))
+        let r = execute_until(&ctx, job, run_date, None, &[], Some(&staging)).await?;
+        failpoint::hit(failpoint::AFTER_STAGING).await?;
+        Ok(r)
     };
     let cancelled = || {
         Error::Cancelled(format!(
@@ -79,33 +88,43 @@ pub async fn run_job_cancellable(
             job.name
         ))
     };
-    let (input_report, step_report, staged) = tokio::select! {
+    let result = tokio::select! {
         biased;
         _ = cancel.cancelled() => {
             info!(job = %job.name, %run_date, run_id, "run cancelled before commit; nothing published");
-            return Err(cancelled());
+            Err(cancelled())
         }
-        r = work => r?,
+        r = work => r.and_then(|r| if cancel.is_cancelled() { Err(cancelled()) } else { Ok(r) }),
     };
-    if cancel.is_cancelled() {
-        for (_, s) in staged {
-            sink::abandon(s).await;
+    let mut staged = staging.take();
+    let (input_report, step_report) = match result {
+        Ok(r) if staged.len() == job.outputs.len() => r,
+        other => {
+            for (_, _, s) in staged {
+                sink::abandon(s).await;
+            }
+            return Err(other
+                .err()
+                .unwrap_or_else(|| Error::Internal("an output was not staged".into())));
         }
-        return Err(cancelled());
-    }
+    };
+    staged.sort_by_key(|(o, _, _)| *o);
     let mut output_report = Vec::new();
-    for ((t, staged), out) in staged.into_iter().zip(&job.outputs) {
+    for ((_, staging_time, staged), out) in staged.into_iter().zip(&job.outputs) {
+        let t = Instant::now();
         let o = sink::commit(staged).await?;
         if let Some(v) = o.recovery.rolled_forward {
             info!(job = %job.name, output = %out.from, version = v, "finished publishing an interrupted earlier run");
         }
         info!(job = %job.name, output = %out.from, table = %o.table_url, version = o.version, rows = o.rows,
-              files = o.files, bytes = o.bytes, replaced = ?o.replaced, ms = t.elapsed().as_millis() as u64,
+              files = o.files, bytes = o.bytes, replaced = ?o.replaced,
+              stage_ms = staging_time.as_millis() as u64, commit_ms = t.elapsed().as_millis() as u64,
               "output committed");
         output_report.push(o);
     }
     let elapsed = started.elapsed();
-    info!(job = %job.name, %run_date, run_id, ms = elapsed.as_millis() as u64, "run succeeded");
+    info!(job = %job.name, %run_date, run_id, ms = elapsed.as_millis() as u64,
+          max_rss_mb = memstat::max_rss().map(mib), "run succeeded");
     Ok(RunReport {
         run_id: run_id.to_string(),
         job: job.name.clone(),
@@ -117,20 +136,98 @@ pub async fn run_job_cancellable(
     })
 }
 
-type Executed = (Vec<(String, InputSummary)>, Vec<(String, StepOutcome)>);
-
-/// Checks and registers the inputs, then runs every step; results stay registered on `ctx`.
-async fn execute(ctx: &SessionContext, job: &JobPlan, run_date: NaiveDate) -> Result<Executed> {
-    execute_until(ctx, job, run_date, None, &[]).await
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
 }
 
-/// Like [`execute`], stopping after step `until` when given.
+/// Outputs staged by a run while its steps go on.
+struct Staging<'a> {
+    run: &'a RunInfo,
+    lifetimes: Lifetimes,
+    /// (output index, time staging took, staged output).
+    staged: Mutex<Vec<(usize, Duration, Staged)>>,
+}
+
+impl Staging<'_> {
+    fn take(&self) -> Vec<(usize, Duration, Staged)> {
+        std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// After step `i`: drops what no later step reads (tables being staged now excepted), then
+    /// stages the outputs the step produced, then drops those too if nothing else reads them.
+    /// A streamed step (a view until now) is computed by its staging; if later steps read it,
+    /// they read its staged files. Returns the rows staged from step `i` itself.
+    async fn after_step(&self, ctx: &SessionContext, job: &JobPlan, i: usize) -> Result<u64> {
+        let step = &job.steps[i];
+        let streamed = self.lifetimes.streamed.get(i) == Some(&true);
+        let mut written = 0;
+        let staging: Vec<&str> = self
+            .lifetimes
+            .stage_after
+            .get(i)
+            .into_iter()
+            .flatten()
+            .map(|&o| job.outputs[o].from.as_str())
+            .collect();
+        let done: Vec<&String> = self
+            .lifetimes
+            .drop_after
+            .get(i)
+            .into_iter()
+            .flatten()
+            .collect();
+        let (later, now): (Vec<&String>, Vec<&String>) = done
+            .into_iter()
+            .partition(|t| staging.iter().any(|s| s.eq_ignore_ascii_case(t)));
+        drop_tables(ctx, &now)?;
+        for &o in self.lifetimes.stage_after.get(i).into_iter().flatten() {
+            let t = Instant::now();
+            memstat::reset_peak();
+            let staged = sink::stage(ctx, &job.outputs[o], self.run).await?;
+            let took = t.elapsed();
+            info!(job = %job.name, output = %job.outputs[o].from, ms = took.as_millis() as u64,
+                  rows = staged.rows(), bytes = staged.bytes(),
+                  peak_rss_mb = memstat::peak_rss().map(mib), "output staged");
+            if job.outputs[o].from.eq_ignore_ascii_case(&step.name) {
+                written = staged.rows();
+                let read_later = !later.iter().any(|t| t.eq_ignore_ascii_case(&step.name));
+                if streamed && read_later {
+                    ctx.deregister_table(step.name.as_str())
+                        .map_err(|e| Error::df(format!("replace `{}`", step.name), e))?;
+                    ctx.register_table(step.name.as_str(), staged.as_table()?)
+                        .map_err(|e| Error::df(format!("read back `{}`", step.name), e))?;
+                }
+            }
+            self.staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((o, took, staged));
+        }
+        drop_tables(ctx, &later)?;
+        Ok(written)
+    }
+}
+
+fn drop_tables(ctx: &SessionContext, tables: &[&String]) -> Result<()> {
+    for table in tables {
+        ctx.deregister_table(table.as_str())
+            .map_err(|e| Error::df(format!("drop step result `{table}`"), e))?;
+    }
+    Ok(())
+}
+
+type Executed = (Vec<(String, InputSummary)>, Vec<(String, StepOutcome)>);
+
+/// Checks and registers the inputs, then runs every step (stopping after step `until` when
+/// given; not running those in `skip`). Without `staging` every step result stays registered on
+/// `ctx`; with it, outputs are staged and step results dropped as the run goes.
 async fn execute_until(
     ctx: &SessionContext,
     job: &JobPlan,
     run_date: NaiveDate,
     until: Option<&str>,
     skip: &[&str],
+    staging: Option<&Staging<'_>>,
 ) -> Result<Executed> {
     let mut input_report = Vec::new();
     for input in &job.inputs {
@@ -141,14 +238,27 @@ async fn execute_until(
         input_report.push((input.name.clone(), s));
     }
     let mut step_report = Vec::new();
-    for step in &job.steps {
+    for (i, step) in job.steps.iter().enumerate() {
         if skip.contains(&step.name.as_str()) {
             if until == Some(step.name.as_str()) {
                 break;
             }
             continue;
         }
+        let started = Instant::now();
+        memstat::reset_peak();
+        let streamed = staging.is_some_and(|s| s.lifetimes.streamed.get(i) == Some(&true));
         let out = match &step.kind {
+            StepKind::Sql { .. } if streamed => {
+                // Computed while it is written to its output (in `after_step` below).
+                let schema = sql::register_view(ctx, job, step, run_date).await?;
+                StepOutcome {
+                    rows: 0,
+                    bytes: 0,
+                    elapsed: started.elapsed(),
+                    schema,
+                }
+            }
             StepKind::Sql { .. } => sql::run(ctx, job, step, run_date).await?,
             StepKind::Kmeans(spec) => {
                 kmeans::run(ctx, &job.name, &step.name, spec, run_date).await?
@@ -163,9 +273,19 @@ async fn execute_until(
                 out
             }
         };
+        let mut out = out;
+        if streamed && let Some(staging) = staging {
+            let written = staging.after_step(ctx, job, i).await?;
+            out.rows = written as usize;
+            out.elapsed = started.elapsed();
+        }
         info!(job = %job.name, step = %step.name, rows = out.rows, bytes = out.bytes,
-              ms = out.elapsed.as_millis() as u64, "step done");
+              ms = out.elapsed.as_millis() as u64, peak_rss_mb = memstat::peak_rss().map(mib),
+              rss_mb = memstat::rss().map(mib), streamed, "step done");
         step_report.push((step.name.clone(), out));
+        if !streamed && let Some(staging) = staging {
+            staging.after_step(ctx, job, i).await?;
+        }
         if until == Some(step.name.as_str()) {
             break;
         }
@@ -182,7 +302,7 @@ pub async fn run_steps(
     until: Option<&str>,
 ) -> Result<SessionContext> {
     let ctx = engine::session(project)?;
-    execute_until(&ctx, job, run_date, until, &[]).await?;
+    execute_until(&ctx, job, run_date, until, &[], None).await?;
     Ok(ctx)
 }
 
@@ -195,8 +315,62 @@ pub async fn run_steps_on(
     until: Option<&str>,
     skip: &[&str],
 ) -> Result<()> {
-    execute_until(ctx, job, run_date, until, skip).await?;
+    execute_until(ctx, job, run_date, until, skip, None).await?;
     Ok(())
+}
+
+/// Runs the steps of `job` before `step`, then returns the physical plan of SQL step `step`
+/// (with each operator's metrics when `analyze`: the step is run).
+pub async fn explain_step(
+    project: &Project,
+    job: &JobPlan,
+    step: &str,
+    run_date: NaiveDate,
+    analyze: bool,
+) -> Result<String> {
+    let Some(pos) = job.steps.iter().position(|s| s.name == step) else {
+        let names: Vec<&str> = job.steps.iter().map(|s| s.name.as_str()).collect();
+        return Err(Error::Usage(format!(
+            "job `{}` has no step `{step}`; its steps: {}",
+            job.name,
+            names.join(", ")
+        )));
+    };
+    let plan = &job.steps[pos];
+    if !matches!(plan.kind, StepKind::Sql { .. }) {
+        return Err(Error::Usage(format!(
+            "step `{step}` is not a SQL step; only SQL steps have a query plan"
+        )));
+    }
+    let ctx = engine::session(project)?;
+    let until = pos.checked_sub(1).map(|p| job.steps[p].name.as_str());
+    // Inputs are registered by every call; with no earlier step, `skip` skips them all.
+    let earlier: Vec<&str> = job.steps.iter().map(|s| s.name.as_str()).collect();
+    match until {
+        Some(u) => execute_until(&ctx, job, run_date, Some(u), &[], None).await?,
+        None => execute_until(&ctx, job, run_date, None, &earlier, None).await?,
+    };
+    let sql = job.render_sql(plan, run_date).map_err(Error::Config)?;
+    let verb = if analyze {
+        "EXPLAIN ANALYZE"
+    } else {
+        "EXPLAIN"
+    };
+    let step_err = |source| Error::Step {
+        job: job.name.clone(),
+        step: step.to_string(),
+        source,
+    };
+    let batches = ctx
+        .sql(&format!("{verb} {sql}"))
+        .await
+        .map_err(step_err)?
+        .collect()
+        .await
+        .map_err(step_err)?;
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(format!("{text}\n"))
 }
 
 /// Checks job `name` end to end without reading data. Returns the plan, or every problem.
@@ -226,15 +400,12 @@ pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
                 failed.push(step.name.clone());
                 continue;
             }
-            if let Err(m) = kmeans::plan(&ctx, &step.name, spec).await {
-                diags.push(job.doc.diag(&format!("{}.kmeans", step.field), m));
-                failed.push(step.name.clone());
-            } else {
-                schemas.push((step.name.clone(), kmeans::output_schema(spec)));
-                schemas.push((
-                    format!("{}_profile", step.name),
-                    kmeans::profile_schema(spec),
-                ));
+            match kmeans::plan(&ctx, &step.name, spec).await {
+                Ok(tables) => schemas.extend(tables),
+                Err(m) => {
+                    diags.push(job.doc.diag(&format!("{}.kmeans", step.field), m));
+                    failed.push(step.name.clone());
+                }
             }
             continue;
         }

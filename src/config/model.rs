@@ -149,6 +149,14 @@ pub enum EngineSpec {
         /// Rows per Arrow batch.
         #[serde(default)]
         batch_size: Option<usize>,
+        /// How `memory_limit` is shared between operators that hold memory at the same time.
+        #[serde(default)]
+        memory_pool: MemoryPoolKind,
+        /// Any DataFusion setting by its full key, e.g.
+        /// `datafusion.optimizer.repartition_joins: "false"` (values quoted); unknown keys and
+        /// bad values are config errors.
+        #[serde(default)]
+        settings: BTreeMap<String, String>,
     },
     /// A DataFusion Ballista cluster (`df://host:50050`).
     Ballista { url: String },
@@ -161,8 +169,23 @@ impl Default for EngineSpec {
             memory_limit: None,
             spill_dir: None,
             batch_size: None,
+            memory_pool: MemoryPoolKind::default(),
+            settings: BTreeMap::new(),
         }
     }
+}
+
+/// How the memory limit is shared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryPoolKind {
+    /// First come, first served up to the limit; an operator that cannot grow spills (or, if it
+    /// cannot spill, fails). Best when one large operator runs at a time, as in clvflow's steps.
+    #[default]
+    Greedy,
+    /// Each spilling operator gets an equal share of the limit: several operators running at
+    /// once never starve each other, at the price of spilling earlier.
+    Fair,
 }
 
 /// Run history and leases.
@@ -346,7 +369,7 @@ fn default_sample() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct ClvSpec {
     /// For `bgnbd_gamma_gamma`: a step with `customer_id`, `x`, `t_x`, `t` (weeks) and
-    /// `mean_repeat_spend`, such as `sql/btyd_summary.sql`. For the other models: an order table
+    /// `mean_repeat_spend`, such as `sql/customer_features.sql`. For the other models: an order table
     /// with `customer_id`, `order_ts` and `net_amount`, such as `sql/orders_clean.sql`.
     pub from: String,
     /// `bgnbd_gamma_gamma` (default), `historical`, `formula`, `formula_retention` or `discounted`.

@@ -40,6 +40,19 @@ impl Project {
                 Err(e) => diags.push(config.diag(&format!("stores.{name}.{}", e.field), e.message)),
             }
         }
+        if let config::EngineSpec::Local { settings, .. } = &config.value.engine {
+            for (key, value) in settings {
+                let mut options = datafusion::config::ConfigOptions::new();
+                if let Err(e) = options.set(key, value) {
+                    let message = e.strip_backtrace();
+                    let message = message.lines().next().unwrap_or_default();
+                    diags.push(config.diag(
+                        "engine.settings",
+                        format!("`{key}: {value}`: {message} (keys are DataFusion configuration keys such as datafusion.execution.batch_size)"),
+                    ));
+                }
+            }
+        }
         if let config::EngineSpec::Ballista { .. } = &config.value.engine {
             diags.push(config.diag(
                 "engine.kind",
@@ -168,6 +181,25 @@ pub struct StepPlan {
     pub name: String,
     pub kind: StepKind,
     pub field: String,
+}
+
+impl StepPlan {
+    /// The tables the step registers: its own and, for clv (`<name>_fit`, `<name>_backtest`)
+    /// and kmeans (`<name>_profile`), the extra result tables.
+    pub fn produces(&self) -> Vec<String> {
+        let mut tables = vec![self.name.clone()];
+        match &self.kind {
+            StepKind::Sql { .. } => {}
+            StepKind::Kmeans(_) => tables.push(format!("{}_profile", self.name)),
+            StepKind::Clv(spec) => {
+                tables.push(format!("{}_fit", self.name));
+                if spec.backtest.is_some() {
+                    tables.push(format!("{}_backtest", self.name));
+                }
+            }
+        }
+        tables
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -25,10 +25,17 @@ pub mod publish;
 
 use std::collections::BTreeSet;
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{DataType, Int64Type};
-use datafusion::common::config::TableParquetOptions;
+use std::sync::Arc;
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::catalog::TableProvider;
+use datafusion::common::config::{ParquetColumnOptions, TableParquetOptions};
 use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::{StreamExt, TryStreamExt};
 
@@ -108,6 +115,19 @@ pub async fn stage(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Res
     let mut parquet = TableParquetOptions::default();
     parquet.global.compression = Some(out.compression.datafusion_name());
     parquet.global.max_row_group_size = out.row_group_size;
+    // Float measures (CLV, probabilities, spend) are nearly all distinct: dictionary encoding
+    // them costs write time and falls back to plain anyway once the dictionary page fills.
+    for f in schema.fields() {
+        if matches!(f.data_type(), DataType::Float64 | DataType::Float32) {
+            let options = ParquetColumnOptions {
+                dictionary_enabled: Some(false),
+                ..Default::default()
+            };
+            parquet
+                .column_specific_options
+                .insert(f.name().clone(), options);
+        }
+    }
     let options = DataFrameWriteOptions::new()
         .with_partition_by(out.partition_by.clone())
         .with_single_file_output(false);
@@ -116,7 +136,6 @@ pub async fn stage(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Res
             .write_parquet(&staging.dir_url(), options, Some(parquet))
             .await
             .map_err(|e| Error::df(format!("write output `{}` to {}", out.from, staging.url), e))?;
-        failpoint::hit(failpoint::AFTER_STAGING).await?;
         let written = counts
             .first()
             .and_then(|b| {
@@ -145,6 +164,55 @@ pub async fn stage(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Res
         added,
         recovery,
     })
+}
+
+impl Staged {
+    /// Rows written.
+    pub fn rows(&self) -> u64 {
+        self.added.iter().map(|a| a.file.rows).sum()
+    }
+
+    /// Bytes written.
+    pub fn bytes(&self) -> u64 {
+        self.added.iter().map(|a| a.file.bytes).sum()
+    }
+
+    /// The staged files as a table with the step's columns (partition columns last, typed as in
+    /// the step), so later steps of the run can read an output that was streamed to its files
+    /// instead of being held in memory.
+    pub fn as_table(&self) -> Result<Arc<dyn TableProvider>> {
+        let staging = self.log.log.child(&self.staging_rel);
+        let url = staging.dir_url();
+        let table_url =
+            ListingTableUrl::parse(&url).map_err(|e| Error::df(format!("read back {url}"), e))?;
+        let file_fields: Vec<_> = self
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| !self.out.partition_by.contains(f.name()))
+            .cloned()
+            .collect();
+        let partitions: Vec<(String, DataType)> = self
+            .out
+            .partition_by
+            .iter()
+            .filter_map(|p| {
+                self.schema
+                    .field_with_name(p)
+                    .ok()
+                    .map(|f| (p.clone(), f.data_type().clone()))
+            })
+            .collect();
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(partitions);
+        let config = ListingTableConfig::new(table_url)
+            .with_listing_options(options)
+            .with_schema(Arc::new(Schema::new(file_fields)));
+        let table =
+            ListingTable::try_new(config).map_err(|e| Error::df(format!("read back {url}"), e))?;
+        Ok(Arc::new(table))
+    }
 }
 
 /// Deletes a staged output that will not be committed.
@@ -264,75 +332,38 @@ async fn prepare(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Resul
     if out.partition_by.is_empty() {
         return Ok(df);
     }
-    let checks: Vec<String> = out
-        .partition_by
-        .iter()
-        .map(|c| {
-            let q = quote(c);
-            format!("count(*) FILTER (WHERE {q} IS NULL), count(*) FILTER (WHERE CAST({q} AS VARCHAR) = '')")
-        })
-        .collect();
-    let sql = format!("SELECT {} FROM {}", checks.join(", "), quote(&out.from));
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(|e| Error::df("check partition values", e))?
-        .collect()
-        .await
-        .map_err(|e| Error::df("check partition values", e))?;
-    let count = |i: usize| -> i64 {
-        batches
-            .first()
-            .and_then(|b| {
-                b.column(i)
-                    .as_primitive_opt::<Int64Type>()
-                    .filter(|a| !a.is_empty())
-                    .map(|a| a.value(0))
-            })
-            .unwrap_or(0)
-    };
-    let mut nulls = false;
-    for (i, c) in out.partition_by.iter().enumerate() {
-        let (n_null, n_empty) = (count(2 * i), count(2 * i + 1));
-        if n_empty > 0 {
-            return Err(run.output_err(out, format!(
-                "partition column `{c}` has {n_empty} empty value(s), which cannot be a folder name; map them in the step's SQL (e.g. COALESCE(NULLIF({c}, ''), 'unknown'))"
-            )));
-        }
-        if n_null > 0 && out.null_partition_value.is_none() {
-            return Err(run.output_err(out, format!(
-                "partition column `{c}` has {n_null} NULL value(s); set `null_partition_value: __HIVE_DEFAULT_PARTITION__` on this output to keep them in that folder, or filter or fill them in the step's SQL"
-            )));
-        }
-        nulls |= n_null > 0;
-    }
-    let Some(value) = out.null_partition_value.as_ref().filter(|_| nulls) else {
-        return Ok(df);
-    };
+    // Partition values are checked while the rows stream to the files (no second pass over the
+    // step): NULL or empty values fail the write, unless NULLs are mapped to a folder name.
+    let check = crate::functions::PARTITION_VALUE;
     let select: Vec<String> = schema
         .fields()
         .iter()
         .map(|f| {
             let q = quote(f.name());
-            if out.partition_by.contains(f.name()) {
-                let cast = if matches!(
-                    f.data_type(),
-                    DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
-                ) {
-                    q.clone()
-                } else {
-                    format!("CAST({q} AS VARCHAR)")
-                };
-                format!("COALESCE({cast}, {}) AS {q}", sql_str(value))
-            } else {
-                q
+            if !out.partition_by.contains(f.name()) {
+                return q;
             }
+            let value = match &out.null_partition_value {
+                None => q.clone(),
+                Some(v) => {
+                    let text = if matches!(
+                        f.data_type(),
+                        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+                    ) {
+                        q.clone()
+                    } else {
+                        format!("CAST({q} AS VARCHAR)")
+                    };
+                    format!("COALESCE({text}, {})", sql_str(v))
+                }
+            };
+            format!("{check}({value}, {}) AS {q}", sql_str(f.name()))
         })
         .collect();
     let sql = format!("SELECT {} FROM {}", select.join(", "), quote(&out.from));
     ctx.sql(&sql)
         .await
-        .map_err(|e| Error::df("map NULL partition values", e))
+        .map_err(|e| Error::df("check partition values", e))
 }
 
 /// Lists the staged files, reads their footers, names their place in the table, and checks the

@@ -6,16 +6,15 @@
 //! on a seeded sample of up to `sample` rows. Clusters are numbered 1..k by the mean of the
 //! `value` feature, highest first, so cluster 1 is the most valuable in every run.
 //!
-//! Registers `<step>` (run_date, id, cluster) and `<step>_profile` (run_date, cluster, size,
-//! share, mean of every feature in its original units, silhouette of the chosen k).
+//! Registers `<step>`: the rows of `from` with `cluster` appended (and `run_date` when `from` has
+//! none; the input's buffers are shared, not copied), and `<step>_profile` (run_date, cluster,
+//! size, share, mean of every feature in its original units, silhouette of the chosen k).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch,
-};
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use rand::rngs::StdRng;
@@ -23,14 +22,11 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::{KmeansK, KmeansSpec};
 use crate::error::{Error, Result};
+use crate::steps::Rows;
 use crate::steps::sql::StepOutcome;
 
-pub fn output_schema(spec: &KmeansSpec) -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("run_date", DataType::Date32, false),
-        Field::new(&spec.id, DataType::Int64, false),
-        Field::new("cluster", DataType::Int64, false),
-    ]))
+fn cluster_field() -> Field {
+    Field::new("cluster", DataType::Int64, false)
 }
 
 pub fn profile_schema(spec: &KmeansSpec) -> SchemaRef {
@@ -55,10 +51,19 @@ fn register(
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
 ) -> Result<()> {
-    let parts = if batches.is_empty() {
+    register_parts(ctx, name, schema, vec![batches])
+}
+
+fn register_parts(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    parts: Vec<Vec<RecordBatch>>,
+) -> Result<()> {
+    let parts = if parts.is_empty() {
         vec![vec![]]
     } else {
-        vec![batches]
+        parts
     };
     let table =
         MemTable::try_new(schema, parts).map_err(|e| Error::df(format!("register `{name}`"), e))?;
@@ -67,12 +72,13 @@ fn register(
     Ok(())
 }
 
-/// For `validate`: checks `from` has the columns, registers empty result tables.
+/// For `validate`: checks `from` has the columns, registers empty result tables and returns
+/// them with their schemas.
 pub async fn plan(
     ctx: &SessionContext,
     name: &str,
     spec: &KmeansSpec,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<Vec<(String, SchemaRef)>, String> {
     let table = ctx
         .table(spec.from.as_str())
         .await
@@ -90,15 +96,54 @@ pub async fn plan(
             missing.join(", ")
         ));
     }
-    register(ctx, name, output_schema(spec), vec![]).map_err(|e| e.to_string())?;
-    register(
-        ctx,
-        &format!("{name}_profile"),
-        profile_schema(spec),
-        vec![],
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(())
+    let out = super::appended_schema(schema.as_arrow(), &[cluster_field()])
+        .map_err(|e| format!("`{}`: {e}", spec.from))?;
+    let tables = vec![
+        (name.to_string(), out),
+        (format!("{name}_profile"), profile_schema(spec)),
+    ];
+    for (table, schema) in &tables {
+        register(ctx, table, schema.clone(), vec![]).map_err(|e| e.to_string())?;
+    }
+    Ok(tables)
+}
+
+/// Points in d dimensions, row-major in one flat vector (no allocation per point).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Points {
+    pub data: Vec<f64>,
+    pub dims: usize,
+}
+
+impl Points {
+    pub fn new(data: Vec<f64>, dims: usize) -> Self {
+        Self { data, dims }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.dims).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn row(&self, i: usize) -> &[f64] {
+        &self.data[i * self.dims..(i + 1) * self.dims]
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &[f64]> {
+        self.data.chunks_exact(self.dims.max(1))
+    }
+
+    /// The rows at `idx`, in that order.
+    pub fn select(&self, idx: &[usize]) -> Points {
+        let mut data = Vec::with_capacity(idx.len() * self.dims);
+        for i in idx {
+            data.extend_from_slice(self.row(*i));
+        }
+        Points::new(data, self.dims)
+    }
 }
 
 /// Clustering of standardised points.
@@ -114,7 +159,7 @@ fn dist2(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// k-means++ then Lloyd iterations; best of `starts` by inertia. Deterministic for a seed.
-pub fn kmeans(points: &[Vec<f64>], k: usize, seed: u64, starts: usize) -> Clustering {
+pub fn kmeans(points: &Points, k: usize, seed: u64, starts: usize) -> Clustering {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut best: Option<Clustering> = None;
     for _ in 0..starts.max(1) {
@@ -130,16 +175,17 @@ pub fn kmeans(points: &[Vec<f64>], k: usize, seed: u64, starts: usize) -> Cluste
     })
 }
 
-fn plus_plus(points: &[Vec<f64>], k: usize, rng: &mut StdRng) -> Vec<Vec<f64>> {
-    let mut centroids = vec![points[rng.random_range(0..points.len())].clone()];
-    let mut d: Vec<f64> = points.iter().map(|p| dist2(p, &centroids[0])).collect();
+fn plus_plus(points: &Points, k: usize, rng: &mut StdRng) -> Vec<Vec<f64>> {
+    let n = points.len();
+    let mut centroids = vec![points.row(rng.random_range(0..n)).to_vec()];
+    let mut d: Vec<f64> = points.rows().map(|p| dist2(p, &centroids[0])).collect();
     while centroids.len() < k {
         let total: f64 = d.iter().sum();
         let next = if total <= 0.0 {
-            rng.random_range(0..points.len())
+            rng.random_range(0..n)
         } else {
             let mut u = rng.random::<f64>() * total;
-            let mut pick = points.len() - 1;
+            let mut pick = n - 1;
             for (i, di) in d.iter().enumerate() {
                 u -= di;
                 if u <= 0.0 {
@@ -149,9 +195,9 @@ fn plus_plus(points: &[Vec<f64>], k: usize, rng: &mut StdRng) -> Vec<Vec<f64>> {
             }
             pick
         };
-        centroids.push(points[next].clone());
+        centroids.push(points.row(next).to_vec());
         let c = &centroids[centroids.len() - 1];
-        for (di, p) in d.iter_mut().zip(points) {
+        for (di, p) in d.iter_mut().zip(points.rows()) {
             *di = di.min(dist2(p, c));
         }
     }
@@ -169,14 +215,14 @@ fn nearest(p: &[f64], centroids: &[Vec<f64>]) -> (usize, f64) {
     best
 }
 
-fn lloyd(points: &[Vec<f64>], mut centroids: Vec<Vec<f64>>) -> Clustering {
-    let dims = points.first().map_or(0, Vec::len);
+fn lloyd(points: &Points, mut centroids: Vec<Vec<f64>>) -> Clustering {
+    let dims = points.dims;
     let mut assignment = vec![usize::MAX; points.len()];
     let mut inertia = 0.0;
     for _ in 0..100 {
         let mut changed = 0usize;
         inertia = 0.0;
-        for (a, p) in assignment.iter_mut().zip(points) {
+        for (a, p) in assignment.iter_mut().zip(points.rows()) {
             let (j, d) = nearest(p, &centroids);
             inertia += d;
             if *a != j {
@@ -186,7 +232,7 @@ fn lloyd(points: &[Vec<f64>], mut centroids: Vec<Vec<f64>>) -> Clustering {
         }
         let mut sums = vec![vec![0.0; dims]; centroids.len()];
         let mut counts = vec![0usize; centroids.len()];
-        for (a, p) in assignment.iter().zip(points) {
+        for (a, p) in assignment.iter().zip(points.rows()) {
             counts[*a] += 1;
             for (s, v) in sums[*a].iter_mut().zip(p) {
                 *s += v;
@@ -212,18 +258,21 @@ fn lloyd(points: &[Vec<f64>], mut centroids: Vec<Vec<f64>>) -> Clustering {
 }
 
 /// Mean silhouette of a clustering (O(n²): used on samples).
-pub fn silhouette(points: &[Vec<f64>], assignment: &[usize], k: usize) -> f64 {
+pub fn silhouette(points: &Points, assignment: &[usize], k: usize) -> f64 {
     let n = points.len();
     if n < 2 || k < 2 {
         return 0.0;
     }
     let mut total = 0.0;
+    let mut sum = vec![0.0; k];
+    let mut cnt = vec![0usize; k];
     for i in 0..n {
-        let mut sum = vec![0.0; k];
-        let mut cnt = vec![0usize; k];
-        for j in 0..n {
+        sum.fill(0.0);
+        cnt.fill(0);
+        let pi = points.row(i);
+        for (j, pj) in points.rows().enumerate() {
             if i != j {
-                sum[assignment[j]] += dist2(&points[i], &points[j]).sqrt();
+                sum[assignment[j]] += dist2(pi, pj).sqrt();
                 cnt[assignment[j]] += 1;
             }
         }
@@ -243,23 +292,18 @@ pub fn silhouette(points: &[Vec<f64>], assignment: &[usize], k: usize) -> f64 {
     total / n as f64
 }
 
-/// Standardises log-transformed features; returns points and what is needed to undo nothing
-/// (profiles are computed from the original values).
-pub fn prepare(raw: &[Vec<f64>]) -> Vec<Vec<f64>> {
-    let n = raw.len().max(1) as f64;
-    let dims = raw.first().map_or(0, Vec::len);
-    let logged: Vec<Vec<f64>> = raw
-        .iter()
-        .map(|r| r.iter().map(|v| v.ln_1p()).collect())
-        .collect();
+/// Log-transforms (ln(1 + x)) and standardises (z-score per feature) the raw feature values.
+pub fn prepare(raw: &Points) -> Points {
+    let (n, dims) = (raw.len().max(1) as f64, raw.dims);
+    let mut data: Vec<f64> = raw.data.iter().map(|v| v.ln_1p()).collect();
     let mut mean = vec![0.0; dims];
-    for r in &logged {
+    for r in data.chunks_exact(dims) {
         for (m, v) in mean.iter_mut().zip(r) {
             *m += v / n;
         }
     }
     let mut sd = vec![0.0; dims];
-    for r in &logged {
+    for r in data.chunks_exact(dims) {
         for ((s, v), m) in sd.iter_mut().zip(r).zip(&mean) {
             *s += (v - m) * (v - m) / n;
         }
@@ -268,16 +312,12 @@ pub fn prepare(raw: &[Vec<f64>]) -> Vec<Vec<f64>> {
         .into_iter()
         .map(|v| if v > 0.0 { v.sqrt() } else { 1.0 })
         .collect();
-    logged
-        .iter()
-        .map(|r| {
-            r.iter()
-                .zip(&mean)
-                .zip(&sd)
-                .map(|((v, m), s)| (v - m) / s)
-                .collect()
-        })
-        .collect()
+    for r in data.chunks_exact_mut(dims) {
+        for ((v, m), s) in r.iter_mut().zip(&mean).zip(&sd) {
+            *v = (*v - m) / s;
+        }
+    }
+    Points::new(data, dims)
 }
 
 /// Runs the step.
@@ -294,58 +334,33 @@ pub async fn run(
         step: name.to_string(),
         message,
     };
-    let cols: Vec<String> = spec
-        .features
-        .iter()
-        .map(|f| format!("CAST(\"{f}\" AS DOUBLE)"))
-        .collect();
-    let sql = format!(
-        "SELECT CAST(\"{}\" AS BIGINT), {} FROM \"{}\"",
-        spec.id,
-        cols.join(", "),
-        spec.from
-    );
     let step_err = |source| Error::Step {
         job: job.to_string(),
         step: name.to_string(),
         source,
     };
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(step_err)?
-        .collect()
-        .await
-        .map_err(step_err)?;
-    let mut ids = Vec::new();
-    let mut raw: Vec<Vec<f64>> = Vec::new();
-    for b in &batches {
-        let id = b.column(0).as_primitive::<Int64Type>();
-        let feats: Vec<_> = (1..=spec.features.len())
-            .map(|i| b.column(i).as_primitive::<Float64Type>())
-            .collect();
-        for i in 0..b.num_rows() {
-            if id.is_null(i) || feats.iter().any(|f| f.is_null(i)) {
+    let rows = Rows::read(ctx, &spec.from).await.map_err(step_err)?;
+    let input_err = |m: String| model_err(format!("`{}`: {m}", spec.from));
+    let input_err = |m: String| input_err(format!("{m}; fill or filter them first"));
+    rows.integers(&spec.id).map_err(input_err)?;
+    let dims = spec.features.len();
+    let mut data = vec![0.0; rows.len() * dims];
+    for (j, f) in spec.features.iter().enumerate() {
+        for (i, v) in rows
+            .floats(f, None)
+            .map_err(input_err)?
+            .into_iter()
+            .enumerate()
+        {
+            if v < 0.0 || !v.is_finite() {
                 return Err(model_err(format!(
-                    "`{}` has a NULL id or feature; fill or filter it first",
-                    spec.from
+                    "feature `{f}` has the value {v}; the log transform needs values ≥ 0"
                 )));
             }
-            let row: Vec<f64> = feats.iter().map(|f| f.value(i)).collect();
-            if let Some((j, v)) = row
-                .iter()
-                .enumerate()
-                .find(|(_, v)| **v < 0.0 || !v.is_finite())
-            {
-                return Err(model_err(format!(
-                    "feature `{}` has the value {v}; the log transform needs values ≥ 0",
-                    spec.features[j]
-                )));
-            }
-            ids.push(id.value(i));
-            raw.push(row);
+            data[i * dims + j] = v;
         }
     }
+    let raw = Points::new(data, dims);
     let k_max = match spec.k {
         KmeansK::Fixed(k) => k,
         KmeansK::Auto(_) => spec.k_max,
@@ -372,7 +387,7 @@ pub async fn run(
         idx.sort_unstable();
         idx
     };
-    let sample: Vec<Vec<f64>> = sample_idx.iter().map(|i| points[*i].clone()).collect();
+    let sample = points.select(&sample_idx);
     let k = match spec.k {
         KmeansK::Fixed(k) => k,
         KmeansK::Auto(_) => {
@@ -405,7 +420,7 @@ pub async fn run(
         .unwrap_or(0);
     let mut sums = vec![vec![0.0; spec.features.len()]; k];
     let mut sizes = vec![0usize; k];
-    for (a, r) in clustering.assignment.iter().zip(&raw) {
+    for (a, r) in clustering.assignment.iter().zip(raw.rows()) {
         sizes[*a] += 1;
         for (s, v) in sums[*a].iter_mut().zip(r) {
             *s += v;
@@ -428,22 +443,15 @@ pub async fn run(
         rank[*c] = pos as i64 + 1;
     }
 
-    let day = (run_date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default())
-        .num_days() as i32;
-    let n = ids.len();
-    let out = RecordBatch::try_new(
-        output_schema(spec),
-        vec![
-            Arc::new(Date32Array::from(vec![day; n])),
-            Arc::new(Int64Array::from(ids)),
-            Arc::new(Int64Array::from_iter_values(
-                clustering.assignment.iter().map(|a| rank[*a]),
-            )),
-        ],
-    )
-    .map_err(|e| Error::Internal(e.to_string()))?;
-    let bytes = out.get_array_memory_size();
-    register(ctx, name, output_schema(spec), vec![out])?;
+    let day = super::date32(run_date);
+    let n = raw.len();
+    let cluster: ArrayRef = Arc::new(Int64Array::from_iter_values(
+        clustering.assignment.iter().map(|a| rank[*a]),
+    ));
+    let (schema, parts) = super::append_columns(&rows, day, vec![(cluster_field(), cluster)])
+        .map_err(|m| model_err(format!("`{}`: {m}", spec.from)))?;
+    let bytes = crate::memstat::batches_bytes(parts.iter().flatten()) as usize;
+    register_parts(ctx, name, schema.clone(), parts)?;
 
     let mut cols: Vec<ArrayRef> = vec![
         Arc::new(Date32Array::from(vec![day; k])),
@@ -474,7 +482,7 @@ pub async fn run(
         rows: n,
         bytes,
         elapsed: started.elapsed(),
-        schema: output_schema(spec),
+        schema,
     })
 }
 
@@ -483,20 +491,18 @@ mod tests {
     use super::*;
 
     /// Three well-separated blobs in 2-D.
-    fn blobs(seed: u64) -> (Vec<Vec<f64>>, Vec<usize>) {
+    fn blobs(seed: u64) -> (Points, Vec<usize>) {
         let mut rng = StdRng::seed_from_u64(seed);
         let centres = [(0.0, 0.0), (10.0, 10.0), (-10.0, 10.0)];
         let mut pts = Vec::new();
         let mut truth = Vec::new();
         for i in 0..300 {
             let c = i % 3;
-            pts.push(vec![
-                centres[c].0 + rng.random::<f64>() - 0.5,
-                centres[c].1 + rng.random::<f64>() - 0.5,
-            ]);
+            pts.push(centres[c].0 + rng.random::<f64>() - 0.5);
+            pts.push(centres[c].1 + rng.random::<f64>() - 0.5);
             truth.push(c);
         }
-        (pts, truth)
+        (Points::new(pts, 2), truth)
     }
 
     #[test]

@@ -39,13 +39,19 @@ pub async fn run(
     };
     let df = ctx.sql(&sql).await.map_err(step_err)?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(step_err)?;
-    let rows = batches.iter().map(|b| b.num_rows()).sum();
-    let bytes = batches.iter().map(|b| b.get_array_memory_size()).sum();
-    let partitions = if batches.is_empty() {
+    // Kept in the plan's output partitions: later steps scan them in parallel as they are.
+    let partitions = df.collect_partitioned().await.map_err(step_err)?;
+    let partitions = super::compact(partitions).map_err(|m| {
+        step_err(DataFusionError::Internal(format!(
+            "compact the result: {m}"
+        )))
+    })?;
+    let rows = partitions.iter().flatten().map(|b| b.num_rows()).sum();
+    let bytes = crate::memstat::batches_bytes(partitions.iter().flatten()) as usize;
+    let partitions = if partitions.is_empty() {
         vec![vec![]]
     } else {
-        vec![batches]
+        partitions
     };
     let table = MemTable::try_new(schema.clone(), partitions).map_err(step_err)?;
     ctx.register_table(&step.name, Arc::new(table))
@@ -56,6 +62,27 @@ pub async fn run(
         elapsed: started.elapsed(),
         schema,
     })
+}
+
+/// Registers `step` as a view (planned now, run when read): for a step whose result streams
+/// straight into its output's files. Returns the result's schema.
+pub async fn register_view(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    step: &StepPlan,
+    run_date: chrono::NaiveDate,
+) -> Result<SchemaRef> {
+    let sql = job.render_sql(step, run_date).map_err(Error::Config)?;
+    let step_err = |source: DataFusionError| Error::Step {
+        job: job.name.clone(),
+        step: step.name.clone(),
+        source,
+    };
+    let df = ctx.sql(&sql).await.map_err(step_err)?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    ctx.register_table(&step.name, df.into_view())
+        .map_err(step_err)?;
+    Ok(schema)
 }
 
 /// Plans `step` without reading data and registers an empty table of its result schema, so

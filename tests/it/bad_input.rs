@@ -91,15 +91,15 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:32:",
+            "customer_value.yaml:31:",
             "steps[0].sql: cannot read SQL file `sql/nope.sql`",
         ],
     );
 
     p.write(job, &good);
-    let sql = p.read("sql/customer_summary.sql");
+    let sql = p.read("sql/customer_value.sql");
     p.write(
-        "sql/customer_summary.sql",
+        "sql/customer_value.sql",
         &sql.replace("{{ params.gross_margin }}", "{{ params.margin }}"),
     );
     fails(
@@ -108,14 +108,14 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "sql/customer_summary.sql:",
-            "steps[3].sql: undefined template variable `params.margin`: add `margin` under `params:`",
+            "sql/customer_value.sql:",
+            "steps[8].sql: undefined template variable `params.margin`: add `margin` under `params:`",
         ],
     );
 
     p.write(
-        "sql/customer_summary.sql",
-        &sql.replace("d.orders,", "d.order_count,"),
+        "sql/customer_value.sql",
+        &sql.replace("b.tenure_days,", "b.tenure_weeks,"),
     );
     fails(
         &p,
@@ -123,18 +123,18 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "sql/customer_summary.sql:",
-            "steps[3].sql: SQL does not plan",
-            "order_count",
+            "sql/customer_value.sql:",
+            "steps[8].sql: SQL does not plan",
+            "tenure_weeks",
         ],
     );
 
-    p.write("sql/customer_summary.sql", &sql);
+    p.write("sql/customer_value.sql", &sql);
     p.write(
         job,
         &good.replace(
             "partition_by: [run_date, acquisition_channel]",
-            "partition_by: [run_date, segment]",
+            "partition_by: [run_date, segment_name]",
         ),
     );
     fails(
@@ -143,8 +143,8 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:53:",
-            "outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`",
+            "customer_value.yaml:50:",
+            "outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`",
         ],
     );
 
@@ -161,7 +161,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:20:",
+            "customer_value.yaml:19:",
             "inputs.orders.url: `s3://nowhere/orders/` is in no store of config.yaml",
         ],
     );
@@ -275,7 +275,7 @@ fn bad_data_exits_1_and_names_input_file_and_column() {
 #[test]
 fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
     let (p, snap, totals) = committed();
-    let sql = p.read("sql/customer_summary.sql");
+    let sql = p.read("sql/customer_value.sql");
     // Customers with no customers-table row get a NULL channel when the COALESCE is removed.
     std::fs::remove_dir_all(p.file("data/exports/customers")).unwrap();
     p.ok(&[
@@ -293,7 +293,7 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
     )
     .unwrap();
     p.write(
-        "sql/customer_summary.sql",
+        "sql/customer_value.sql",
         &sql.replace(
             "coalesce(c.acquisition_channel, 'unknown')",
             "c.acquisition_channel",
@@ -305,9 +305,9 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
         totals,
         1,
         &[
-            "output `customer_summary`",
+            "output `customer_value`",
             "partition column `acquisition_channel` has",
-            "NULL value(s)",
+            "NULL value",
             "null_partition_value",
         ],
     );
@@ -315,10 +315,10 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
     p.edit("jobs/customer_value.yaml", "partition_by: [run_date, acquisition_channel]", "partition_by: [run_date, acquisition_channel]\n    null_partition_value: __HIVE_DEFAULT_PARTITION__");
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     // The NULLs sit in the Hive default folder, which DuckDB (like Hive and Spark) reads as NULL.
-    assert!(p.file("data/marts/customer_summary/run_date=2026-11-22/acquisition_channel=__HIVE_DEFAULT_PARTITION__").is_dir());
+    assert!(p.file("data/marts/customer_value/run_date=2026-11-22/acquisition_channel=__HIVE_DEFAULT_PARTITION__").is_dir());
     let rows = duckdb(
         p.path(),
-        "select acquisition_channel, count(*) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true) group by 1 order by 1",
+        "select acquisition_channel, count(*) from read_parquet('data/marts/customer_value/*/*/*.parquet', hive_partitioning = true) group by 1 order by 1",
     );
     let nulls = rows
         .iter()
@@ -335,7 +335,7 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
     let total: i64 = rows.iter().map(|r| r[1].as_i64().unwrap()).sum();
     assert_eq!(total, expected_totals(&p, RUN_DATE).0);
     assert!(
-        !p.file("data/marts/customer_summary/run_date=2026-11-22/acquisition_channel=")
+        !p.file("data/marts/customer_value/run_date=2026-11-22/acquisition_channel=")
             .exists()
     );
 }

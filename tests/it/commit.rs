@@ -15,11 +15,11 @@ fn committed() -> TestProject {
     p
 }
 
-/// gross_profit / revenue of every customer row, as DuckDB reads the table (the margin used).
+/// historical_clv / monetary per channel, as DuckDB reads the table (the margin used).
 fn margins(p: &TestProject) -> Vec<f64> {
     duckdb(
         p.path(),
-        "select distinct round(sum(gross_profit) / sum(revenue), 2) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true) group by acquisition_channel",
+        "select distinct round(sum(historical_clv) / sum(monetary), 2) from read_parquet('data/marts/customer_value/*/*/*.parquet', hive_partitioning = true) group by acquisition_channel",
     )
     .iter()
     .map(|r| f64_of(&r[0]))
@@ -27,8 +27,10 @@ fn margins(p: &TestProject) -> Vec<f64> {
 }
 
 fn set_margin(p: &TestProject, m: &str) {
+    // The margin of the historical CLV model (historical_clv = margin x monetary).
     let job = p.read("jobs/customer_value.yaml");
-    let start = job.find("gross_margin: ").unwrap() + "gross_margin: ".len();
+    let line = "clv: { from: orders_clean, model: historical, margin: ";
+    let start = job.find(line).unwrap() + line.len();
     let end = start + job[start..].find(' ').unwrap();
     p.write(
         "jobs/customer_value.yaml",
@@ -83,18 +85,18 @@ fn an_error_before_commit_changes_nothing_and_leaves_nothing() {
 #[test]
 fn sigkill_while_staging_keeps_the_last_output_and_the_next_run_cleans_up() {
     let p = committed();
-    let before = p.snapshot("data/marts/customer_summary");
+    let before = p.snapshot("data/marts/customer_value");
     let totals = summary_totals(&p);
     set_margin(&p, "0.5");
     kill_at(&p, "after-staging");
     assert_eq!(
-        p.snapshot("data/marts/customer_summary"),
+        p.snapshot("data/marts/customer_value"),
         before,
         "the table changed"
     );
     assert_eq!(summary_totals(&p), totals);
     assert_eq!(margins(&p), vec![0.3]);
-    let staged = p.snapshot("data/marts/_clvflow/customer_summary/staging");
+    let staged = p.snapshot("data/marts/_clvflow/customer_value/staging");
     assert!(
         !staged.is_empty(),
         "the killed run should have left staged files"
@@ -103,35 +105,32 @@ fn sigkill_while_staging_keeps_the_last_output_and_the_next_run_cleans_up() {
     set_margin(&p, "0.4");
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     assert!(
-        p.snapshot("data/marts/_clvflow/customer_summary/staging")
+        p.snapshot("data/marts/_clvflow/customer_value/staging")
             .is_empty(),
         "leftovers not cleaned"
     );
     assert_eq!(margins(&p), vec![0.4]);
     assert_eq!(summary_totals(&p).0, totals.0);
-    assert_eq!(
-        p.snapshot("data/marts/customer_summary").len(),
-        before.len()
-    );
+    assert_eq!(p.snapshot("data/marts/customer_value").len(), before.len());
 }
 
 #[test]
 fn sigkill_during_publish_is_rolled_forward_by_the_next_run() {
     let p = committed();
-    let files = p.snapshot("data/marts/customer_summary").len();
+    let files = p.snapshot("data/marts/customer_value").len();
     let totals = summary_totals(&p);
     set_margin(&p, "0.5");
     kill_at(&p, "mid-publish");
     // Committed but half published: the commit marker exists, published.json is behind.
-    let log = p.read("data/marts/_clvflow/customer_summary/published.json");
+    let log = p.read("data/marts/_clvflow/customer_value/published.json");
     assert!(log.contains("\"version\":1"), "{log}");
     assert!(
-        p.file("data/marts/_clvflow/customer_summary/commits/00000000000000000002.json")
+        p.file("data/marts/_clvflow/customer_value/commits/00000000000000000002.json")
             .exists()
     );
 
     // `files` still lists the last fully published version only.
-    let listed = p.ok(&["files", "file://./data/marts/customer_summary/"]);
+    let listed = p.ok(&["files", "file://./data/marts/customer_value/"]);
     assert_eq!(
         String::from_utf8_lossy(&listed.stdout).lines().count(),
         files
@@ -146,13 +145,13 @@ fn sigkill_during_publish_is_rolled_forward_by_the_next_run() {
     );
     assert_eq!(margins(&p), vec![0.4]);
     assert_eq!(summary_totals(&p).0, totals.0);
-    assert_eq!(p.snapshot("data/marts/customer_summary").len(), files);
+    assert_eq!(p.snapshot("data/marts/customer_value").len(), files);
     assert!(
-        p.snapshot("data/marts/_clvflow/customer_summary/staging")
+        p.snapshot("data/marts/_clvflow/customer_value/staging")
             .is_empty()
     );
     assert!(
-        p.read("data/marts/_clvflow/customer_summary/published.json")
+        p.read("data/marts/_clvflow/customer_value/published.json")
             .contains("\"version\":3")
     );
 }

@@ -175,11 +175,11 @@ pub fn f64_of(v: &Value) -> f64 {
         .unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-/// Count and revenue of customer_summary as DuckDB reads the committed Hive folders.
+/// Customers and net revenue (sum of monetary) of customer_value as DuckDB reads the committed Hive folders.
 pub fn summary_totals(p: &TestProject) -> (i64, f64) {
     let rows = duckdb(
         p.path(),
-        "select count(*), round(coalesce(sum(revenue), 0), 2), count(distinct run_date) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true)",
+        "select count(*), round(coalesce(sum(monetary), 0), 2), count(distinct run_date) from read_parquet('data/marts/customer_value/*/*/*.parquet', hive_partitioning = true)",
     );
     (rows[0][0].as_i64().unwrap(), f64_of(&rows[0][1]))
 }

@@ -9,7 +9,15 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
     let out = p.run();
     assert!(out.status.success(), "{}", show(&out));
     let log = stderr(&out);
-    for step in ["orders_clean", "customer_summary", "channel_summary"] {
+    for step in [
+        "orders_clean",
+        "customer_features",
+        "rfm",
+        "clusters",
+        "clv",
+        "customer_value",
+        "channel_summary",
+    ] {
         assert!(
             log.contains(&format!("step={step}")),
             "no log line for step {step}:\n{log}"
@@ -34,7 +42,7 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
     // Hive folders are what BI tools read: run_date and acquisition_channel come from the paths.
     let parts = duckdb(
         p.path(),
-        "select distinct cast(run_date as varchar), acquisition_channel from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true) order by 2",
+        "select distinct cast(run_date as varchar), acquisition_channel from read_parquet('data/marts/customer_value/*/*/*.parquet', hive_partitioning = true) order by 2",
     );
     assert_eq!(parts.len(), 5, "{parts:?}");
     assert!(parts.iter().all(|r| r[0] == RUN_DATE), "{parts:?}");
@@ -47,24 +55,21 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
     // Output file settings: zstd by default, row groups of at most row_group_size rows.
     let meta = duckdb(
         p.path(),
-        "select distinct compression from parquet_metadata('data/marts/customer_summary/*/*/*.parquet')",
+        "select distinct compression from parquet_metadata('data/marts/customer_value/*/*/*.parquet')",
     );
     assert_eq!(meta, vec![vec![serde_json::Value::from("ZSTD")]]);
 
     // Same date again: the date's partitions are replaced, never duplicated.
-    let files_before = p.snapshot("data/marts/customer_summary").len();
+    let files_before = p.snapshot("data/marts/customer_value").len();
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     assert_eq!(summary_totals(&p), got);
-    assert_eq!(
-        p.snapshot("data/marts/customer_summary").len(),
-        files_before
-    );
+    assert_eq!(p.snapshot("data/marts/customer_value").len(), files_before);
 
     // Another date adds its own partitions and leaves the first alone.
     p.ok(&["run", "customer_value", "--date", "2026-11-01"]);
     let by_date = duckdb(
         p.path(),
-        "select cast(run_date as varchar), count(*) from read_parquet('data/marts/customer_summary/*/*/*.parquet', hive_partitioning = true) group by 1 order by 1",
+        "select cast(run_date as varchar), count(*) from read_parquet('data/marts/customer_value/*/*/*.parquet', hive_partitioning = true) group by 1 order by 1",
     );
     assert_eq!(by_date.len(), 2, "{by_date:?}");
     assert_eq!(
@@ -74,12 +79,12 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
     assert_eq!(by_date[1][1].as_i64().unwrap(), expected.0);
 
     // `files` lists exactly the committed files; DuckDB reading only those sees the same rows.
-    let listed = p.ok(&["files", "file://./data/marts/customer_summary/"]);
+    let listed = p.ok(&["files", "file://./data/marts/customer_value/"]);
     let files: Vec<String> = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .map(|l| format!("'{}'", l.trim_start_matches("file://")))
         .collect();
-    assert_eq!(files.len(), p.snapshot("data/marts/customer_summary").len());
+    assert_eq!(files.len(), p.snapshot("data/marts/customer_value").len());
     let strict = duckdb(
         p.path(),
         &format!(
@@ -99,7 +104,7 @@ fn demo_runs_on_a_fresh_project() {
     let out = p.ok(&["demo", "--customers", "1500"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("generated 1500 customers"), "{stdout}");
-    assert!(stdout.contains("data/marts/customer_summary/"), "{stdout}");
+    assert!(stdout.contains("data/marts/customer_value/"), "{stdout}");
     assert!(
         stdout.contains("acquisition_channel"),
         "no table preview:\n{stdout}"
@@ -162,17 +167,20 @@ fn rfm_scores_and_segments_equal_duckdb_running_the_same_sql() {
     let p = TestProject::shipped();
     p.generate(4000);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
-    // DuckDB runs sql/orders_clean.sql then sql/rfm.sql, unchanged but for the template value,
-    // on the same export files and the same segment map.
+    // DuckDB runs sql/orders_clean.sql, sql/customer_features.sql then sql/rfm.sql, unchanged
+    // but for the template values, on the same export files and the same segment map.
     let code = r#"
-import duckdb, json, os, sys
+import duckdb, json, os, re, sys, yaml
 os.chdir(sys.argv[1]); run_date = sys.argv[2]
-sql = lambda name: open(f'sql/{name}.sql').read().replace('{{ run_date }}', run_date)
+params = yaml.safe_load(open('jobs/customer_value.yaml'))['params']
+def sql(name):
+    text = open(f'sql/{name}.sql').read().replace('{{ run_date }}', run_date)
+    return re.sub(r'\{\{ params\.(\w+) \}\}', lambda m: str(params[m.group(1)]), text)
 con = duckdb.connect()
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
 con.execute("create table orders_clean as " + sql('orders_clean'))
-con.execute("create table rfm_features as " + sql('rfm_features'))
+con.execute("create table customer_features as " + sql('customer_features'))
 con.execute("create table rfm as " + sql('rfm'))
 theirs = con.execute("select customer_id, recency_days, frequency, monetary, r_score, f_score, m_score, segment_id from rfm order by customer_id").fetchall()
 # The scoring rule in plain Python: cut k = the value at position ceil(k n / 5) of the sorted
@@ -182,10 +190,10 @@ def scores(values):
     s = sorted(values); n = len(s)
     cuts = [s[math.ceil(k * n / 5) - 1] for k in range(1, 5)]
     return [1 + sum(v > c for c in cuts) for v in values]
-feats = con.execute("select customer_id, recency_days, frequency, monetary from rfm_features order by customer_id").fetchall()
+feats = con.execute("select customer_id, recency_days, frequency, monetary from customer_features order by customer_id").fetchall()
 py = list(zip([f[0] for f in feats], scores([-f[1] for f in feats]), scores([f[2] for f in feats]), scores([float(f[3]) for f in feats])))
 py_diff = [(a, b) for a, b in zip(py, [(t[0], t[4], t[5], t[6]) for t in theirs]) if a != b][:5]
-ours = con.execute("select customer_id, recency_days, frequency, monetary, r_score, f_score, m_score, segment_id from read_parquet('data/marts/customer_rfm/*/*/*.parquet', hive_partitioning = true) order by customer_id").fetchall()
+ours = con.execute("select customer_id, recency_days, frequency, monetary, r_score, f_score, m_score, segment_id from read_parquet('data/marts/customer_value/*/*/*.parquet', hive_partitioning = true) order by customer_id").fetchall()
 diff = [(a, b) for a, b in zip(theirs, ours) if a != b][:5]
 segments = con.execute("select segment_id, count(*) from rfm group by 1 order by 1").fetchall()
 print(json.dumps({"theirs": len(theirs), "ours": len(ours), "diff": diff, "segments": segments, "py_diff": py_diff, "py": len(py)}, default=str))
@@ -231,14 +239,15 @@ mart = lambda t: f"read_parquet('data/marts/{t}/**/*.parquet', hive_partitioning
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view customers as select * from read_parquet('data/exports/customers/*.parquet')")
 con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
-for name in ['orders_clean', 'rfm_features', 'rfm', 'customer_summary', 'btyd_backtest', 'cohort_retention']:
+for name in ['orders_clean', 'customer_features', 'rfm', 'btyd_backtest', 'cohort_retention']:
     con.execute(f"create table {name} as " + sql(name))
 ours_value = mart('customer_value')
-con.execute(f"create table clusters as select customer_id, cluster from {mart('customer_clusters')}")
-con.execute(f"create table clv as select customer_id, p_alive, expected_purchases, expected_spend, predicted_clv as clv from {ours_value}")
+# The model steps append their columns to the rows they read: clusters = rfm + cluster,
+# clv = clusters + the BG/NBD / Gamma-Gamma predictions.
+con.execute(f"create table clv as select r.*, o.cluster, o.p_alive, o.expected_purchases, o.expected_spend, o.predicted_clv as clv from rfm as r join {ours_value} as o using (customer_id)")
 con.execute(f"create table clv_historical as select customer_id, historical_clv as clv from {ours_value}")
 con.execute(f"create table clv_discounted as select customer_id, discounted_clv as clv from {ours_value}")
-for name in ['customer_value', 'value_tiers', 'ltv_cac']:
+for name in ['customer_value', 'channel_summary', 'value_tiers', 'ltv_cac']:
     con.execute(f"create table {name} as " + sql(name))
 def compare(theirs_sql, ours_sql):
     theirs = con.execute(theirs_sql).fetchall(); ours = con.execute(ours_sql).fetchall()
@@ -246,6 +255,7 @@ def compare(theirs_sql, ours_sql):
 cols = "customer_id, acquisition_channel, tenure_days, recency_days, frequency, segment, cluster, value_tier, value_quadrant, lifecycle_stage"
 out = {
   "customer_value": compare(f"select {cols} from customer_value order by customer_id", f"select {cols} from {ours_value} order by customer_id"),
+  "channel_summary": compare("select acquisition_channel, buyers, repeat_buyers, revenue, gross_profit_per_buyer, profit_to_cac from channel_summary order by 1", f"select acquisition_channel, buyers, repeat_buyers, revenue, gross_profit_per_buyer, profit_to_cac from {mart('channel_summary')} order by 1"),
   "value_tiers": compare("select value_tier, customers, customer_share, predicted_value_share from value_tiers order by 1", f"select value_tier, customers, customer_share, predicted_value_share from {mart('value_tiers')} order by 1"),
   "ltv_cac": compare("select acquisition_channel, customers, avg_cac, ltv_to_cac, below_break_even from ltv_cac order by 1", f"select acquisition_channel, customers, avg_cac, ltv_to_cac, below_break_even from {mart('ltv_cac')} order by 1"),
   "cohorts": compare("select cohort_month, month_number, cohort_customers, active_customers, retention_rate, repeat_purchase_rate from cohort_retention order by 1, 2", f"select cohort_month, month_number, cohort_customers, active_customers, retention_rate, repeat_purchase_rate from {mart('cohort_retention')} order by 1, 2"),
@@ -259,6 +269,7 @@ print(json.dumps(out, default=str))
     let r = py_json(code, &[p.path().to_str().unwrap(), RUN_DATE]);
     for table in [
         "customer_value",
+        "channel_summary",
         "value_tiers",
         "ltv_cac",
         "cohorts",

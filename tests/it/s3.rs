@@ -37,18 +37,18 @@ import duckdb, pyarrow.dataset as ds, pyarrow.fs as fs
 from urllib.parse import urlparse
 ep = urlparse(sys.argv[1]); bucket = sys.argv[2]; run_date = sys.argv[3]
 s3 = fs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme, region='us-east-1', access_key='testing', secret_key='testing')
-summary = ds.dataset(f'{bucket}/marts/customer_summary', filesystem=s3, format='parquet', partitioning='hive').to_table()
+summary = ds.dataset(f'{bucket}/marts/customer_value', filesystem=s3, format='parquet', partitioning='hive').to_table()
 orders = ds.dataset(f'{bucket}/exports/orders', filesystem=s3, format='parquet', partitioning='hive').to_table()
 con = duckdb.connect()
 con.register('summary', summary); con.register('orders', orders)
-got = con.execute("select count(*), round(sum(revenue), 2), count(distinct run_date) from summary").fetchone()
+got = con.execute("select count(*), round(sum(monetary), 2), count(distinct run_date) from summary").fetchone()
 want = con.execute(f"""
   with s as (select distinct customer_id, order_id, order_ts, amount, channel from orders),
        i as (select * from s where customer_id is not null and order_ts < timestamp '{run_date}'),
        n as (select customer_id, order_id, sum(amount) as net from i group by customer_id, order_id having sum(amount) > 0),
        c as (select customer_id, round(sum(net), 2) as revenue from n group by customer_id)
   select count(*), round(sum(revenue), 2) from c""").fetchone()
-files = [f.path for f in s3.get_file_info(fs.FileSelector(f'{bucket}/marts/customer_summary', recursive=True)) if f.type == fs.FileType.File]
+files = [f.path for f in s3.get_file_info(fs.FileSelector(f'{bucket}/marts/customer_value', recursive=True)) if f.type == fs.FileType.File]
 print(json.dumps({"got": list(got), "want": list(want), "files": len(files)}, default=str))
 "#;
 
@@ -98,7 +98,7 @@ fn commit_markers_are_create_only_on_s3() {
         let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
         let loc = project
             .stores
-            .resolve(&format!("s3://{bucket}/marts/customer_summary/"))
+            .resolve(&format!("s3://{bucket}/marts/customer_value/"))
             .unwrap();
         let log = clvflow::sink::log::TableLog::new(loc).unwrap();
         let latest = log.latest().await.unwrap().unwrap();

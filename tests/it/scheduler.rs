@@ -469,7 +469,7 @@ fn the_daemon_fires_on_schedule_and_sigterm_cancels_without_publishing() {
     p.generate(300);
     // A manual run for another date: the daemon's run is for today's date.
     p.ok(&["run", "customer_value", "--date", "2026-11-01"]);
-    let before = p.snapshot("data/marts/customer_summary");
+    let before = p.snapshot("data/marts/customer_value");
     // Every 2 seconds; the run stalls in staging (failpoint) until SIGTERM and the grace period.
     p.edit(
         "jobs/customer_value.yaml",
@@ -547,7 +547,7 @@ fn the_daemon_fires_on_schedule_and_sigterm_cancels_without_publishing() {
     );
     assert!(rest.contains("grace period over"), "{rest}");
     assert_eq!(
-        p.snapshot("data/marts/customer_summary"),
+        p.snapshot("data/marts/customer_value"),
         before,
         "a cancelled run published something"
     );

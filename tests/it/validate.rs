@@ -32,7 +32,7 @@ fn three_mistakes_are_reported_together_with_positions() {
     p.edit(
         "jobs/customer_value.yaml",
         "partition_by: [run_date, acquisition_channel]",
-        "partition_by: [run_date, segment]",
+        "partition_by: [run_date, segment_name]",
     );
     let out = p.clvflow(&["validate", "customer_value"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:36:")
-            && l.contains("steps[4].sql: cannot read SQL file `sql/channel_sumary.sql`")),
+        lines.iter().any(|l| l.contains("customer_value.yaml:44:")
+            && l.contains("steps[9].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:53:") && l.contains("outputs[0].partition_by[1]: `segment` is not a column of step `customer_summary`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:50:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -94,12 +94,12 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:44:")
-            && err.contains("steps[9].clv.backtest: not used by the `historical` model; remove it"),
+        err.contains("customer_value.yaml:34:")
+            && err.contains("steps[2].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
     assert!(
-        err.contains("steps[10].clv.acquisition_costs: no input or earlier step named `costs`"),
+        err.contains("steps[3].clv.acquisition_costs: no input or earlier step named `costs`"),
         "{err}"
     );
     assert!(

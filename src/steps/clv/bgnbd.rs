@@ -7,8 +7,6 @@
 //! with analytic gradients, by L-BFGS on log-parameters. Identical (x, t_x, T) rows are merged
 //! with weights, so the fit costs O(distinct histories), not O(customers).
 
-use std::collections::HashMap;
-
 use super::optimize::{Minimum, lbfgs};
 use super::special::{digamma, hyp2f1, ln_gamma};
 
@@ -170,25 +168,31 @@ pub fn log_likelihood(p: &Params, data: &[(History, f64)]) -> (f64, [f64; 4]) {
     })
 }
 
-/// Merges identical histories into (history, count).
+/// Merges identical histories into (history, count), sorted by (x, t_x, T).
 pub fn compress(histories: impl IntoIterator<Item = History>) -> Vec<(History, f64)> {
-    let mut map: HashMap<(u64, u64, u64), (History, f64)> = HashMap::new();
-    for h in histories {
-        map.entry((h.x.to_bits(), h.t_x.to_bits(), h.t.to_bits()))
-            .or_insert((h, 0.0))
-            .1 += 1.0;
-    }
-    let mut v: Vec<(History, f64)> = map.into_values().collect();
-    v.sort_by(|a, b| {
-        (a.0.x, a.0.t_x, a.0.t)
-            .partial_cmp(&(b.0.x, b.0.t_x, b.0.t))
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    v
+    let all: Vec<History> = histories.into_iter().collect();
+    compress_indexed(&all).0
+}
+
+/// Like [`compress`], also giving for every input history the index of its merged row.
+pub fn compress_indexed(histories: &[History]) -> (Vec<(History, f64)>, Vec<u32>) {
+    let rows: Vec<[f64; 3]> = histories.iter().map(|h| [h.x, h.t_x, h.t]).collect();
+    let (distinct, index) = super::group(&rows);
+    let data = distinct
+        .into_iter()
+        .map(|([x, t_x, t], w)| (History { x, t_x, t }, w))
+        .collect();
+    (data, index)
 }
 
 /// Fits the model by maximum likelihood.
 pub fn fit(data: &[(History, f64)]) -> Result<Fit, FitError> {
+    fit_from(data, None)
+}
+
+/// Fits the model by maximum likelihood, starting from `start` when given (a fit of similar
+/// data, e.g. the full history for a calibration-period refit: fewer iterations to converge).
+pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, FitError> {
     let n: f64 = data.iter().map(|(_, w)| w).sum();
     if n <= 0.0 {
         return Err(FitError::Empty);
@@ -218,12 +222,17 @@ pub fn fit(data: &[(History, f64)]) -> Result<Fit, FitError> {
         let grad: Vec<f64> = (0..4).map(|i| -g[i] * theta[i] / n).collect();
         (-ll / n, grad)
     };
-    let m: Minimum = lbfgs(
-        objective,
-        vec![0.0, mean_t.max(1e-3).ln(), 0.0, 0.0],
-        1000,
-        1e-9,
-    );
+    let x0 = match start {
+        Some(p)
+            if [p.r, p.alpha, p.a, p.b]
+                .iter()
+                .all(|v| v.is_finite() && *v > 0.0) =>
+        {
+            vec![p.r.ln(), p.alpha.ln(), p.a.ln(), p.b.ln()]
+        }
+        _ => vec![0.0, mean_t.max(1e-3).ln(), 0.0, 0.0],
+    };
+    let m: Minimum = lbfgs(objective, x0, 1000, 1e-9);
     let names = ["r", "alpha", "a", "b"];
     if let Some((i, v)) =
         m.x.iter()
@@ -266,6 +275,44 @@ pub fn p_alive(p: &Params, h: &History) -> f64 {
 
 /// E[Y(t) | x, t_x, T]: expected purchases in the next `t` time units.
 pub fn expected_purchases(p: &Params, h: &History, t: f64) -> f64 {
+    let mut out = [0.0];
+    expected_purchases_many(p, h, &[t], &mut out);
+    out[0]
+}
+
+/// `a` moved off 1 by a hair: the expectations have a removable singularity at a = 1 (a 0/0),
+/// and are continuous in a, so this gives their value there to ~1e-7 instead of NaN.
+fn off_one(a: f64) -> f64 {
+    if (a - 1.0).abs() < 1e-7 {
+        1.0 + 1e-7
+    } else {
+        a
+    }
+}
+
+/// E[Y(t) | x, t_x, T] for several horizons `ts` at once, written to `out`: the hypergeometric
+/// series is shared between them (see [`super::special::hyp2f1_many`]).
+pub fn expected_purchases_many(p: &Params, h: &History, ts: &[f64], out: &mut [f64]) {
+    let Params { r, alpha, b, .. } = *p;
+    let a = off_one(p.a);
+    let History { x, t_x, t: big_t } = *h;
+    let zs: Vec<f64> = ts.iter().map(|t| t / (alpha + big_t + t)).collect();
+    super::special::hyp2f1_many(r + x, b + x, a + b + x - 1.0, &zs, out);
+    let den = if x > 0.0 {
+        1.0 + a / (b + x - 1.0) * ((alpha + big_t) / (alpha + t_x)).powf(r + x)
+    } else {
+        1.0
+    };
+    let lead = (a + b + x - 1.0) / (a - 1.0);
+    for (f, t) in out.iter_mut().zip(ts) {
+        let shrink = ((r + x) * ((alpha + big_t) / (alpha + big_t + t)).ln()).exp();
+        *f = lead * (1.0 - shrink * *f) / den;
+    }
+}
+
+/// The old one-horizon form, kept as the reference the shared-series version is tested against.
+#[cfg(test)]
+fn expected_purchases_direct(p: &Params, h: &History, t: f64) -> f64 {
     let Params { r, alpha, a, b } = *p;
     let History { x, t_x, t: big_t } = *h;
     let z = t / (alpha + big_t + t);
@@ -282,7 +329,8 @@ pub fn expected_purchases(p: &Params, h: &History, t: f64) -> f64 {
 
 /// E[X(t)]: expected purchases of a new customer in its first `t` time units.
 pub fn population_expected(p: &Params, t: f64) -> f64 {
-    let Params { r, alpha, a, b } = *p;
+    let Params { r, alpha, b, .. } = *p;
+    let a = off_one(p.a);
     (a + b - 1.0) / (a - 1.0)
         * (1.0 - (alpha / (alpha + t)).powf(r) * hyp2f1(r, b, a + b - 1.0, t / (alpha + t)))
 }
@@ -339,6 +387,92 @@ mod tests {
                 "{g:?} vs {g0:?}"
             );
         }
+    }
+
+    #[test]
+    fn several_horizons_at_once_equal_one_at_a_time() {
+        let ts: Vec<f64> = (1..=12).map(|m| f64::from(m) * 4.348).collect();
+        for h in [
+            History {
+                x: 0.0,
+                t_x: 0.0,
+                t: 3.0,
+            },
+            History {
+                x: 2.0,
+                t_x: 30.43,
+                t: 38.86,
+            },
+            History {
+                x: 26.0,
+                t_x: 30.85714,
+                t: 31.0,
+            },
+            History {
+                x: 120.0,
+                t_x: 100.0,
+                t: 150.0,
+            },
+        ] {
+            let mut out = vec![0.0; ts.len()];
+            expected_purchases_many(&PUBLISHED, &h, &ts, &mut out);
+            for (t, got) in ts.iter().zip(&out) {
+                let want = expected_purchases_direct(&PUBLISHED, &h, *t);
+                assert!(
+                    ((got - want) / want).abs() < 1e-12,
+                    "{h:?} t={t}: {got} vs {want}"
+                );
+            }
+        }
+        // At a = 1 exactly the formula is 0/0; the value is the limit, not NaN.
+        let at_one = Params {
+            a: 1.0,
+            ..PUBLISHED
+        };
+        let near = Params {
+            a: 1.0 + 1e-4,
+            ..PUBLISHED
+        };
+        let h = History {
+            x: 3.0,
+            t_x: 20.0,
+            t: 30.0,
+        };
+        let (v1, v2) = (
+            expected_purchases(&at_one, &h, 52.0),
+            expected_purchases(&near, &h, 52.0),
+        );
+        assert!(
+            v1.is_finite() && ((v1 - v2) / v2).abs() < 1e-3,
+            "{v1} vs {v2}"
+        );
+        assert!(population_expected(&at_one, 52.0).is_finite());
+    }
+
+    #[test]
+    fn a_warm_start_reaches_the_same_optimum_in_fewer_iterations() {
+        let truth = Params {
+            r: 0.25,
+            alpha: 4.0,
+            a: 0.8,
+            b: 2.5,
+        };
+        let data = compress(simulate(&truth, 20_000, 3));
+        let cold = fit(&data).unwrap();
+        let warm = fit_from(
+            &data,
+            Some(&Params {
+                r: 0.26,
+                alpha: 4.1,
+                a: 0.78,
+                b: 2.4,
+            }),
+        )
+        .unwrap();
+        assert!(warm.iterations < cold.iterations, "{warm:?} vs {cold:?}");
+        assert!(
+            (warm.log_likelihood - cold.log_likelihood).abs() < 1e-6 * cold.log_likelihood.abs()
+        );
     }
 
     #[test]

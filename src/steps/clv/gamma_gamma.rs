@@ -50,15 +50,15 @@ pub fn ll_one(pr: &Params, x: f64, m: f64) -> (f64, [f64; 3]) {
     (ll, [dp, dq, dg])
 }
 
-/// Sum of [`ll_one`] over rows `[x, m, ln m, ln x]` sorted by x.
-fn chunk_ll(pr: &Params, rows: &[[f64; 4]]) -> (f64, [f64; 3]) {
+/// Weighted sum of [`ll_one`] over rows `[x, m, ln m, ln x, weight]` sorted by x.
+fn chunk_ll(pr: &Params, rows: &[[f64; 5]]) -> (f64, [f64; 3]) {
     let Params { p, q, gamma } = *pr;
     let (ln_gamma_q, digamma_q, ln_g) = (ln_gamma(q), digamma(q), gamma.ln());
     let mut cur = f64::NAN;
     let (mut lg, mut dg_pq, mut dg_px) = (0.0, 0.0, 0.0);
     let mut ll = 0.0;
     let mut g = [0.0; 3];
-    for &[x, m, ln_m, ln_x] in rows {
+    for &[x, m, ln_m, ln_x, w] in rows {
         let px = p * x;
         if x != cur {
             cur = x;
@@ -68,29 +68,33 @@ fn chunk_ll(pr: &Params, rows: &[[f64; 4]]) -> (f64, [f64; 3]) {
         }
         let gm = gamma + m * x;
         let ln_gm = gm.ln();
-        ll += lg + q * ln_g + (px - 1.0) * ln_m + px * ln_x - (px + q) * ln_gm;
-        g[0] += x * (dg_pq - dg_px + ln_m + ln_x - ln_gm);
-        g[1] += dg_pq - digamma_q + ln_g - ln_gm;
-        g[2] += q / gamma - (px + q) / gm;
+        ll += w * (lg + q * ln_g + (px - 1.0) * ln_m + px * ln_x - (px + q) * ln_gm);
+        g[0] += w * x * (dg_pq - dg_px + ln_m + ln_x - ln_gm);
+        g[1] += w * (dg_pq - digamma_q + ln_g - ln_gm);
+        g[2] += w * (q / gamma - (px + q) / gm);
     }
     (ll, g)
 }
 
 /// Fits the model on (x, mean spend) pairs; customers with x = 0 or m ≤ 0 are ignored.
 pub fn fit(data: &[(f64, f64)]) -> Result<Fit, FitError> {
-    let used: Vec<(f64, f64)> = data
+    let used: Vec<[f64; 2]> = data
         .iter()
-        .copied()
         .filter(|(x, m)| *x >= 1.0 && *m > 0.0 && m.is_finite())
+        .map(|(x, m)| [*x, *m])
         .collect();
     if used.is_empty() {
         return Err(FitError::Empty);
     }
     let n = used.len() as f64;
-    let mean_m = used.iter().map(|(_, m)| m).sum::<f64>() / n;
-    // Sorted by x, with ln m and ln x precomputed: the x-only terms are computed once per x.
-    let mut rows: Vec<[f64; 4]> = used.iter().map(|(x, m)| [*x, *m, m.ln(), x.ln()]).collect();
-    rows.sort_by(|a, b| a[0].total_cmp(&b[0]).then(a[1].total_cmp(&b[1])));
+    let mean_m = used.iter().map(|r| r[1]).sum::<f64>() / n;
+    // Identical (x, m) rows merged with weights, sorted by x, with ln m and ln x precomputed:
+    // the x-only terms are computed once per x.
+    let rows: Vec<[f64; 5]> = super::group(&used)
+        .0
+        .into_iter()
+        .map(|([x, m], w)| [x, m, m.ln(), x.ln(), w])
+        .collect();
     let objective = |phi: &[f64]| {
         let pr = Params {
             p: phi[0].exp(),
@@ -208,16 +212,19 @@ mod tests {
             q: 3.74,
             gamma: 15.44,
         };
-        let mut rows: Vec<[f64; 4]> = (0..5000)
-            .map(|i| {
-                let (x, m) = (1.0 + (i % 9) as f64, 3.0 + (i % 97) as f64 * 1.3);
-                [x, m, m.ln(), x.ln()]
-            })
+        // 5000 customers, (x, m) repeating every 873: merged into 873 weighted rows.
+        let raw: Vec<[f64; 2]> = (0..5000)
+            .map(|i| [1.0 + (i % 9) as f64, 3.0 + (i % 97) as f64 * 1.3])
             .collect();
-        rows.sort_by(|a, b| a[0].total_cmp(&b[0]));
+        let rows: Vec<[f64; 5]> = crate::steps::clv::group(&raw)
+            .0
+            .into_iter()
+            .map(|([x, m], w)| [x, m, m.ln(), x.ln(), w])
+            .collect();
+        assert_eq!(rows.len(), 873);
         let (ll, g) = chunk_ll(&pr, &rows);
         let (mut ll0, mut g0) = (0.0, [0.0; 3]);
-        for r in &rows {
+        for r in &raw {
             let (l, gi) = ll_one(&pr, r[0], r[1]);
             ll0 += l;
             for i in 0..3 {

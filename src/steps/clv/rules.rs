@@ -105,10 +105,11 @@ pub fn model_sql(spec: &ClvSpec, run_date: chrono::NaiveDate, retention: f64) ->
         }
         ClvModel::Discounted => {
             let d = lit(spec.discount_rate);
-            let cap = spec
+            // Years beyond the cap (when given) count towards orders and revenue, not the sum.
+            let counted = spec
                 .years
-                .map(|n| format!("WHERE t <= {n}"))
-                .unwrap_or_default();
+                .map(|n| format!("t <= {n}"))
+                .unwrap_or_else(|| "TRUE".to_string());
             let costs = match &spec.acquisition_costs {
                 Some(table) => format!(
                     "a AS (SELECT CAST(customer_id AS BIGINT) AS customer_id, MAX(CAST(acquisition_cost AS DOUBLE)) AS acquisition_cost \
@@ -118,21 +119,24 @@ pub fn model_sql(spec: &ClvSpec, run_date: chrono::NaiveDate, retention: f64) ->
                 None => "a AS (SELECT CAST(NULL AS BIGINT) AS customer_id, CAST(NULL AS DOUBLE) AS acquisition_cost)"
                     .to_string(),
             };
+            // `c` is read once (DataFusion would compute a CTE read twice twice): orders and
+            // revenue per customer are summed again from the per-year rows.
             format!(
                 "WITH {orders}, {per_customer}, {costs}, \
-                 y AS (SELECT o.customer_id, CAST(FLOOR((o.e - c.first_e) / {year}) AS BIGINT) + 1 AS t, SUM(o.amount) AS revenue \
+                 y AS (SELECT o.customer_id, CAST(FLOOR((o.e - c.first_e) / {year}) AS BIGINT) + 1 AS t, \
+                        COUNT(*) AS orders, SUM(o.amount) AS revenue \
                        FROM o JOIN c ON o.customer_id = c.customer_id \
                        GROUP BY o.customer_id, CAST(FLOOR((o.e - c.first_e) / {year}) AS BIGINT) + 1), \
-                 n AS (SELECT customer_id, MAX(t) AS years_counted, \
-                        SUM(revenue * {margin} / POWER(1.0 + {d}, CAST(t AS DOUBLE))) AS discounted_profit \
-                       FROM y {cap} GROUP BY customer_id) \
-                 SELECT DATE '{run_date}' AS run_date, c.customer_id, c.orders, c.revenue, \
+                 n AS (SELECT customer_id, SUM(orders) AS orders, SUM(revenue) AS revenue, \
+                        MAX(CASE WHEN {counted} THEN t END) AS years_counted, \
+                        SUM(CASE WHEN {counted} THEN revenue * {margin} / POWER(1.0 + {d}, CAST(t AS DOUBLE)) END) AS discounted_profit \
+                       FROM y GROUP BY customer_id) \
+                 SELECT DATE '{run_date}' AS run_date, n.customer_id, n.orders, n.revenue, \
                         COALESCE(n.years_counted, 0) AS years_counted, \
                         COALESCE(n.discounted_profit, 0.0) AS discounted_profit, \
                         COALESCE(a.acquisition_cost, 0.0) AS acquisition_cost, \
                         COALESCE(n.discounted_profit, 0.0) - COALESCE(a.acquisition_cost, 0.0) AS clv \
-                 FROM c LEFT JOIN n ON n.customer_id = c.customer_id \
-                 LEFT JOIN a ON a.customer_id = c.customer_id",
+                 FROM n LEFT JOIN a ON a.customer_id = n.customer_id",
                 year = lit(YEAR_SECONDS),
             )
         }

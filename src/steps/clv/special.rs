@@ -67,6 +67,27 @@ pub fn hyp2f1(a: f64, b: f64, c: f64, z: f64) -> f64 {
     sum
 }
 
+/// 2F1(a, b; c; z) for several z at once (each 0 ≤ z < 1), written to `out`. The series' term
+/// ratios depend on a, b and c only, so they are computed once for all z; the sum stops when
+/// every z's term no longer changes its sum (the rule of [`hyp2f1`]).
+pub fn hyp2f1_many(a: f64, b: f64, c: f64, zs: &[f64], out: &mut [f64]) {
+    let mut term = vec![1.0; zs.len()];
+    out.fill(1.0);
+    for n in 0..100_000 {
+        let n = n as f64;
+        let ratio = (a + n) * (b + n) / ((c + n) * (n + 1.0));
+        let mut done = true;
+        for ((t, s), z) in term.iter_mut().zip(out.iter_mut()).zip(zs) {
+            *t *= ratio * z;
+            *s += *t;
+            done &= t.abs() <= 1e-15 * s.abs();
+        }
+        if done {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +108,28 @@ mod tests {
         // 2F1(1, 1; 2; z) = −ln(1 − z) / z.
         let z: f64 = 0.7;
         assert!((hyp2f1(1.0, 1.0, 2.0, z) + (1.0 - z).ln() / z).abs() < 1e-12);
+        // 2F1(a, b; b; z) = (1 − z)^(−a).
+        assert!((hyp2f1(0.7, 2.5, 2.5, 0.9) - 0.1f64.powf(-0.7)).abs() < 1e-11);
+    }
+
+    #[test]
+    fn many_z_at_once_equal_one_at_a_time() {
+        let zs = [0.01, 0.3, 0.5, 0.8, 0.95, 0.99];
+        for (a, b, c) in [
+            (0.25, 2.5, 2.3),
+            (26.2, 28.4, 28.2),
+            (1.0, 1.0, 2.0),
+            (0.7, 2.5, 2.5),
+        ] {
+            let mut out = [0.0; 6];
+            hyp2f1_many(a, b, c, &zs, &mut out);
+            for (z, got) in zs.iter().zip(out) {
+                let want = hyp2f1(a, b, c, *z);
+                assert!(
+                    ((got - want) / want).abs() < 1e-13,
+                    "{a} {b} {c} {z}: {got} vs {want}"
+                );
+            }
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! The `clv` step. Model `bgnbd_gamma_gamma` fits BG/NBD and Gamma-Gamma on a BTYD summary and
 //! predicts, per customer, P(alive), expected purchases and spend over the horizon, and the
-//! discounted CLV; with `backtest` it also refits on a calibration period and compares predicted
-//! with actual holdout purchases (`<step>_backtest`). The rule-based models (`historical`,
-//! `formula`, `formula_retention`, `discounted`) are in [`super::rules`]. Every model registers
-//! `<step>` (per customer) and `<step>_fit` (parameters, log-likelihood, iterations, totals).
+//! discounted CLV, appended to the rows of `from` (whose buffers are shared, not copied; plus
+//! `run_date` when `from` has none); with `backtest` it also refits on a calibration period and
+//! compares predicted with actual holdout purchases (`<step>_backtest`). The rule-based models
+//! (`historical`, `formula`, `formula_retention`, `discounted`) are in [`super::rules`]. Every
+//! model registers `<step>` (per customer) and `<step>_fit` (parameters, log-likelihood,
+//! iterations, totals).
 //!
 //! Units: time in weeks (input), horizon in months (a month = 365.25/12/7 weeks), money in the
 //! currency of the exports. CLV = margin × E[spend] × Σ_{m=1..H} ΔE[purchases in month m] / (1+d_m)^m
@@ -28,15 +30,12 @@ use crate::steps::sql::StepOutcome;
 /// Weeks in a month.
 pub const WEEKS_PER_MONTH: f64 = 365.25 / 12.0 / 7.0;
 
-pub fn output_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("run_date", DataType::Date32, false),
-        Field::new("customer_id", DataType::Int64, false),
-        Field::new("p_alive", DataType::Float64, false),
-        Field::new("expected_purchases", DataType::Float64, false),
-        Field::new("expected_spend", DataType::Float64, false),
-        Field::new("clv", DataType::Float64, false),
-    ]))
+/// The columns the predictive model appends to its input's rows.
+pub fn prediction_fields() -> Vec<Field> {
+    ["p_alive", "expected_purchases", "expected_spend", "clv"]
+        .into_iter()
+        .map(|n| Field::new(n, DataType::Float64, false))
+        .collect()
 }
 
 pub fn fit_schema() -> SchemaRef {
@@ -105,10 +104,16 @@ pub async fn plan(
             ctx,
             &spec.from,
             &BTYD_COLUMNS,
-            "a BTYD summary such as sql/btyd_summary.sql has them",
+            "a BTYD summary such as sql/customer_features.sql has them",
         )
         .await?;
-        tables.push((name.to_string(), output_schema()));
+        let from = ctx
+            .table(spec.from.as_str())
+            .await
+            .map_err(|e| format!("`{}`: {e}", spec.from))?;
+        let out = crate::steps::appended_schema(from.schema().as_arrow(), &prediction_fields())
+            .map_err(|e| format!("`{}`: {e}", spec.from))?;
+        tables.push((name.to_string(), out));
         if let Some(b) = &spec.backtest {
             require(
                 ctx,
@@ -159,10 +164,19 @@ fn register(
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
 ) -> Result<()> {
-    let parts = if batches.is_empty() {
+    register_parts(ctx, name, schema, vec![batches])
+}
+
+fn register_parts(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    parts: Vec<Vec<RecordBatch>>,
+) -> Result<()> {
+    let parts = if parts.is_empty() {
         vec![vec![]]
     } else {
-        vec![batches]
+        parts
     };
     let table =
         MemTable::try_new(schema, parts).map_err(|e| Error::df(format!("register `{name}`"), e))?;
@@ -174,77 +188,83 @@ fn register(
     Ok(())
 }
 
-struct Rows {
-    ids: Vec<i64>,
+/// The model's inputs, row by row in the order of `from`'s batches.
+struct History {
+    rows: crate::steps::Rows,
     hist: Vec<bgnbd::History>,
     spend: Vec<f64>,
 }
 
-async fn read(ctx: &SessionContext, job: &str, name: &str, spec: &ClvSpec) -> Result<Rows> {
-    let sql = format!(
-        "SELECT CAST(customer_id AS BIGINT), CAST(x AS DOUBLE), CAST(t_x AS DOUBLE), CAST(t AS DOUBLE), CAST(mean_repeat_spend AS DOUBLE) FROM \"{}\"",
-        spec.from
-    );
-    let step_err = |source| Error::Step {
+async fn read(ctx: &SessionContext, job: &str, name: &str, spec: &ClvSpec) -> Result<History> {
+    let rows = crate::steps::Rows::read(ctx, &spec.from)
+        .await
+        .map_err(|source| Error::Step {
+            job: job.to_string(),
+            step: name.to_string(),
+            source,
+        })?;
+    let model_err = |message: String| Error::Model {
         job: job.to_string(),
         step: name.to_string(),
-        source,
+        message: format!("`{}`: {message}", spec.from),
     };
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(step_err)?
-        .collect()
-        .await
-        .map_err(step_err)?;
-    let mut rows = Rows {
-        ids: Vec::new(),
-        hist: Vec::new(),
-        spend: Vec::new(),
-    };
-    for b in &batches {
-        let id = b.column(0).as_primitive::<Int64Type>();
-        let cols: Vec<&datafusion::arrow::array::PrimitiveArray<Float64Type>> = (1..5)
-            .map(|i| b.column(i).as_primitive::<Float64Type>())
-            .collect();
-        for i in 0..b.num_rows() {
-            if id.is_null(i) || cols[0].is_null(i) || cols[1].is_null(i) || cols[2].is_null(i) {
-                return Err(Error::Model {
-                    job: job.to_string(),
-                    step: name.to_string(),
-                    message: format!(
-                        "`{}` has a row with a NULL customer_id, x, t_x or t",
-                        spec.from
-                    ),
-                });
-            }
-            rows.ids.push(id.value(i));
-            rows.hist.push(bgnbd::History {
-                x: cols[0].value(i),
-                t_x: cols[1].value(i),
-                t: cols[2].value(i),
-            });
-            rows.spend.push(if cols[3].is_null(i) {
-                0.0
-            } else {
-                cols[3].value(i)
-            });
-        }
+    rows.integers("customer_id").map_err(model_err)?;
+    let x = rows.floats("x", None).map_err(model_err)?;
+    let t_x = rows.floats("t_x", None).map_err(model_err)?;
+    let t = rows.floats("t", None).map_err(model_err)?;
+    let hist = x
+        .iter()
+        .zip(&t_x)
+        .zip(&t)
+        .map(|((x, t_x), t)| bgnbd::History {
+            x: *x,
+            t_x: *t_x,
+            t: *t,
+        })
+        .collect();
+    // No repeat purchase, no mean repeat spend: Gamma-Gamma ignores those customers.
+    let spend = rows
+        .floats("mean_repeat_spend", Some(0.0))
+        .map_err(model_err)?;
+    Ok(History { rows, hist, spend })
+}
+
+/// The monthly horizons (in weeks) and discount factors of a CLV over `spec.horizon_months`.
+fn horizon(spec: &ClvSpec) -> (Vec<f64>, Vec<f64>) {
+    let monthly = (1.0 + spec.discount_rate).powf(1.0 / 12.0) - 1.0;
+    (1..=spec.horizon_months)
+        .map(|m| {
+            (
+                f64::from(m) * WEEKS_PER_MONTH,
+                (1.0 + monthly).powi(-(m as i32)),
+            )
+        })
+        .unzip()
+}
+
+/// For one history: expected purchases over the whole horizon, and the discounted sum of each
+/// month's expected purchases (CLV = margin × expected spend × that sum).
+pub fn horizon_purchases(
+    p: &bgnbd::Params,
+    h: &bgnbd::History,
+    weeks: &[f64],
+    discounts: &[f64],
+) -> (f64, f64) {
+    let mut cumulative = vec![0.0; weeks.len()];
+    bgnbd::expected_purchases_many(p, h, weeks, &mut cumulative);
+    let (mut prev, mut value) = (0.0, 0.0);
+    for (e, d) in cumulative.iter().zip(discounts) {
+        value += (e - prev) * d;
+        prev = *e;
     }
-    Ok(rows)
+    (prev, value)
 }
 
 /// Discounted CLV and expected purchases over the horizon for one customer.
 pub fn clv_one(p: &bgnbd::Params, h: &bgnbd::History, spend: f64, spec: &ClvSpec) -> (f64, f64) {
-    let monthly = (1.0 + spec.discount_rate).powf(1.0 / 12.0) - 1.0;
-    let (mut prev, mut value, mut discount) = (0.0, 0.0, 1.0);
-    for m in 1..=spec.horizon_months {
-        let e = bgnbd::expected_purchases(p, h, f64::from(m) * WEEKS_PER_MONTH);
-        discount /= 1.0 + monthly;
-        value += (e - prev) * discount;
-        prev = e;
-    }
-    (prev, value * spend * spec.margin)
+    let (weeks, discounts) = horizon(spec);
+    let (e, value) = horizon_purchases(p, h, &weeks, &discounts);
+    (e, value * spend * spec.margin)
 }
 
 /// What the fit took, for logs.
@@ -350,8 +370,14 @@ async fn run_rules(
     }
     let (schema, batches) =
         collect(ctx, job, name, &rules::model_sql(spec, run_date, retention)).await?;
+    // An aggregation's result comes as slices of shared buffers: see `steps::compact`.
+    let batches = crate::steps::compact(vec![batches])
+        .map_err(|m| Error::Internal(format!("compact the `{name}` result: {m}")))?
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let bytes = batches.iter().map(|b| b.get_array_memory_size()).sum();
+    let bytes = crate::memstat::batches_bytes(&batches) as usize;
     let clv_col = schema
         .index_of("clv")
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -393,6 +419,7 @@ async fn backtest(
     name: &str,
     table: &str,
     run_date: chrono::NaiveDate,
+    start: &bgnbd::Params,
 ) -> Result<(RecordBatch, Vec<(&'static str, f64)>)> {
     let model_err = |message: String| Error::Model {
         job: job.to_string(),
@@ -429,16 +456,28 @@ async fn backtest(
             weeks.push(c[4].value(i));
         }
     }
-    let fit = bgnbd::fit(&bgnbd::compress(hist.iter().copied())).map_err(|e| {
+    let (distinct, index) = bgnbd::compress_indexed(&hist);
+    // Started from the full-history fit: the calibration optimum is close to it.
+    let fit = bgnbd::fit_from(&distinct, Some(start)).map_err(|e| {
         model_err(format!(
             "backtest (calibration period of `{table}`): BG/NBD: {e}"
         ))
     })?;
-    let predicted: Vec<f64> = hist
-        .iter()
-        .zip(&weeks)
-        .map(|(h, w)| bgnbd::expected_purchases(&fit.params, h, *w))
-        .collect();
+    let p = fit.params;
+    let one_length = weeks.windows(2).all(|w| w[0] == w[1]);
+    let predicted: Vec<f64> = match (one_length, weeks.first()) {
+        // The usual case: one holdout length, so one prediction per distinct history.
+        (true, Some(&w)) => {
+            let per = super::par_map(&distinct, |(h, _)| bgnbd::expected_purchases(&p, h, w))
+                .ok_or_else(|| model_err("a prediction thread failed".into()))?;
+            index.iter().map(|i| per[*i as usize]).collect()
+        }
+        _ => hist
+            .iter()
+            .zip(&weeks)
+            .map(|(h, w)| bgnbd::expected_purchases(&p, h, *w))
+            .collect(),
+    };
     let error: Vec<f64> = predicted.iter().zip(&actual).map(|(p, a)| p - a).collect();
     let actual_total: f64 = actual.iter().sum();
     let predicted_total: f64 = predicted.iter().sum();
@@ -502,8 +541,11 @@ async fn run_predictive(
     let rows = read(ctx, job, name, spec).await?;
 
     let t = Instant::now();
-    let fit = bgnbd::fit(&bgnbd::compress(rows.hist.iter().copied()))
-        .map_err(|e| model_err(format!("BG/NBD: {e}")))?;
+    // Customers with the same (x, t_x, T) have the same fit terms and purchase predictions:
+    // the fit and the predictions run once per distinct history (a third of the customers on
+    // the generator's data; one-time buyers collapse to one row per age).
+    let (distinct, index) = bgnbd::compress_indexed(&rows.hist);
+    let fit = bgnbd::fit(&distinct).map_err(|e| model_err(format!("BG/NBD: {e}")))?;
     let t_bgnbd = t.elapsed();
     let t = Instant::now();
     let spend_data: Vec<(f64, f64)> = rows
@@ -517,59 +559,36 @@ async fn run_predictive(
 
     let t = Instant::now();
     let p = fit.params;
-    let n = rows.ids.len();
+    let n = rows.hist.len();
+    let (weeks, discounts) = horizon(spec);
+    // Per distinct history: P(alive), purchases over the horizon, their discounted sum.
+    let per_history = super::par_map(&distinct, |(h, _)| {
+        let (e, d) = horizon_purchases(&p, h, &weeks, &discounts);
+        [bgnbd::p_alive(&p, h), e, d]
+    })
+    .ok_or_else(|| model_err("a prediction thread failed".into()))?;
     let mut alive = Vec::with_capacity(n);
     let mut purchases = Vec::with_capacity(n);
     let mut spend = Vec::with_capacity(n);
     let mut value = Vec::with_capacity(n);
-    // Per customer predictions are independent: computed on scoped threads, in order.
-    let predict = |hist: &[bgnbd::History], spends: &[f64]| -> Vec<[f64; 4]> {
-        hist.iter()
-            .zip(spends)
-            .map(|(h, m)| {
-                let s = gamma_gamma::expected_spend(&gg.params, h.x, *m);
-                let (e, v) = clv_one(&p, h, s, spec);
-                [bgnbd::p_alive(&p, h), e, s, v]
-            })
-            .collect()
-    };
-    let size = n.div_ceil(8).max(1);
-    let parts: Vec<Vec<[f64; 4]>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = rows
-            .hist
-            .chunks(size)
-            .zip(rows.spend.chunks(size))
-            .map(|(h, m)| sc.spawn(move || predict(h, m)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    for part in parts {
-        for [a, e, s, v] in part {
-            alive.push(a);
-            purchases.push(e);
-            spend.push(s);
-            value.push(v);
-        }
-    }
-    if alive.len() != n {
-        return Err(model_err("a prediction thread failed".into()));
+    for ((h, m), i) in rows.hist.iter().zip(&rows.spend).zip(&index) {
+        let [a, e, d] = per_history[*i as usize];
+        let s = gamma_gamma::expected_spend(&gg.params, h.x, *m);
+        alive.push(a);
+        purchases.push(e);
+        spend.push(s);
+        value.push(d * s * spec.margin);
     }
     let t_predict = t.elapsed();
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(Date32Array::from(vec![day; n])),
-        Arc::new(Int64Array::from(rows.ids)),
-        Arc::new(Float64Array::from(alive)),
-        Arc::new(Float64Array::from(purchases)),
-        Arc::new(Float64Array::from(spend)),
-        Arc::new(Float64Array::from(value)),
-    ];
-    let batch =
-        RecordBatch::try_new(output_schema(), cols).map_err(|e| Error::Internal(e.to_string()))?;
-    let bytes = batch.get_array_memory_size();
-    register(ctx, name, output_schema(), vec![batch])?;
+    let added: Vec<(Field, ArrayRef)> = prediction_fields()
+        .into_iter()
+        .zip([alive, purchases, spend, value])
+        .map(|(f, v)| (f, Arc::new(Float64Array::from(v)) as ArrayRef))
+        .collect();
+    let (schema, parts) = crate::steps::append_columns(&rows.rows, day, added)
+        .map_err(|m| model_err(format!("`{}`: {m}", spec.from)))?;
+    let bytes = crate::memstat::batches_bytes(parts.iter().flatten()) as usize;
+    register_parts(ctx, name, schema.clone(), parts)?;
 
     let report: Vec<(&str, &str, f64)> = vec![
         ("bgnbd", "r", p.r),
@@ -589,7 +608,7 @@ async fn run_predictive(
     let mut report = report;
     let t = Instant::now();
     if let Some(table) = &spec.backtest {
-        let (batch, totals) = backtest(ctx, job, name, table, run_date).await?;
+        let (batch, totals) = backtest(ctx, job, name, table, run_date, &p).await?;
         report.extend(totals.into_iter().map(|(k, v)| ("backtest", k, v)));
         register(
             ctx,
@@ -606,7 +625,7 @@ async fn run_predictive(
             rows: n,
             bytes,
             elapsed: started.elapsed(),
-            schema: output_schema(),
+            schema,
         },
         FitTimes {
             bgnbd: t_bgnbd,

@@ -1,0 +1,121 @@
+//! Process memory figures for run logs and benchmarks: resident set size (RSS) now, its peak
+//! since the last reset (per step), and its peak over the whole process, from Linux's
+//! `/proc/self`. Elsewhere (or if /proc is unreadable) every figure is `None` and nothing else
+//! changes.
+//!
+//! Resetting the kernel's peak (to measure one step) also resets what `getrusage` and
+//! `/usr/bin/time` report for the process, so every reset first folds the peak so far into
+//! [`max_rss`]: that is the process's true peak. Benchmarks also sample RSS from outside.
+//!
+//! Also the real in-memory size of step results: batches that DataFusion emits are often slices
+//! of one large buffer, and Arrow's `get_array_memory_size` counts a shared buffer once per
+//! slice; [`batches_bytes`] counts each buffer once.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use datafusion::arrow::array::{Array, ArrayData, RecordBatch};
+
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident memory now, in bytes.
+pub fn rss() -> Option<u64> {
+    status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+/// Peak resident memory since the process started or since [`reset_peak`], in bytes.
+pub fn peak_rss() -> Option<u64> {
+    status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// The highest peak seen before the last reset.
+static FOLDED: AtomicU64 = AtomicU64::new(0);
+
+/// Starts a new peak measurement (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), after
+/// folding the peak so far into [`max_rss`]. Returns whether it could.
+pub fn reset_peak() -> bool {
+    if let Some(p) = peak_rss() {
+        FOLDED.fetch_max(p, Ordering::Relaxed);
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak resident memory of the whole process so far, in bytes, resets notwithstanding.
+pub fn max_rss() -> Option<u64> {
+    peak_rss().map(|p| p.max(FOLDED.load(Ordering::Relaxed)))
+}
+
+fn add_buffers(data: &ArrayData, seen: &mut HashSet<usize>, total: &mut u64) {
+    for buffer in data.buffers() {
+        if seen.insert(buffer.data_ptr().as_ptr() as usize) {
+            *total += buffer.capacity() as u64;
+        }
+    }
+    if let Some(nulls) = data.nulls() {
+        let b = nulls.buffer();
+        if seen.insert(b.data_ptr().as_ptr() as usize) {
+            *total += b.capacity() as u64;
+        }
+    }
+    for child in data.child_data() {
+        add_buffers(child, seen, total);
+    }
+}
+
+/// Memory held by `batches`, each underlying buffer counted once.
+pub fn batches_bytes<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> u64 {
+    let (mut seen, mut total) = (HashSet::new(), 0);
+    for batch in batches {
+        for column in batch.columns() {
+            add_buffers(&column.to_data(), &mut seen, &mut total);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use std::sync::Arc;
+
+    #[test]
+    fn slices_of_one_buffer_count_once() {
+        let a = Int64Array::from_iter_values(0..100_000);
+        let batch = RecordBatch::try_from_iter([("v", Arc::new(a) as _)]).unwrap();
+        let slices: Vec<RecordBatch> = (0..10).map(|i| batch.slice(i * 10_000, 10_000)).collect();
+        let naive: usize = slices.iter().map(|b| b.get_array_memory_size()).sum();
+        assert_eq!(batches_bytes(&slices), 800_000);
+        assert!(naive >= 10 * 800_000, "{naive}");
+    }
+
+    #[test]
+    fn peak_is_measured_where_proc_exists() {
+        if rss().is_none() {
+            return; // not Linux
+        }
+        assert!(reset_peak());
+        let before = peak_rss().unwrap();
+        let big = vec![1u8; 64 << 20];
+        std::hint::black_box(&big);
+        let high = peak_rss().unwrap();
+        assert!(high >= before + (60 << 20));
+        drop(big);
+        // A new measurement starts low; the process maximum keeps the earlier peak.
+        // (The kernel updates its high-water mark lazily: it may read a little lower later.)
+        assert!(reset_peak());
+        assert!(
+            max_rss().unwrap() + (4 << 20) >= high,
+            "{high} {:?}",
+            max_rss()
+        );
+        assert!(
+            peak_rss().unwrap() + (32 << 20) < high,
+            "the new measurement starts low"
+        );
+    }
+}
