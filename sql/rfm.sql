@@ -1,4 +1,4 @@
--- RFM scores and segments per customer, appended to customer_features' columns (recency_days:
+-- RFM scores and segments per customer, with customer_features' RFM and BTYD columns (recency_days:
 -- days from the last purchase date to the run date; frequency: distinct orders; monetary: total
 -- net spend).
 --
@@ -118,7 +118,20 @@ cell_segments as (
 final as (
     select
         date '{{ run_date }}' as run_date,
-        s.*,
+        -- The features later steps read (K-means, the BTYD models, the wide table); the
+        -- calibration split stays in customer_features (btyd_backtest reads it there).
+        s.customer_id,
+        s.recency_days,
+        s.tenure_days,
+        s.frequency,
+        s.monetary,
+        s.x,
+        s.t_x,
+        s.t,
+        s.mean_repeat_spend,
+        s.r_score,
+        s.f_score,
+        s.m_score,
         g.rfm_score,
         g.segment,
         g.segment_id
