@@ -1,79 +1,154 @@
-"""Driver of scripts/bench: runs clvflow and DuckDB on the same data and prints the figures."""
-import json, os, shutil, subprocess, sys, time
+"""Driver of scripts/bench: runs clvflow and DuckDB on the same data in the same run and prints
+the figures. Usage: bench.py CLVFLOW_BINARY CUSTOMERS [RUNS]
+
+Every timed command runs RUNS times (default 3); medians are reported with the range. Peak
+memory is sampled from outside (VmRSS in /proc/<pid>/status every 10 ms) as well as read from
+clvflow's own log (per step, and for the whole run), so the two can be compared.
+"""
+import json, os, shutil, statistics, subprocess, sys, threading, time
 
 binary, customers = sys.argv[1], int(sys.argv[2])
+runs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 root = os.path.abspath(os.path.dirname(__file__) + "/..")
 work = os.path.join(root, ".bench", f"c{customers}")
 run_date = "2026-11-22"
 os.makedirs(work, exist_ok=True)
-for name in ["config.yaml"]:
-    shutil.copy(os.path.join(root, name), work)
+shutil.copy(os.path.join(root, "config.yaml"), work)
 for folder in ["jobs", "sql", "reference"]:
-    shutil.copytree(os.path.join(root, folder), os.path.join(work, folder), dirs_exist_ok=True)
+    shutil.rmtree(os.path.join(work, folder), ignore_errors=True)
+    shutil.copytree(os.path.join(root, folder), os.path.join(work, folder))
 
-def run(args, env=None):
-    """Runs clvflow; returns (seconds, JSON log lines)."""
+
+def sample_rss(pid, out):
+    """Largest VmRSS of `pid` (MiB) until it exits, into out[0]."""
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        out[0] = max(out[0], int(line.split()[1]) / 1024)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            return
+        time.sleep(0.01)
+
+
+def clvflow(args, config=None):
+    """Runs clvflow; returns (seconds, peak RSS MiB sampled from outside, JSON log records)."""
+    cmd = [binary, "--log-format", "json"] + (["--config", config] if config else []) + args
     start = time.perf_counter()
-    p = subprocess.Popen([binary, "--log-format", "json", *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **(env or {})})
+    p = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+    sampler = threading.Thread(target=sample_rss, args=(p.pid, peak))
+    sampler.start()
     out, err = p.communicate()
     secs = time.perf_counter() - start
+    sampler.join()
     if p.returncode != 0:
-        sys.exit(f"clvflow {' '.join(args)} failed:\n{out}\n{err}")
-    logs = [json.loads(l) for l in err.splitlines() if l.startswith("{")]
-    return secs, logs
+        sys.exit(f"clvflow {' '.join(args)} failed (exit {p.returncode}):\n{out}\n{err[-4000:]}")
+    logs = [json.loads(l)["fields"] for l in err.splitlines() if l.startswith("{")]
+    return secs, peak[0], logs
 
-def peak_rss(args):
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", binary, *args], cwd=work, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(r.stderr)
-    return int(r.stderr.strip().splitlines()[-1]) / 1024
+
+def med(values):
+    return statistics.median(values)
+
+
+def spread(values, fmt="{:.2f}"):
+    return f"{fmt.format(med(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
 
 if not os.path.exists(os.path.join(work, "data/exports/customers")):
     t = time.perf_counter()
-    out = subprocess.run([binary, "generate", "--customers", str(customers), "--end", run_date], cwd=work, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([binary, "generate", "--customers", str(customers), "--end", run_date],
+                         cwd=work, check=True, capture_output=True, text=True).stdout
     print(f"generate: {out.strip()} in {time.perf_counter() - t:.1f} s")
-rows = subprocess.run([sys.executable, "-c", "import duckdb,sys; print(duckdb.connect().execute(\"select count(*) from read_parquet('data/exports/orders/*/*.parquet')\").fetchall()[0][0])"],
+rows = subprocess.run([sys.executable, "-c",
+                       "import duckdb; print(duckdb.connect().execute(\"select count(*) from read_parquet('data/exports/orders/*/*.parquet')\").fetchall()[0][0])"],
                       cwd=work, capture_output=True, text=True, check=True).stdout.strip()
-print(f"data: {customers} customers, {rows} order rows, run date {run_date}, {os.cpu_count()} cores\n")
+print(f"data: {customers} customers, {rows} order rows, run date {run_date}, {os.cpu_count()} cores, {runs} runs per figure (median, range)\n")
 
-for job in ["customer_value", "customer_clv"]:
-    secs, logs = run(["run", job, "--date", run_date])
-    print(f"clvflow {job}: {secs:.2f} s end to end")
+# --- clvflow: the nightly customer_value job ------------------------------------------------
+walls, peaks, logged_peaks, step_ms, step_rss, models = [], [], [], {}, {}, []
+for _ in range(runs):
+    secs, peak, logs = clvflow(["run", "customer_value", "--date", run_date])
+    walls.append(secs)
+    peaks.append(peak)
     for l in logs:
-        f = l.get("fields", {})
-        msg = f.get("message", "")
-        if msg in ("input checked", "step done", "output committed", "models fitted"):
-            what = f.get("input") or f.get("step") or f.get("output")
-            extra = ""
-            if msg == "models fitted":
-                extra = f"  (BG/NBD fit {f['bgnbd_ms']} ms, Gamma-Gamma fit {f['gamma_gamma_ms']} ms, predict {f['predict_ms']} ms)"
-            else:
-                extra = f"  {f.get('rows', '')} rows"
-            print(f"  {msg:<17} {what:<18} {f.get('ms', ''):>7} ms{extra}")
-    print(f"  peak RSS: {peak_rss(['run', job, '--date', run_date]):.0f} MiB (a second run, measured by /usr/bin/time)")
-    print()
+        msg = l.get("message")
+        if msg == "step done":
+            step_ms.setdefault(l["step"], []).append(l["ms"])
+            step_rss.setdefault(l["step"], []).append(l.get("peak_rss_mb") or 0)
+        elif msg == "output staged":
+            key = "write " + l["output"]
+            step_ms.setdefault(key, []).append(l["ms"])
+            step_rss.setdefault(key, []).append(l.get("peak_rss_mb") or 0)
+        elif msg == "models fitted":
+            models.append(l)
+        elif msg == "run succeeded":
+            logged_peaks.append(l.get("max_rss_mb") or 0)
+print("clvflow customer_value (release build, config.yaml as shipped):")
+print(f"  {'step / output':<28} {'time ms':>22} {'peak RSS MiB':>13}")
+for name, ms in step_ms.items():
+    print(f"  {name:<28} {spread(ms, '{:.0f}'):>22} {max(step_rss[name]):>13.0f}")
+print(f"  end to end: {spread(walls)} s; peak RSS {max(peaks):.0f} MiB sampled from outside, "
+      f"{max(logged_peaks):.0f} MiB by clvflow's own count")
+fit = {k: [m[k] for m in models] for k in ["bgnbd_ms", "gamma_gamma_ms", "predict_ms", "backtest_ms"]}
+print(f"  models: BG/NBD fit {spread(fit['bgnbd_ms'], '{:.0f}')} ms, Gamma-Gamma fit "
+      f"{spread(fit['gamma_gamma_ms'], '{:.0f}')} ms, 12-month CLV for all {spread(fit['predict_ms'], '{:.0f}')} ms, "
+      f"backtest refit + holdout prediction {spread(fit['backtest_ms'], '{:.0f}')} ms")
+print(f"  K-means step (read, choose k by silhouette on a sample, cluster all): {spread(step_ms['clusters'], '{:.0f}')} ms\n")
 
-# DuckDB: the same SQL files (orders_clean, rfm_features, rfm) on the same files, same machine,
-# same run; each step's result is a table, as clvflow materialises each step.
+# --- the same job under a 1 GiB memory limit ----------------------------------------------
+with open(os.path.join(work, "config.yaml")) as f:
+    text = f.read()
+limited = text.replace("memory_limit: 2GiB", "memory_limit: 1GiB")
+assert limited != text, "config.yaml has no `memory_limit: 2GiB` to lower"
+with open(os.path.join(work, "config-1gib.yaml"), "w") as f:
+    f.write(limited)
+secs, peak, logs = clvflow(["run", "customer_value", "--date", run_date], config="config-1gib.yaml")
+print(f"customer_value with memory_limit: 1GiB: completed in {secs:.2f} s, peak RSS {peak:.0f} MiB sampled\n")
+
+# --- clvflow: the customer_clv job --------------------------------------------------------
+secs, peak, logs = clvflow(["run", "customer_clv", "--date", run_date])
+print(f"customer_clv: {secs:.2f} s end to end, peak RSS {peak:.0f} MiB\n")
+
+# --- DuckDB: the same SQL files on the same files, same machine, same run -------------------
+# Each step's result becomes a table, as clvflow materialises each step.
+rfm_steps = ["orders_clean", "customer_features", "rfm"]
 code = r'''
-import duckdb, sys, time
-run_date = sys.argv[1]
-sql = lambda name: open(f"sql/{name}.sql").read().replace("{{ run_date }}", run_date)
+import duckdb, json, re, sys, time, yaml
+run_date, steps = sys.argv[1], sys.argv[2].split(",")
+params = yaml.safe_load(open("jobs/customer_value.yaml"))["params"]
+def sql(name):
+    text = open(f"sql/{name}.sql").read().replace("{{ run_date }}", run_date)
+    return re.sub(r"\{\{ params\.(\w+) \}\}", lambda m: str(params[m.group(1)]), text)
 con = duckdb.connect()
 con.execute("set enable_progress_bar = false")
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
-t = time.perf_counter(); con.execute("create table orders_clean as " + sql("orders_clean")); a = time.perf_counter() - t
-t = time.perf_counter(); con.execute("create table rfm_features as " + sql("rfm_features")); con.execute("create table rfm as " + sql("rfm")); b = time.perf_counter() - t
-print(a, b, con.execute("select count(*) from rfm").fetchone()[0])
+out = {}
+for name in steps:
+    t = time.perf_counter()
+    con.execute(f"create table {name} as " + sql(name))
+    out[name] = time.perf_counter() - t
+out["rows"] = con.execute("select count(*) from rfm").fetchone()[0]
+print(json.dumps(out))
 '''
-out = subprocess.run([sys.executable, "-c", code, run_date], cwd=work, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1].split()
-duck_clean, duck_rfm, duck_rows = float(out[0]), float(out[1]), int(out[2])
-_, logs = run(["run", "customer_value", "--date", run_date])
-ms = {l["fields"].get("step"): l["fields"]["ms"] for l in logs if l.get("fields", {}).get("message") == "step done"}
-ours_clean, ours_rfm = ms["orders_clean"] / 1000, (ms["rfm_features"] + ms["rfm"]) / 1000
-print("RFM SQL, same files, same run (orders_clean.sql, then rfm_features.sql + rfm.sql):")
-print(f"  DuckDB   orders_clean {duck_clean:6.2f} s   rfm {duck_rfm:6.2f} s   total {duck_clean + duck_rfm:6.2f} s   ({duck_rows} customers)")
-print(f"  clvflow  orders_clean {ours_clean:6.2f} s   rfm {ours_rfm:6.2f} s   total {ours_clean + ours_rfm:6.2f} s")
-print(f"  ratio clvflow / DuckDB: {(ours_clean + ours_rfm) / (duck_clean + duck_rfm):.2f} (target <= 0.8)")
+duck = {s: [] for s in rfm_steps}
+for _ in range(runs):
+    r = subprocess.run([sys.executable, "-c", code, run_date, ",".join(rfm_steps)], cwd=work,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"DuckDB failed:\n{r.stderr}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for s in rfm_steps:
+        duck[s].append(res[s])
+ours = {s: [v / 1000 for v in step_ms[s]] for s in rfm_steps}
+print("RFM SQL (sql/orders_clean.sql, customer_features.sql, rfm.sql), same files, same run, each step a table:")
+print(f"  {'step':<20} {'DuckDB s':>20} {'clvflow s':>20}")
+for s in rfm_steps:
+    print(f"  {s:<20} {spread(duck[s]):>20} {spread(ours[s]):>20}")
+duck_total = [sum(duck[s][i] for s in rfm_steps) for i in range(runs)]
+ours_total = [sum(ours[s][i] for s in rfm_steps) for i in range(runs)]
+print(f"  {'total':<20} {spread(duck_total):>20} {spread(ours_total):>20}")
+print(f"  ratio clvflow / DuckDB (medians): {med(ours_total) / med(duck_total):.2f} (target <= 0.8)")
