@@ -248,7 +248,7 @@ async fn execute_until(
         let started = Instant::now();
         memstat::reset_peak();
         let streamed = staging.is_some_and(|s| s.lifetimes.streamed.get(i) == Some(&true));
-        let out = match &step.kind {
+        let mut out = match &step.kind {
             StepKind::Sql { .. } if streamed => {
                 // Computed while it is written to its output (in `after_step` below).
                 let schema = sql::register_view(ctx, job, step, run_date).await?;
@@ -273,7 +273,6 @@ async fn execute_until(
                 out
             }
         };
-        let mut out = out;
         if streamed && let Some(staging) = staging {
             let written = staging.after_step(ctx, job, i).await?;
             out.rows = written as usize;
@@ -343,27 +342,17 @@ pub async fn explain_step(
         )));
     }
     let ctx = engine::session(project)?;
-    let until = pos.checked_sub(1).map(|p| job.steps[p].name.as_str());
-    // Inputs are registered by every call; with no earlier step, `skip` skips them all.
-    let earlier: Vec<&str> = job.steps.iter().map(|s| s.name.as_str()).collect();
-    match until {
-        Some(u) => execute_until(&ctx, job, run_date, Some(u), &[], None).await?,
-        None => execute_until(&ctx, job, run_date, None, &earlier, None).await?,
-    };
-    let sql = job.render_sql(plan, run_date).map_err(Error::Config)?;
-    let verb = if analyze {
-        "EXPLAIN ANALYZE"
-    } else {
-        "EXPLAIN"
-    };
+    // The inputs and the steps before `step`; `step` and the ones after it are skipped.
+    let later: Vec<&str> = job.steps[pos..].iter().map(|s| s.name.as_str()).collect();
+    execute_until(&ctx, job, run_date, None, &later, None).await?;
     let step_err = |source| Error::Step {
         job: job.name.clone(),
         step: step.to_string(),
         source,
     };
-    let batches = ctx
-        .sql(&format!("{verb} {sql}"))
-        .await
+    let batches = sql::dataframe(&ctx, job, plan, run_date)
+        .await?
+        .explain(false, analyze)
         .map_err(step_err)?
         .collect()
         .await

@@ -15,15 +15,14 @@ use std::time::Instant;
 
 use datafusion::arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::config::{KmeansK, KmeansSpec};
 use crate::error::{Error, Result};
-use crate::steps::Rows;
 use crate::steps::sql::StepOutcome;
+use crate::steps::{Rows, register};
 
 fn cluster_field() -> Field {
     Field::new("cluster", DataType::Int64, false)
@@ -43,33 +42,6 @@ pub fn profile_schema(spec: &KmeansSpec) -> SchemaRef {
     );
     fields.push(Field::new("silhouette", DataType::Float64, false));
     Arc::new(Schema::new(fields))
-}
-
-fn register(
-    ctx: &SessionContext,
-    name: &str,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-) -> Result<()> {
-    register_parts(ctx, name, schema, vec![batches])
-}
-
-fn register_parts(
-    ctx: &SessionContext,
-    name: &str,
-    schema: SchemaRef,
-    parts: Vec<Vec<RecordBatch>>,
-) -> Result<()> {
-    let parts = if parts.is_empty() {
-        vec![vec![]]
-    } else {
-        parts
-    };
-    let table =
-        MemTable::try_new(schema, parts).map_err(|e| Error::df(format!("register `{name}`"), e))?;
-    ctx.register_table(name, Arc::new(table))
-        .map_err(|e| Error::df(format!("register `{name}`"), e))?;
-    Ok(())
 }
 
 /// For `validate`: checks `from` has the columns, registers empty result tables and returns
@@ -342,7 +314,7 @@ pub async fn run(
     let rows = Rows::read(ctx, &spec.from).await.map_err(step_err)?;
     let input_err = |m: String| model_err(format!("`{}`: {m}", spec.from));
     let input_err = |m: String| input_err(format!("{m}; fill or filter them first"));
-    rows.integers(&spec.id).map_err(input_err)?;
+    rows.check_integers(&spec.id).map_err(input_err)?;
     let dims = spec.features.len();
     let mut data = vec![0.0; rows.len() * dims];
     for (j, f) in spec.features.iter().enumerate() {
@@ -451,7 +423,7 @@ pub async fn run(
     let (schema, parts) = super::append_columns(&rows, day, vec![(cluster_field(), cluster)])
         .map_err(|m| model_err(format!("`{}`: {m}", spec.from)))?;
     let bytes = crate::memstat::batches_bytes(parts.iter().flatten()) as usize;
-    register_parts(ctx, name, schema.clone(), parts)?;
+    register(ctx, name, schema.clone(), parts)?;
 
     let mut cols: Vec<ArrayRef> = vec![
         Arc::new(Date32Array::from(vec![day; k])),
@@ -476,7 +448,7 @@ pub async fn run(
         ctx,
         &format!("{name}_profile"),
         profile_schema(spec),
-        vec![profile],
+        vec![vec![profile]],
     )?;
     Ok(StepOutcome {
         rows: n,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 
 use crate::config::Diagnostic;
 use crate::error::{Error, Result};
@@ -23,6 +23,25 @@ pub struct StepOutcome {
     pub schema: SchemaRef,
 }
 
+/// Renders `step`'s SQL for `run_date` and plans it on `ctx`. Errors name the job and step.
+pub async fn dataframe(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    step: &StepPlan,
+    run_date: chrono::NaiveDate,
+) -> Result<DataFrame> {
+    let sql = job.render_sql(step, run_date).map_err(Error::Config)?;
+    ctx.sql(&sql).await.map_err(|e| step_err(job, step, e))
+}
+
+fn step_err(job: &JobPlan, step: &StepPlan, source: DataFusionError) -> Error {
+    Error::Step {
+        job: job.name.clone(),
+        step: step.name.clone(),
+        source,
+    }
+}
+
 /// Runs `step` and registers its (materialised) result under the step's name.
 pub async fn run(
     ctx: &SessionContext,
@@ -31,31 +50,23 @@ pub async fn run(
     run_date: chrono::NaiveDate,
 ) -> Result<StepOutcome> {
     let started = Instant::now();
-    let sql = job.render_sql(step, run_date).map_err(Error::Config)?;
-    let step_err = |source: DataFusionError| Error::Step {
-        job: job.name.clone(),
-        step: step.name.clone(),
-        source,
-    };
-    let df = ctx.sql(&sql).await.map_err(step_err)?;
+    let df = dataframe(ctx, job, step, run_date).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     // Kept in the plan's output partitions: later steps scan them in parallel as they are.
-    let partitions = df.collect_partitioned().await.map_err(step_err)?;
+    let partitions = df
+        .collect_partitioned()
+        .await
+        .map_err(|e| step_err(job, step, e))?;
     let partitions = super::compact(partitions).map_err(|m| {
-        step_err(DataFusionError::Internal(format!(
-            "compact the result: {m}"
-        )))
+        step_err(
+            job,
+            step,
+            DataFusionError::Internal(format!("compact the result: {m}")),
+        )
     })?;
     let rows = partitions.iter().flatten().map(|b| b.num_rows()).sum();
     let bytes = crate::memstat::batches_bytes(partitions.iter().flatten()) as usize;
-    let partitions = if partitions.is_empty() {
-        vec![vec![]]
-    } else {
-        partitions
-    };
-    let table = MemTable::try_new(schema.clone(), partitions).map_err(step_err)?;
-    ctx.register_table(&step.name, Arc::new(table))
-        .map_err(step_err)?;
+    super::register(ctx, &step.name, schema.clone(), partitions)?;
     Ok(StepOutcome {
         rows,
         bytes,
@@ -72,16 +83,10 @@ pub async fn register_view(
     step: &StepPlan,
     run_date: chrono::NaiveDate,
 ) -> Result<SchemaRef> {
-    let sql = job.render_sql(step, run_date).map_err(Error::Config)?;
-    let step_err = |source: DataFusionError| Error::Step {
-        job: job.name.clone(),
-        step: step.name.clone(),
-        source,
-    };
-    let df = ctx.sql(&sql).await.map_err(step_err)?;
+    let df = dataframe(ctx, job, step, run_date).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     ctx.register_table(&step.name, df.into_view())
-        .map_err(step_err)?;
+        .map_err(|e| step_err(job, step, e))?;
     Ok(schema)
 }
 

@@ -300,3 +300,41 @@ print(json.dumps(out, default=str))
     assert_eq!(r["stages"][0], 5, "all five lifecycle stages occur: {r}");
     assert_eq!(r["stages"][1], 4, "all four quadrants occur: {r}");
 }
+
+#[test]
+fn explain_prints_a_sql_steps_plan_and_rejects_what_has_none() {
+    let p = TestProject::shipped();
+    p.generate(300);
+    let out = p.ok(&["explain", "customer_value", "rfm", "--date", RUN_DATE]);
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("physical_plan") && plan.contains("HashJoinExec"),
+        "{plan}"
+    );
+    let out = p.ok(&[
+        "explain",
+        "customer_value",
+        "orders_clean",
+        "--date",
+        RUN_DATE,
+        "--analyze",
+    ]);
+    let analyzed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        analyzed.contains("output_rows=") && analyzed.contains("AggregateExec"),
+        "{analyzed}"
+    );
+    // Nothing was written.
+    assert!(!p.file("data/marts").exists());
+    for (step, says) in [
+        ("clusters", "step `clusters` is not a SQL step"),
+        (
+            "nope",
+            "job `customer_value` has no step `nope`; its steps: orders_clean,",
+        ),
+    ] {
+        let out = p.clvflow(&["explain", "customer_value", step, "--date", RUN_DATE]);
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        assert!(stderr(&out).contains(says), "{}", show(&out));
+    }
+}

@@ -108,3 +108,53 @@ fn clv_model_options_are_checked_per_model() {
         "{err}"
     );
 }
+
+#[test]
+fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_its_last_reader() {
+    let p = TestProject::shipped();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (job, lifetimes) = rt.block_on(async {
+        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
+        let job = clvflow::runner::validate_job(&project, "customer_value")
+            .await
+            .unwrap();
+        let ctx = clvflow::engine::session(&project).unwrap();
+        let date = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
+        let lifetimes = clvflow::lifetimes::plan(&ctx, &job, date);
+        (job, lifetimes)
+    });
+    let step = |name: &str| job.steps.iter().position(|s| s.name == name).unwrap();
+    let dropped_after = |table: &str| {
+        lifetimes
+            .drop_after
+            .iter()
+            .position(|d| d.iter().any(|t| t == table))
+            .unwrap_or_else(|| panic!("`{table}` is never dropped: {lifetimes:?}"))
+    };
+    // orders_clean: read last by clv_discounted; customer_features: by rfm (btyd_backtest reads
+    // it earlier); the rfm -> clusters -> clv chain: by customer_value.
+    assert_eq!(dropped_after("orders_clean"), step("clv_discounted"));
+    assert_eq!(dropped_after("customer_features"), step("rfm"));
+    assert_eq!(dropped_after("clv"), step("customer_value"));
+    assert_eq!(dropped_after("btyd_backtest"), step("clv"));
+    // Every output is staged once, right after the step that makes it.
+    let staged: Vec<usize> = lifetimes.stage_after.iter().flatten().copied().collect();
+    assert_eq!(staged.len(), job.outputs.len(), "{lifetimes:?}");
+    for (o, out) in job.outputs.iter().enumerate() {
+        let maker = job
+            .steps
+            .iter()
+            .position(|s| out.from == s.name || out.from.starts_with(&format!("{}_", s.name)))
+            .unwrap();
+        assert!(
+            lifetimes.stage_after[maker].contains(&o),
+            "{}: {lifetimes:?}",
+            out.from
+        );
+    }
+    // SQL steps written to exactly one output stream into it; model steps never do.
+    assert!(lifetimes.streamed[step("customer_value")]);
+    assert!(lifetimes.streamed[step("ltv_cac")]);
+    assert!(!lifetimes.streamed[step("clv")]);
+    assert!(!lifetimes.streamed[step("rfm")]);
+}

@@ -18,13 +18,13 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
-use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
 use super::rules;
 use super::{bgnbd, gamma_gamma};
 use crate::config::{ClvModel, ClvSpec};
 use crate::error::{Error, Result};
+use crate::steps::register;
 use crate::steps::sql::StepOutcome;
 
 /// Weeks in a month.
@@ -158,36 +158,6 @@ pub async fn plan(
     Ok(tables)
 }
 
-fn register(
-    ctx: &SessionContext,
-    name: &str,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-) -> Result<()> {
-    register_parts(ctx, name, schema, vec![batches])
-}
-
-fn register_parts(
-    ctx: &SessionContext,
-    name: &str,
-    schema: SchemaRef,
-    parts: Vec<Vec<RecordBatch>>,
-) -> Result<()> {
-    let parts = if parts.is_empty() {
-        vec![vec![]]
-    } else {
-        parts
-    };
-    let table =
-        MemTable::try_new(schema, parts).map_err(|e| Error::df(format!("register `{name}`"), e))?;
-    // A re-run on the same session replaces the step's tables.
-    ctx.deregister_table(name)
-        .map_err(|e| Error::df(format!("register `{name}`"), e))?;
-    ctx.register_table(name, Arc::new(table))
-        .map_err(|e| Error::df(format!("register `{name}`"), e))?;
-    Ok(())
-}
-
 /// The model's inputs, row by row in the order of `from`'s batches.
 struct History {
     rows: crate::steps::Rows,
@@ -208,7 +178,7 @@ async fn read(ctx: &SessionContext, job: &str, name: &str, spec: &ClvSpec) -> Re
         step: name.to_string(),
         message: format!("`{}`: {message}", spec.from),
     };
-    rows.integers("customer_id").map_err(model_err)?;
+    rows.check_integers("customer_id").map_err(model_err)?;
     let x = rows.floats("x", None).map_err(model_err)?;
     let t_x = rows.floats("t_x", None).map_err(model_err)?;
     let t = rows.floats("t", None).map_err(model_err)?;
@@ -260,13 +230,6 @@ pub fn horizon_purchases(
     (prev, value)
 }
 
-/// Discounted CLV and expected purchases over the horizon for one customer.
-pub fn clv_one(p: &bgnbd::Params, h: &bgnbd::History, spend: f64, spec: &ClvSpec) -> (f64, f64) {
-    let (weeks, discounts) = horizon(spec);
-    let (e, value) = horizon_purchases(p, h, &weeks, &discounts);
-    (e, value * spend * spec.margin)
-}
-
 /// What the fit took, for logs.
 #[derive(Debug, Clone)]
 pub struct FitTimes {
@@ -276,15 +239,14 @@ pub struct FitTimes {
     pub backtest: Duration,
 }
 
-fn date32(run_date: chrono::NaiveDate) -> i32 {
-    (run_date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default()).num_days() as i32
-}
-
 fn fit_batch(run_date: chrono::NaiveDate, report: &[(&str, &str, f64)]) -> Result<RecordBatch> {
     RecordBatch::try_new(
         fit_schema(),
         vec![
-            Arc::new(Date32Array::from(vec![date32(run_date); report.len()])),
+            Arc::new(Date32Array::from(vec![
+                crate::steps::date32(run_date);
+                report.len()
+            ])),
             Arc::new(StringArray::from_iter_values(report.iter().map(|r| r.0))),
             Arc::new(StringArray::from_iter_values(report.iter().map(|r| r.1))),
             Arc::new(Float64Array::from_iter_values(report.iter().map(|r| r.2))),
@@ -396,12 +358,12 @@ async fn run_rules(
         ClvModel::Discounted => report.push((model, "discount_rate", spec.discount_rate)),
         _ => {}
     }
-    register(ctx, name, schema.clone(), batches)?;
+    register(ctx, name, schema.clone(), vec![batches])?;
     register(
         ctx,
         &format!("{name}_fit"),
         fit_schema(),
-        vec![fit_batch(run_date, &report)?],
+        vec![vec![fit_batch(run_date, &report)?]],
     )?;
     Ok(StepOutcome {
         rows,
@@ -487,7 +449,7 @@ async fn backtest(
     let batch = RecordBatch::try_new(
         backtest_schema(),
         vec![
-            Arc::new(Date32Array::from(vec![date32(run_date); n])),
+            Arc::new(Date32Array::from(vec![crate::steps::date32(run_date); n])),
             Arc::new(Int64Array::from(ids)),
             Arc::new(Float64Array::from_iter_values(hist.iter().map(|h| h.x))),
             Arc::new(Float64Array::from_iter_values(hist.iter().map(|h| h.t))),
@@ -531,7 +493,7 @@ async fn run_predictive(
     spec: &ClvSpec,
     run_date: chrono::NaiveDate,
 ) -> Result<(StepOutcome, FitTimes)> {
-    let day = date32(run_date);
+    let day = crate::steps::date32(run_date);
     let started = Instant::now();
     let model_err = |message: String| Error::Model {
         job: job.to_string(),
@@ -588,7 +550,7 @@ async fn run_predictive(
     let (schema, parts) = crate::steps::append_columns(&rows.rows, day, added)
         .map_err(|m| model_err(format!("`{}`: {m}", spec.from)))?;
     let bytes = crate::memstat::batches_bytes(parts.iter().flatten()) as usize;
-    register_parts(ctx, name, schema.clone(), parts)?;
+    register(ctx, name, schema.clone(), parts)?;
 
     let report: Vec<(&str, &str, f64)> = vec![
         ("bgnbd", "r", p.r),
@@ -614,12 +576,17 @@ async fn run_predictive(
             ctx,
             &format!("{name}_backtest"),
             backtest_schema(),
-            vec![batch],
+            vec![vec![batch]],
         )?;
     }
     let t_backtest = t.elapsed();
     let fit_batch = fit_batch(run_date, &report)?;
-    register(ctx, &format!("{name}_fit"), fit_schema(), vec![fit_batch])?;
+    register(
+        ctx,
+        &format!("{name}_fit"),
+        fit_schema(),
+        vec![vec![fit_batch]],
+    )?;
     Ok((
         StepOutcome {
             rows: n,
