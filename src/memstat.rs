@@ -22,6 +22,16 @@ fn status_kib(field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Returns memory the allocator holds free to the operating system (mimalloc's `mi_collect`
+/// with force: the calling thread's free pages, and purges of free memory program-wide). Called
+/// between steps, when a step's working memory (hash tables, sort buffers) has just been freed:
+/// otherwise it stays resident until reused, and the next step's allocations, of other sizes,
+/// reuse only part of it while adding their own.
+pub fn release() {
+    // SAFETY: mi_collect has no preconditions; it only frees memory nothing refers to.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 /// Resident memory now, in bytes.
 pub fn rss() -> Option<u64> {
     status_kib("VmRSS:").map(|k| k * 1024)

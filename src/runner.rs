@@ -204,6 +204,7 @@ impl Staging<'_> {
                 .push((o, took, staged));
         }
         drop_tables(ctx, &later)?;
+        memstat::release();
         Ok(written)
     }
 }
