@@ -85,6 +85,10 @@ impl Hasher for KeyHasher {
         self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 
+    fn write_i64(&mut self, v: i64) {
+        self.write_u64(v as u64);
+    }
+
     fn finish(&self) -> u64 {
         // splitmix64's finaliser.
         let mut z = self.0;

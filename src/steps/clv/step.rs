@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+    Array, ArrayRef, AsArray, Date32Array, Float64Array, RecordBatch, StringArray,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use datafusion::prelude::SessionContext;
 
 use super::rules;
@@ -141,15 +141,21 @@ pub async fn plan(
             )
             .await?;
         }
-        let sql = rules::model_sql(spec, run_date, 0.5);
-        let df = ctx.sql(&sql).await.map_err(|e| {
-            format!(
-                "the `{}` model does not plan on `{}`: {e}",
-                spec.model.name(),
-                spec.from
-            )
-        })?;
-        tables.push((name.to_string(), Arc::new(df.schema().as_arrow().clone())));
+        let mut queries = vec![(spec.from.as_str(), rules::orders_sql(spec, run_date))];
+        queries.extend(
+            spec.acquisition_costs
+                .as_deref()
+                .map(|t| (t, rules::costs_sql(t))),
+        );
+        for (table, sql) in queries {
+            ctx.sql(&sql).await.map_err(|e| {
+                format!(
+                    "the `{}` model does not plan on `{table}`: {e}",
+                    spec.model.name()
+                )
+            })?;
+        }
+        tables.push((name.to_string(), rules::schema(spec.model)));
     }
     tables.push((fit, fit_schema()));
     for (table, schema) in &tables {
@@ -288,13 +294,6 @@ async fn collect(
     Ok((schema, batches))
 }
 
-/// First value of a one-row result's float column, or None if NULL / absent.
-fn scalar(batches: &[RecordBatch], col: usize) -> Option<f64> {
-    let b = batches.iter().find(|b| b.num_rows() > 0)?;
-    let a = b.column(col).as_primitive_opt::<Float64Type>()?;
-    (!a.is_null(0)).then(|| a.value(0))
-}
-
 async fn run_rules(
     ctx: &SessionContext,
     job: &str,
@@ -304,20 +303,27 @@ async fn run_rules(
 ) -> Result<StepOutcome> {
     let started = Instant::now();
     let model = spec.model.name();
+    let (_, orders) = collect(ctx, job, name, &rules::orders_sql(spec, run_date)).await?;
+    let costs = match &spec.acquisition_costs {
+        Some(table) if spec.model == ClvModel::Discounted => {
+            collect(ctx, job, name, &rules::costs_sql(table)).await?.1
+        }
+        _ => Vec::new(),
+    };
+    let config = ctx.state().config().clone();
+    let computed = rules::compute(
+        spec,
+        run_date,
+        &orders,
+        &costs,
+        config.target_partitions(),
+        config.batch_size(),
+    )
+    .map_err(|m| Error::Internal(format!("the `{name}` step's {model} model: {m}")))?;
+    drop((orders, costs));
     let mut report: Vec<(&str, &str, f64)> = Vec::new();
-    let mut retention = spec.retention_rate.unwrap_or(0.0);
-    if spec.model == ClvModel::FormulaRetention && spec.retention_rate.is_none() {
-        let (_, b) = collect(ctx, job, name, &rules::retention_sql(spec, run_date)).await?;
-        let base = b
-            .iter()
-            .find(|b| b.num_rows() > 0)
-            .and_then(|b| {
-                b.column(1)
-                    .as_primitive_opt::<Int64Type>()
-                    .map(|a| a.value(0))
-            })
-            .unwrap_or(0);
-        retention = scalar(&b, 0).ok_or_else(|| Error::Model {
+    if let Some((rate, base)) = computed.retention {
+        let rate = rate.ok_or_else(|| Error::Model {
             job: job.to_string(),
             step: name.to_string(),
             message: format!(
@@ -326,30 +332,17 @@ async fn run_rules(
             ),
         })?;
         report.push((model, "retention_base_customers", base as f64));
+        report.push((model, "retention_rate", rate));
+    } else if let Some(rate) = spec
+        .retention_rate
+        .filter(|_| spec.model == ClvModel::FormulaRetention)
+    {
+        report.push((model, "retention_rate", rate));
     }
-    if spec.model == ClvModel::FormulaRetention {
-        report.push((model, "retention_rate", retention));
-    }
-    let (schema, batches) =
-        collect(ctx, job, name, &rules::model_sql(spec, run_date, retention)).await?;
-    // An aggregation's result comes as slices of shared buffers: see `steps::compact`.
-    let batches = crate::steps::compact(vec![batches])
-        .map_err(|m| Error::Internal(format!("compact the `{name}` result: {m}")))?
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>();
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let bytes = crate::memstat::batches_bytes(&batches) as usize;
-    let clv_col = schema
-        .index_of("clv")
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let total: f64 = batches
-        .iter()
-        .filter_map(|b| b.column(clv_col).as_primitive_opt::<Float64Type>())
-        .map(|a| a.iter().flatten().sum::<f64>())
-        .sum();
+    let rows = computed.customers;
+    let bytes = crate::memstat::batches_bytes(computed.parts.iter().flatten()) as usize;
     report.push((model, "customers", rows as f64));
-    report.push((model, "total_clv", total));
+    report.push((model, "total_clv", computed.total_clv));
     report.push((model, "margin", spec.margin));
     match spec.model {
         ClvModel::Formula => {
@@ -358,7 +351,8 @@ async fn run_rules(
         ClvModel::Discounted => report.push((model, "discount_rate", spec.discount_rate)),
         _ => {}
     }
-    register(ctx, name, schema.clone(), vec![batches])?;
+    let schema = rules::schema(spec.model);
+    register(ctx, name, schema.clone(), computed.parts)?;
     register(
         ctx,
         &format!("{name}_fit"),
@@ -382,7 +376,7 @@ async fn backtest(
     table: &str,
     run_date: chrono::NaiveDate,
     start: &bgnbd::Params,
-) -> Result<(RecordBatch, Vec<(&'static str, f64)>)> {
+) -> Result<(Vec<RecordBatch>, Vec<(&'static str, f64)>)> {
     let model_err = |message: String| Error::Model {
         job: job.to_string(),
         step: name.to_string(),
@@ -392,32 +386,35 @@ async fn backtest(
         "SELECT CAST(customer_id AS BIGINT), CAST(x AS DOUBLE), CAST(t_x AS DOUBLE), CAST(t AS DOUBLE), CAST(x_holdout AS DOUBLE), CAST(holdout_weeks AS DOUBLE) FROM \"{table}\""
     );
     let (_, batches) = collect(ctx, job, name, &sql).await?;
-    let n: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let mut ids = Vec::with_capacity(n);
-    let mut hist = Vec::with_capacity(n);
-    let mut actual = Vec::with_capacity(n);
-    let mut weeks = Vec::with_capacity(n);
-    for b in &batches {
-        let id = b.column(0).as_primitive::<Int64Type>();
-        let c: Vec<&datafusion::arrow::array::PrimitiveArray<Float64Type>> = (1..6)
-            .map(|i| b.column(i).as_primitive::<Float64Type>())
-            .collect();
-        for i in 0..b.num_rows() {
-            if id.is_null(i) || c.iter().any(|a| a.is_null(i)) {
-                return Err(model_err(format!(
-                    "backtest table `{table}` has a row with a NULL customer_id, x, t_x, t, x_holdout or holdout_weeks"
-                )));
-            }
-            ids.push(id.value(i));
-            hist.push(bgnbd::History {
-                x: c[0].value(i),
-                t_x: c[1].value(i),
-                t: c[2].value(i),
-            });
-            actual.push(c[3].value(i));
-            weeks.push(c[4].value(i));
+    // The output reuses these columns as they are (customer_id, x, t, holdout weeks, actual):
+    // only the predictions and errors are new arrays.
+    let mut cols = Vec::with_capacity(batches.len());
+    for b in batches.iter().filter(|b| b.num_rows() > 0) {
+        if b.columns().iter().any(|c| c.null_count() > 0) {
+            return Err(model_err(format!(
+                "backtest table `{table}` has a row with a NULL customer_id, x, t_x, t, x_holdout or holdout_weeks"
+            )));
         }
+        let f = |i: usize| b.column(i).as_primitive::<Float64Type>().clone();
+        cols.push((b.column(0).clone(), f(1), f(2), f(3), f(4), f(5)));
     }
+    drop(batches);
+    let n: usize = cols.iter().map(|c| c.0.len()).sum();
+    let hist: Vec<bgnbd::History> = cols
+        .iter()
+        .flat_map(|(_, x, t_x, t, _, _)| {
+            x.values()
+                .iter()
+                .zip(t_x.values())
+                .zip(t.values())
+                .map(|((x, t_x), t)| bgnbd::History {
+                    x: *x,
+                    t_x: *t_x,
+                    t: *t,
+                })
+        })
+        .collect();
+    let weeks = || cols.iter().flat_map(|c| c.5.values().iter().copied());
     let (distinct, index) = bgnbd::compress_indexed(&hist);
     // Started from the full-history fit: the calibration optimum is close to it.
     let fit = bgnbd::fit_from(&distinct, Some(start)).map_err(|e| {
@@ -426,40 +423,60 @@ async fn backtest(
         ))
     })?;
     let p = fit.params;
-    let one_length = weeks.windows(2).all(|w| w[0] == w[1]);
-    let predicted: Vec<f64> = match (one_length, weeks.first()) {
+    let first = weeks().next();
+    let one_length = weeks().all(|w| Some(w) == first);
+    let predicted: Vec<f64> = match (one_length, first) {
         // The usual case: one holdout length, so one prediction per distinct history.
-        (true, Some(&w)) => {
+        (true, Some(w)) => {
             let per = super::par_map(&distinct, |(h, _)| bgnbd::expected_purchases(&p, h, w))
                 .ok_or_else(|| model_err("a prediction thread failed".into()))?;
             index.iter().map(|i| per[*i as usize]).collect()
         }
         _ => hist
             .iter()
-            .zip(&weeks)
-            .map(|(h, w)| bgnbd::expected_purchases(&p, h, *w))
+            .zip(weeks())
+            .map(|(h, w)| bgnbd::expected_purchases(&p, h, w))
             .collect(),
     };
-    let error: Vec<f64> = predicted.iter().zip(&actual).map(|(p, a)| p - a).collect();
-    let actual_total: f64 = actual.iter().sum();
-    let predicted_total: f64 = predicted.iter().sum();
-    let mae = error.iter().map(|e| e.abs()).sum::<f64>() / n.max(1) as f64;
-    let rmse = (error.iter().map(|e| e * e).sum::<f64>() / n.max(1) as f64).sqrt();
-    let holdout = weeks.iter().copied().fold(0.0, f64::max);
-    let batch = RecordBatch::try_new(
-        backtest_schema(),
-        vec![
-            Arc::new(Date32Array::from(vec![crate::steps::date32(run_date); n])),
-            Arc::new(Int64Array::from(ids)),
-            Arc::new(Float64Array::from_iter_values(hist.iter().map(|h| h.x))),
-            Arc::new(Float64Array::from_iter_values(hist.iter().map(|h| h.t))),
-            Arc::new(Float64Array::from(weeks)),
-            Arc::new(Float64Array::from(actual)),
-            Arc::new(Float64Array::from(predicted)),
-            Arc::new(Float64Array::from(error)),
-        ],
-    )
-    .map_err(|e| Error::Internal(e.to_string()))?;
+    drop((hist, distinct, index));
+    let day = crate::steps::date32(run_date);
+    let (mut actual_total, mut predicted_total, mut abs_error, mut square_error) =
+        (0.0, 0.0, 0.0, 0.0);
+    let mut holdout = 0.0_f64;
+    let mut out = Vec::with_capacity(cols.len());
+    let mut offset = 0;
+    for (id, x, _, t, actual, weeks) in cols {
+        let m = id.len();
+        let predicted = &predicted[offset..offset + m];
+        offset += m;
+        let error: Vec<f64> = predicted
+            .iter()
+            .zip(actual.values())
+            .map(|(p, a)| p - a)
+            .collect();
+        actual_total += actual.values().iter().sum::<f64>();
+        predicted_total += predicted.iter().sum::<f64>();
+        abs_error += error.iter().map(|e| e.abs()).sum::<f64>();
+        square_error += error.iter().map(|e| e * e).sum::<f64>();
+        holdout = weeks.values().iter().copied().fold(holdout, f64::max);
+        let batch = RecordBatch::try_new(
+            backtest_schema(),
+            vec![
+                Arc::new(Date32Array::from(vec![day; m])),
+                id,
+                Arc::new(x),
+                Arc::new(t),
+                Arc::new(weeks),
+                Arc::new(actual),
+                Arc::new(Float64Array::from(predicted.to_vec())),
+                Arc::new(Float64Array::from(error)),
+            ],
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        out.push(batch);
+    }
+    let mae = abs_error / n.max(1) as f64;
+    let rmse = (square_error / n.max(1) as f64).sqrt();
     let p = fit.params;
     let totals = vec![
         ("r", p.r),
@@ -483,7 +500,7 @@ async fn backtest(
         ("mean_abs_error", mae),
         ("rmse", rmse),
     ];
-    Ok((batch, totals))
+    Ok((out, totals))
 }
 
 async fn run_predictive(
@@ -517,6 +534,7 @@ async fn run_predictive(
         .map(|(h, m)| (h.x, *m))
         .collect();
     let gg = gamma_gamma::fit(&spend_data).map_err(|e| model_err(format!("Gamma-Gamma: {e}")))?;
+    drop(spend_data);
     let t_gg = t.elapsed();
 
     let t = Instant::now();
@@ -551,6 +569,9 @@ async fn run_predictive(
         .map_err(|m| model_err(format!("`{}`: {m}", spec.from)))?;
     let bytes = crate::memstat::batches_bytes(parts.iter().flatten()) as usize;
     register(ctx, name, schema.clone(), parts)?;
+    // The backtest's own arrays come next: what only the predictions needed goes first.
+    drop((rows, distinct, index, per_history));
+    crate::memstat::release();
 
     let report: Vec<(&str, &str, f64)> = vec![
         ("bgnbd", "r", p.r),
@@ -570,13 +591,13 @@ async fn run_predictive(
     let mut report = report;
     let t = Instant::now();
     if let Some(table) = &spec.backtest {
-        let (batch, totals) = backtest(ctx, job, name, table, run_date, &p).await?;
+        let (batches, totals) = backtest(ctx, job, name, table, run_date, &p).await?;
         report.extend(totals.into_iter().map(|(k, v)| ("backtest", k, v)));
         register(
             ctx,
             &format!("{name}_backtest"),
             backtest_schema(),
-            vec![vec![batch]],
+            vec![batches],
         )?;
     }
     let t_backtest = t.elapsed();
