@@ -108,7 +108,7 @@ pub async fn stage(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Res
     let log = TableLog::new(out.location.clone())?;
     let recovery = publish::recover(&log).await?;
     let df = prepare(ctx, out, run).await?;
-    let schema = df.schema().as_arrow().clone();
+    let schema = recorded_schema(ctx, out, df.schema().as_arrow()).await?;
 
     let staging_rel = format!("staging/{}", run.run_id);
     let staging = log.log.child(&staging_rel);
@@ -300,6 +300,35 @@ pub async fn commit(staged: Staged) -> Result<OutputOutcome> {
         removed_files: commit.removed.len(),
         recovery,
     })
+}
+
+/// The schema a table's commit records and readers see: the written one, except that a DATE
+/// partition column (handed to the writer as its folder names, see `functions`) stays a DATE.
+async fn recorded_schema(
+    ctx: &SessionContext,
+    out: &OutputPlan,
+    written: &Schema,
+) -> Result<Schema> {
+    let source = ctx
+        .table(out.from.as_str())
+        .await
+        .map_err(|e| Error::df(format!("output `{}`", out.from), e))?;
+    let source = source.schema().as_arrow();
+    let fields: Vec<_> = written
+        .fields()
+        .iter()
+        .map(|f| match source.field_with_name(f.name()) {
+            Ok(s)
+                if out.partition_by.contains(f.name())
+                    && s.data_type() == &DataType::Date32
+                    && f.data_type() == &crate::functions::date_folder_type() =>
+            {
+                Arc::new(s.clone())
+            }
+            _ => f.clone(),
+        })
+        .collect();
+    Ok(Schema::new(fields))
 }
 
 /// The step's rows, with partition columns checked: they exist, and NULL or empty values are
