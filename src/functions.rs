@@ -628,8 +628,8 @@ mod tests {
         let names = dict.downcast_dict::<StringArray>().unwrap();
         let want = cast(&dates, &DataType::Utf8).unwrap();
         let want = want.as_string::<i32>();
-        for i in 0..days.len() {
-            assert_eq!(names.value(i), want.value(i), "day {}", days[i]);
+        for (i, day) in days.iter().enumerate() {
+            assert_eq!(names.value(i), want.value(i), "day {day}");
         }
         assert_eq!(names.value(0), "2025-11-22");
         assert_eq!(dict.values().len(), 4);
