@@ -17,6 +17,12 @@ use crate::config::{EngineSpec, MemoryPoolKind};
 use crate::error::{Error, Result};
 use crate::job::Project;
 
+/// `ident` as a quoted SQL identifier (a table or column name clvflow puts into SQL it writes):
+/// any name works, including ones with spaces, capitals or quotes.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
 /// Builds a session for `project`.
 pub fn session(project: &Project) -> Result<SessionContext> {
     let EngineSpec::Local {

@@ -293,7 +293,10 @@ async fn register_csv(ctx: &SessionContext, job: &str, input: &InputPlan) -> Res
     ctx.register_table(&input.name, Arc::new(table))
         .map_err(|e| Error::df(format!("register input `{}`", input.name), e))?;
     let rows = ctx
-        .sql(&format!("SELECT count(*) FROM \"{}\"", input.name))
+        .sql(&format!(
+            "SELECT count(*) FROM {}",
+            crate::engine::quote_ident(&input.name)
+        ))
         .await
         .map_err(|e| Error::df(format!("read input `{}`", input.name), e))?
         .collect()

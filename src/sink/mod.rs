@@ -39,6 +39,8 @@ use datafusion::datasource::listing::{
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::{StreamExt, TryStreamExt};
 
+use crate::engine::quote_ident;
+
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::job::OutputPlan;
@@ -63,10 +65,6 @@ pub struct OutputOutcome {
     pub replaced: Vec<String>,
     pub removed_files: usize,
     pub recovery: publish::Recovery,
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 fn sql_str(s: &str) -> String {
@@ -107,8 +105,7 @@ pub async fn write(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Res
 pub async fn stage(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Result<Staged> {
     let log = TableLog::new(out.location.clone())?;
     let recovery = publish::recover(&log).await?;
-    let df = prepare(ctx, out, run).await?;
-    let schema = recorded_schema(ctx, out, df.schema().as_arrow()).await?;
+    let (df, schema) = prepare(ctx, out, run).await?;
 
     let staging_rel = format!("staging/{}", run.run_id);
     let staging = log.log.child(&staging_rel);
@@ -302,38 +299,15 @@ pub async fn commit(staged: Staged) -> Result<OutputOutcome> {
     })
 }
 
-/// The schema a table's commit records and readers see: the written one, except that a DATE
-/// partition column (handed to the writer as its folder names, see `functions`) stays a DATE.
-async fn recorded_schema(
+/// The step's rows, with partition columns checked: they exist, and NULL or empty values are
+/// rejected or mapped to `null_partition_value`. Also the schema the table's commit records and
+/// readers see: the written one, except that a DATE partition column, which the writer is handed
+/// as its folder names (see `functions`), stays a DATE.
+async fn prepare(
     ctx: &SessionContext,
     out: &OutputPlan,
-    written: &Schema,
-) -> Result<Schema> {
-    let source = ctx
-        .table(out.from.as_str())
-        .await
-        .map_err(|e| Error::df(format!("output `{}`", out.from), e))?;
-    let source = source.schema().as_arrow();
-    let fields: Vec<_> = written
-        .fields()
-        .iter()
-        .map(|f| match source.field_with_name(f.name()) {
-            Ok(s)
-                if out.partition_by.contains(f.name())
-                    && s.data_type() == &DataType::Date32
-                    && f.data_type() == &crate::functions::date_folder_type() =>
-            {
-                Arc::new(s.clone())
-            }
-            _ => f.clone(),
-        })
-        .collect();
-    Ok(Schema::new(fields))
-}
-
-/// The step's rows, with partition columns checked: they exist, and NULL or empty values are
-/// rejected or mapped to `null_partition_value`.
-async fn prepare(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Result<DataFrame> {
+    run: &RunInfo,
+) -> Result<(DataFrame, Schema)> {
     let df = ctx
         .table(out.from.as_str())
         .await
@@ -359,7 +333,7 @@ async fn prepare(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Resul
         ));
     }
     if out.partition_by.is_empty() {
-        return Ok(df);
+        return Ok((df, schema));
     }
     // Partition values are checked while the rows stream to the files (no second pass over the
     // step): NULL or empty values fail the write, unless NULLs are mapped to a folder name.
@@ -368,7 +342,7 @@ async fn prepare(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Resul
         .fields()
         .iter()
         .map(|f| {
-            let q = quote(f.name());
+            let q = quote_ident(f.name());
             if !out.partition_by.contains(f.name()) {
                 return q;
             }
@@ -389,10 +363,31 @@ async fn prepare(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Resul
             format!("{check}({value}, {}) AS {q}", sql_str(f.name()))
         })
         .collect();
-    let sql = format!("SELECT {} FROM {}", select.join(", "), quote(&out.from));
-    ctx.sql(&sql)
+    let sql = format!(
+        "SELECT {} FROM {}",
+        select.join(", "),
+        quote_ident(&out.from)
+    );
+    let df = ctx
+        .sql(&sql)
         .await
-        .map_err(|e| Error::df("check partition values", e))
+        .map_err(|e| Error::df("check partition values", e))?;
+    let recorded = df
+        .schema()
+        .as_arrow()
+        .fields()
+        .iter()
+        .zip(schema.fields())
+        .map(|(written, source)| {
+            let folder_names = written.data_type() == &crate::functions::date_folder_type();
+            if folder_names && source.data_type() == &DataType::Date32 {
+                source.clone()
+            } else {
+                written.clone()
+            }
+        })
+        .collect::<Vec<_>>();
+    Ok((df, Schema::new(recorded)))
 }
 
 /// Lists the staged files, reads their footers, names their place in the table, and checks the

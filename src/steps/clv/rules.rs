@@ -30,16 +30,13 @@ use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Sche
 
 use super::KeyHasher;
 use crate::config::{ClvModel, ClvSpec};
+use crate::engine::quote_ident;
 
 /// Seconds in a year of 365.25 days.
 pub const YEAR_SECONDS: f64 = 31_557_600.0;
 
 /// Required columns of `from` for the rule-based models.
 pub const ORDER_COLUMNS: [&str; 3] = ["customer_id", "order_ts", "net_amount"];
-
-fn quote(table: &str) -> String {
-    format!("\"{}\"", table.replace('"', "\"\""))
-}
 
 /// The orders the models read: (customer_id BIGINT, epoch seconds DOUBLE, amount DOUBLE), without
 /// rows that have no customer or are at or after the run date.
@@ -48,7 +45,7 @@ pub fn orders_sql(spec: &ClvSpec, run_date: chrono::NaiveDate) -> String {
         "SELECT CAST(customer_id AS BIGINT) AS customer_id, CAST(date_part('epoch', order_ts) AS DOUBLE) AS e, \
          CAST(net_amount AS DOUBLE) AS amount FROM {} \
          WHERE customer_id IS NOT NULL AND date_part('epoch', order_ts) < date_part('epoch', TIMESTAMP '{run_date} 00:00:00')",
-        quote(&spec.from)
+        quote_ident(&spec.from)
     )
 }
 
@@ -57,7 +54,7 @@ pub fn costs_sql(table: &str) -> String {
     format!(
         "SELECT CAST(customer_id AS BIGINT) AS customer_id, CAST(acquisition_cost AS DOUBLE) AS acquisition_cost \
          FROM {} WHERE customer_id IS NOT NULL",
-        quote(table)
+        quote_ident(table)
     )
 }
 
@@ -670,6 +667,26 @@ mod tests {
         assert!(close(rows[0].1, 75.0 / 1.1 - 30.0), "{rows:?}");
     }
 
+    /// (customer_id, orders, revenue, years, clv) of every row, from the columns at `cols`.
+    fn per_customer(batches: &[RecordBatch], cols: [usize; 5]) -> Vec<(i64, i64, f64, i64, f64)> {
+        use datafusion::arrow::datatypes::Int64Type;
+        let mut rows = Vec::new();
+        for b in batches {
+            let int = |c: usize| b.column(cols[c]).as_primitive::<Int64Type>();
+            let float = |c: usize| b.column(cols[c]).as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                rows.push((
+                    int(0).value(i),
+                    int(1).value(i),
+                    float(2).value(i),
+                    int(3).value(i),
+                    float(4).value(i),
+                ));
+            }
+        }
+        rows
+    }
+
     /// The same models written as SQL and run by DataFusion (an aggregation joined back to every
     /// order for the relationship year), on random orders: every customer's numbers agree, and
     /// do not depend on how many threads share the customers.
@@ -701,24 +718,7 @@ mod tests {
              ORDER BY c.customer_id"
         );
         let want = c.sql(&sql).await.unwrap().collect().await.unwrap();
-        let mut expected = Vec::new();
-        for b in &want {
-            for i in 0..b.num_rows() {
-                expected.push((
-                    b.column(0)
-                        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                        .value(i),
-                    b.column(1)
-                        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                        .value(i),
-                    b.column(2).as_primitive::<Float64Type>().value(i),
-                    b.column(3)
-                        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                        .value(i),
-                    b.column(4).as_primitive::<Float64Type>().value(i),
-                ));
-            }
-        }
+        let expected = per_customer(&want, [0, 1, 2, 3, 4]);
         assert!(expected.len() > 600, "{}", expected.len());
         let mut s = spec(ClvModel::Discounted);
         s.margin = 0.3;
@@ -732,25 +732,10 @@ mod tests {
         for shards in [1, 3] {
             let got = super::compute(&s, run_date, &o, &k, shards, 100).unwrap();
             assert_eq!(got.parts.len(), shards);
-            let mut rows = Vec::new();
-            for b in got.parts.iter().flatten() {
-                assert!(b.num_rows() <= 100);
-                for i in 0..b.num_rows() {
-                    rows.push((
-                        b.column(1)
-                            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                            .value(i),
-                        b.column(2)
-                            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                            .value(i),
-                        b.column(3).as_primitive::<Float64Type>().value(i),
-                        b.column(4)
-                            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                            .value(i),
-                        b.column(7).as_primitive::<Float64Type>().value(i),
-                    ));
-                }
-            }
+            assert!(got.parts.iter().flatten().all(|b| b.num_rows() <= 100));
+            let batches: Vec<RecordBatch> = got.parts.into_iter().flatten().collect();
+            // run_date, customer_id, orders, revenue, years_counted, ..., clv
+            let mut rows = per_customer(&batches, [1, 2, 3, 4, 7]);
             rows.sort_by_key(|r| r.0);
             assert_eq!(rows.len(), expected.len(), "shards {shards}");
             for (g, w) in rows.iter().zip(&expected) {

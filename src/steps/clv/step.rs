@@ -383,7 +383,8 @@ async fn backtest(
         message,
     };
     let sql = format!(
-        "SELECT CAST(customer_id AS BIGINT), CAST(x AS DOUBLE), CAST(t_x AS DOUBLE), CAST(t AS DOUBLE), CAST(x_holdout AS DOUBLE), CAST(holdout_weeks AS DOUBLE) FROM \"{table}\""
+        "SELECT CAST(customer_id AS BIGINT), CAST(x AS DOUBLE), CAST(t_x AS DOUBLE), CAST(t AS DOUBLE), CAST(x_holdout AS DOUBLE), CAST(holdout_weeks AS DOUBLE) FROM {}",
+        crate::engine::quote_ident(table)
     );
     let (_, batches) = collect(ctx, job, name, &sql).await?;
     // The output reuses these columns as they are (customer_id, x, t, holdout weeks, actual):
