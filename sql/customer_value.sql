@@ -2,7 +2,8 @@
 -- tier, value quadrant and lifecycle stage. One row per customer with an order before the run date.
 -- Money in the currency of the exports; recency/tenure in days; predictions over the CLV step's
 -- horizon (12 months in the shipped job).
---   value_rank      1 = the highest predicted_clv (ties broken by customer_id)
+--   value_rank      1 = the highest predicted_clv (ties broken by customer_id): the CLV step's
+--                   clv_rank, the same as row_number() over (order by clv desc, customer_id)
 --   value_tier      top_20 / next_30 / rest by value_rank
 --   value_quadrant  gold (high profit per order, many repeats), meteor (high profit, few repeats),
 --                   stream (low profit, many repeats), burden (low, few); "high" and "many" mean
@@ -43,12 +44,11 @@ counted as (
 extras as (
     select
         q.customer_id,
-        q.value_rank,
         coalesce(c.acquisition_channel, 'unknown') as acquisition_channel,
         c.acquisition_cost,
         h.clv as historical_clv,
         d.clv as discounted_clv
-    from (select customer_id, row_number() over (order by clv desc, customer_id) as value_rank from clv) as q
+    from (select customer_id from clv) as q
     left join customers as c on c.customer_id = q.customer_id
     left join clv_historical as h on h.customer_id = q.customer_id
     left join clv_discounted as d on d.customer_id = q.customer_id
@@ -57,7 +57,6 @@ extras as (
 base as (
     select
         s.*,
-        e.value_rank,
         e.acquisition_channel,
         e.acquisition_cost,
         e.historical_clv,
@@ -91,10 +90,10 @@ final as (
         b.expected_purchases,
         b.expected_spend,
         round(b.clv, 2) as predicted_clv,
-        b.value_rank,
+        b.clv_rank as value_rank,
         case
-            when b.value_rank <= 0.2 * n.customers then 'top_20'
-            when b.value_rank <= 0.5 * n.customers then 'next_30'
+            when b.clv_rank <= 0.2 * n.customers then 'top_20'
+            when b.clv_rank <= 0.5 * n.customers then 'next_30'
             else 'rest'
         end as value_tier,
         case

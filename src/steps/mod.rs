@@ -16,7 +16,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, MutableArrayData, RecordBatch, make_array,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
@@ -99,16 +99,24 @@ impl Rows {
         Ok(out)
     }
 
-    /// Checks that column `name` holds integers (cast from any integer) and no NULL; the error
-    /// names the column.
-    pub fn check_integers(&self, name: &str) -> std::result::Result<(), String> {
+    /// Column `name` as integers (cast from any integer), in row order; a NULL is an error
+    /// naming the column.
+    pub fn integers(&self, name: &str) -> std::result::Result<Vec<i64>, String> {
+        let mut out = Vec::with_capacity(self.len());
         for a in self.column(name)? {
             let a = cast(a, &DataType::Int64).map_err(|e| format!("column `{name}`: {e}"))?;
             if a.null_count() > 0 {
                 return Err(format!("column `{name}` has NULL values"));
             }
+            out.extend_from_slice(a.as_primitive::<Int64Type>().values());
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// Checks that column `name` holds integers (cast from any integer) and no NULL; the error
+    /// names the column.
+    pub fn check_integers(&self, name: &str) -> std::result::Result<(), String> {
+        self.integers(name).map(drop)
     }
 }
 

@@ -101,6 +101,7 @@ fn model_results() -> Vec<(&'static str, &'static str, RecordBatch)> {
             f("expected_purchases"),
             f("expected_spend"),
             f("clv"),
+            Field::new("clv_rank", DataType::Int64, false),
         ])),
         vec![
             Arc::new(Int64Array::from(vec![1, 2, 4])),
@@ -108,6 +109,7 @@ fn model_results() -> Vec<(&'static str, &'static str, RecordBatch)> {
             Arc::new(Float64Array::from(vec![2.0, 0.5, 1.0])),
             Arc::new(Float64Array::from(vec![30.0, 40.0, 25.0])),
             Arc::new(Float64Array::from(vec![18.0, 6.0, 7.5])),
+            Arc::new(Int64Array::from(vec![1, 3, 2])),
         ],
     )
     .unwrap();

@@ -243,8 +243,8 @@ for name in ['orders_clean', 'customer_features', 'rfm', 'btyd_backtest', 'cohor
     con.execute(f"create table {name} as " + sql(name))
 ours_value = mart('customer_value')
 # The model steps append their columns to the rows they read: clusters = rfm + cluster,
-# clv = clusters + the BG/NBD / Gamma-Gamma predictions.
-con.execute(f"create table clv as select r.*, o.cluster, o.p_alive, o.expected_purchases, o.expected_spend, o.predicted_clv as clv from rfm as r join {ours_value} as o using (customer_id)")
+# clv = clusters + the BG/NBD / Gamma-Gamma predictions and the rank by CLV.
+con.execute(f"create table clv as select r.*, o.cluster, o.p_alive, o.expected_purchases, o.expected_spend, o.predicted_clv as clv, o.value_rank as clv_rank from rfm as r join {ours_value} as o using (customer_id)")
 con.execute(f"create table clv_historical as select customer_id, historical_clv as clv from {ours_value}")
 con.execute(f"create table clv_discounted as select customer_id, discounted_clv as clv from {ours_value}")
 for name in ['customer_value', 'channel_summary', 'value_tiers', 'ltv_cac']:
@@ -263,6 +263,8 @@ out = {
   "totals": con.execute(f"select sum(actual_purchases), sum(predicted_purchases) from {mart('clv_backtest')}").fetchone(),
   "tiers": con.execute(f"select value_tier, customer_share, predicted_value_share from {mart('value_tiers')} order by 1").fetchall(),
   "stages": con.execute(f"select count(distinct lifecycle_stage), count(distinct value_quadrant) from {ours_value}").fetchone(),
+  # The rank is 1..n without gaps, and never puts a smaller predicted CLV before a larger one.
+  "ranks": con.execute(f"select count(*), count(distinct value_rank), min(value_rank), max(value_rank), (select count(*) from (select predicted_clv < lead(predicted_clv) over (order by value_rank) as inverted from {ours_value}) where inverted) from {ours_value}").fetchone(),
 }
 print(json.dumps(out, default=str))
 "#;
@@ -299,6 +301,17 @@ print(json.dumps(out, default=str))
     assert!(share("top_20", 2) > 0.4, "{r}");
     assert_eq!(r["stages"][0], 5, "all five lifecycle stages occur: {r}");
     assert_eq!(r["stages"][1], 4, "all four quadrants occur: {r}");
+    let n = &r["ranks"][0];
+    assert_eq!(
+        (
+            &r["ranks"][1],
+            &r["ranks"][2],
+            &r["ranks"][3],
+            &r["ranks"][4]
+        ),
+        (n, &serde_json::json!(1), n, &serde_json::json!(0)),
+        "value_rank: {r}"
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, Float64Array, RecordBatch, StringArray,
+    Array, ArrayRef, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use datafusion::prelude::SessionContext;
@@ -32,10 +32,50 @@ pub const WEEKS_PER_MONTH: f64 = 365.25 / 12.0 / 7.0;
 
 /// The columns the predictive model appends to its input's rows.
 pub fn prediction_fields() -> Vec<Field> {
-    ["p_alive", "expected_purchases", "expected_spend", "clv"]
+    let mut fields: Vec<Field> = ["p_alive", "expected_purchases", "expected_spend", "clv"]
         .into_iter()
         .map(|n| Field::new(n, DataType::Float64, false))
-        .collect()
+        .collect();
+    fields.push(Field::new("clv_rank", DataType::Int64, false));
+    fields
+}
+
+/// Each customer's rank by `clv`: 1 = the highest, ties broken by the smaller `customer_id`
+/// (what `row_number() over (order by clv desc, customer_id)` gives, without a sort of the
+/// whole table in SQL). Floats are ordered as Arrow and DataFusion sort them (IEEE total
+/// order: -0.0 below 0.0).
+pub fn clv_ranks(clv: &[f64], ids: &[i64]) -> Vec<i64> {
+    // Ascending keys = descending CLV: the float's bits made order-preserving, then inverted.
+    let key = |v: f64| {
+        let bits = v.to_bits();
+        let ordered = if bits >> 63 == 1 {
+            !bits
+        } else {
+            bits | 1 << 63
+        };
+        !ordered
+    };
+    let mut order: Vec<(u64, i64, u32)> = clv
+        .iter()
+        .zip(ids)
+        .enumerate()
+        .map(|(i, (v, id))| (key(*v), *id, i as u32))
+        .collect();
+    // Sorted in chunks on all cores, then merged: the standard stable sort finds the sorted
+    // runs and merges them in linear time per run.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let chunk = order.len().div_ceil(threads).max(50_000);
+    std::thread::scope(|s| {
+        for part in order.chunks_mut(chunk) {
+            s.spawn(|| part.sort_unstable());
+        }
+    });
+    order.sort();
+    let mut rank = vec![0i64; clv.len()];
+    for (r, (_, _, i)) in order.iter().enumerate() {
+        rank[*i as usize] = r as i64 + 1;
+    }
+    rank
 }
 
 pub fn fit_schema() -> SchemaRef {
@@ -167,6 +207,8 @@ pub async fn plan(
 /// The model's inputs, row by row in the order of `from`'s batches.
 struct History {
     rows: crate::steps::Rows,
+    /// `customer_id`, for ties in the CLV rank.
+    ids: Vec<i64>,
     hist: Vec<bgnbd::History>,
     spend: Vec<f64>,
 }
@@ -184,7 +226,7 @@ async fn read(ctx: &SessionContext, job: &str, name: &str, spec: &ClvSpec) -> Re
         step: name.to_string(),
         message: format!("`{}`: {message}", spec.from),
     };
-    rows.check_integers("customer_id").map_err(model_err)?;
+    let ids = rows.integers("customer_id").map_err(model_err)?;
     let x = rows.floats("x", None).map_err(model_err)?;
     let t_x = rows.floats("t_x", None).map_err(model_err)?;
     let t = rows.floats("t", None).map_err(model_err)?;
@@ -202,7 +244,12 @@ async fn read(ctx: &SessionContext, job: &str, name: &str, spec: &ClvSpec) -> Re
     let spend = rows
         .floats("mean_repeat_spend", Some(0.0))
         .map_err(model_err)?;
-    Ok(History { rows, hist, spend })
+    Ok(History {
+        rows,
+        ids,
+        hist,
+        spend,
+    })
 }
 
 /// The monthly horizons (in weeks) and discount factors of a CLV over `spec.horizon_months`.
@@ -560,12 +607,14 @@ async fn run_predictive(
         spend.push(s);
         value.push(d * s * spec.margin);
     }
+    let rank = clv_ranks(&value, &rows.ids);
     let t_predict = t.elapsed();
-    let added: Vec<(Field, ArrayRef)> = prediction_fields()
+    let values: Vec<ArrayRef> = [alive, purchases, spend, value]
         .into_iter()
-        .zip([alive, purchases, spend, value])
-        .map(|(f, v)| (f, Arc::new(Float64Array::from(v)) as ArrayRef))
+        .map(|v| Arc::new(Float64Array::from(v)) as ArrayRef)
+        .chain([Arc::new(Int64Array::from(rank)) as ArrayRef])
         .collect();
+    let added: Vec<(Field, ArrayRef)> = prediction_fields().into_iter().zip(values).collect();
     let (schema, parts) = crate::steps::append_columns(&rows.rows, day, added)
         .map_err(|m| model_err(format!("`{}`: {m}", spec.from)))?;
     let bytes = crate::memstat::batches_bytes(parts.iter().flatten()) as usize;
@@ -623,4 +672,71 @@ async fn run_predictive(
             backtest: t_backtest,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::Int64Type;
+    use datafusion::datasource::MemTable;
+    use std::collections::HashMap;
+
+    /// The rank equals DataFusion's `row_number() over (order by clv desc, customer_id)` on
+    /// values with many ties, 0.0 and -0.0 (which Arrow orders apart), negatives and customer
+    /// ids in random order.
+    #[tokio::test]
+    async fn clv_rank_is_row_number_by_clv_desc_then_customer_id() {
+        use rand::seq::SliceRandom;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // Enough rows for the sort to run in chunks on several threads.
+        let mut ids: Vec<i64> = (1..=120_000).map(|i| i * 7 - 5000).collect();
+        ids.shuffle(&mut rng);
+        let clv: Vec<f64> = ids
+            .iter()
+            .map(|_| match rng.random_range(0..4) {
+                0 => 0.0,
+                1 => -0.0,
+                2 => f64::from(rng.random_range(-3..20)),
+                _ => rng.random_range(-50.0..5000.0),
+            })
+            .collect();
+        let got = clv_ranks(&clv, &ids);
+
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("customer_id", DataType::Int64, false),
+            Field::new("clv", DataType::Float64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(ids.clone())),
+                Arc::new(Float64Array::from(clv.clone())),
+            ],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        ctx.register_table(
+            "clv",
+            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
+        let sql = "SELECT customer_id, CAST(row_number() OVER (ORDER BY clv DESC, customer_id) AS BIGINT) FROM clv";
+        let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        let mut want: HashMap<i64, i64> = HashMap::new();
+        for b in &batches {
+            let id = b.column(0).as_primitive::<Int64Type>();
+            let rank = b.column(1).as_primitive::<Int64Type>();
+            want.extend(
+                id.values()
+                    .iter()
+                    .copied()
+                    .zip(rank.values().iter().copied()),
+            );
+        }
+        assert_eq!(want.len(), ids.len());
+        for (id, rank) in ids.iter().zip(&got) {
+            assert_eq!(Some(rank), want.get(id), "customer {id}");
+        }
+    }
 }
