@@ -28,7 +28,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::AsArray;
-use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::catalog::TableProvider;
 use datafusion::common::config::{ParquetColumnOptions, TableParquetOptions};
 use datafusion::dataframe::DataFrameWriteOptions;
@@ -332,7 +332,11 @@ async fn prepare(
             "every column is a partition column; the files would hold no data".into(),
         ));
     }
-    if out.partition_by.is_empty() {
+    // Strings are written as plain UTF-8 columns: inputs are read as string views (faster to
+    // group and join), but a table's schema should not depend on that, and not every reader
+    // knows the view type.
+    let is_view = |f: &Field| f.data_type() == &DataType::Utf8View;
+    if out.partition_by.is_empty() && !schema.fields().iter().any(|f| is_view(f)) {
         return Ok((df, schema));
     }
     // Partition values are checked while the rows stream to the files (no second pass over the
@@ -342,9 +346,18 @@ async fn prepare(
         .fields()
         .iter()
         .map(|f| {
-            let q = quote_ident(f.name());
+            let name = quote_ident(f.name());
+            let q = if is_view(f) {
+                format!("arrow_cast({name}, 'Utf8')")
+            } else {
+                name.clone()
+            };
             if !out.partition_by.contains(f.name()) {
-                return q;
+                return if is_view(f) {
+                    format!("{q} AS {name}")
+                } else {
+                    q
+                };
             }
             let value = match &out.null_partition_value {
                 None => q.clone(),
@@ -360,7 +373,7 @@ async fn prepare(
                     format!("COALESCE({text}, {})", sql_str(v))
                 }
             };
-            format!("{check}({value}, {}) AS {q}", sql_str(f.name()))
+            format!("{check}({value}, {}) AS {name}", sql_str(f.name()))
         })
         .collect();
     let sql = format!(

@@ -59,6 +59,35 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
     );
     assert_eq!(meta, vec![vec![serde_json::Value::from("ZSTD")]]);
 
+    // Strings are plain UTF-8 in the files and in the commits, whatever layout DataFusion uses
+    // inside the run (its string functions return views, which not every reader knows).
+    let code = r#"
+import glob, json, sys, pyarrow.parquet as pq
+types = set()
+for f in glob.glob(sys.argv[1] + '/data/marts/*/**/*.parquet', recursive=True):
+    types |= {str(field.type) for field in pq.read_schema(f)}
+for f in glob.glob(sys.argv[1] + '/data/marts/_clvflow/*/commits/*.json'):
+    types |= {c['data_type'] for c in json.load(open(f))['schema']}
+print(json.dumps(sorted(types)))
+"#;
+    let types = py_json(code, &[p.path().to_str().unwrap()]);
+    let types: Vec<&str> = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains(&"string") && types.contains(&"Utf8"),
+        "{types:?}"
+    );
+    assert!(
+        !types
+            .iter()
+            .any(|t| t.contains("view") || t.contains("View")),
+        "{types:?}"
+    );
+
     // Same date again: the date's partitions are replaced, never duplicated.
     let files_before = p.snapshot("data/marts/customer_value").len();
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
