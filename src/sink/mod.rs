@@ -40,7 +40,6 @@ use datafusion::prelude::{DataFrame, SessionContext};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::engine::quote_ident;
-
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::job::OutputPlan;
@@ -332,9 +331,9 @@ async fn prepare(
             "every column is a partition column; the files would hold no data".into(),
         ));
     }
-    // Strings are written as plain UTF-8 columns: inputs are read as string views (faster to
-    // group and join), but a table's schema should not depend on that, and not every reader
-    // knows the view type.
+    // Strings are written as plain UTF-8 columns: DataFusion's string functions and VARCHAR
+    // casts return string views, but a table's schema should not depend on how a value was
+    // computed, and not every reader knows the view type.
     let is_view = |f: &Field| f.data_type() == &DataType::Utf8View;
     if out.partition_by.is_empty() && !schema.fields().iter().any(|f| is_view(f)) {
         return Ok((df, schema));
@@ -353,11 +352,7 @@ async fn prepare(
                 name.clone()
             };
             if !out.partition_by.contains(f.name()) {
-                return if is_view(f) {
-                    format!("{q} AS {name}")
-                } else {
-                    q
-                };
+                return format!("{q} AS {name}");
             }
             let value = match &out.null_partition_value {
                 None => q.clone(),

@@ -314,7 +314,7 @@ pub async fn run(
     let rows = Rows::read(ctx, &spec.from).await.map_err(step_err)?;
     let input_err = |m: String| model_err(format!("`{}`: {m}", spec.from));
     let input_err = |m: String| input_err(format!("{m}; fill or filter them first"));
-    rows.check_integers(&spec.id).map_err(input_err)?;
+    rows.integers(&spec.id).map_err(input_err)?;
     let dims = spec.features.len();
     let mut data = vec![0.0; rows.len() * dims];
     for (j, f) in spec.features.iter().enumerate() {

@@ -20,7 +20,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Sche
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 
 /// Registers `parts` (batches per partition) as table `name` on `ctx`, replacing a table of that
 /// name (a re-run on the same session replaces the step's results).
@@ -29,7 +29,7 @@ pub fn register(
     name: &str,
     schema: SchemaRef,
     parts: Vec<Vec<RecordBatch>>,
-) -> Result<()> {
+) -> crate::error::Result<()> {
     let err = |e| Error::df(format!("register `{name}`"), e);
     let parts = if parts.is_empty() {
         vec![vec![]]
@@ -53,7 +53,7 @@ impl Rows {
     pub async fn read(
         ctx: &SessionContext,
         table: &str,
-    ) -> std::result::Result<Self, datafusion::error::DataFusionError> {
+    ) -> Result<Self, datafusion::error::DataFusionError> {
         let df = ctx.table(table).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let parts = df.collect_partitioned().await?;
@@ -68,10 +68,7 @@ impl Rows {
         self.len() == 0
     }
 
-    fn column<'a>(
-        &'a self,
-        name: &str,
-    ) -> std::result::Result<impl Iterator<Item = &'a ArrayRef>, String> {
+    fn column<'a>(&'a self, name: &str) -> Result<impl Iterator<Item = &'a ArrayRef>, String> {
         let i = self
             .schema
             .index_of(name)
@@ -81,11 +78,7 @@ impl Rows {
 
     /// Column `name` as floats (cast from any number), in row order. A NULL becomes `if_null`,
     /// or is an error naming the column when that is `None`.
-    pub fn floats(
-        &self,
-        name: &str,
-        if_null: Option<f64>,
-    ) -> std::result::Result<Vec<f64>, String> {
+    pub fn floats(&self, name: &str, if_null: Option<f64>) -> Result<Vec<f64>, String> {
         let mut out = Vec::with_capacity(self.len());
         for a in self.column(name)? {
             let a = cast(a, &DataType::Float64).map_err(|e| format!("column `{name}`: {e}"))?;
@@ -101,7 +94,7 @@ impl Rows {
 
     /// Column `name` as integers (cast from any integer), in row order; a NULL is an error
     /// naming the column.
-    pub fn integers(&self, name: &str) -> std::result::Result<Vec<i64>, String> {
+    pub fn integers(&self, name: &str) -> Result<Vec<i64>, String> {
         let mut out = Vec::with_capacity(self.len());
         for a in self.column(name)? {
             let a = cast(a, &DataType::Int64).map_err(|e| format!("column `{name}`: {e}"))?;
@@ -112,17 +105,11 @@ impl Rows {
         }
         Ok(out)
     }
-
-    /// Checks that column `name` holds integers (cast from any integer) and no NULL; the error
-    /// names the column.
-    pub fn check_integers(&self, name: &str) -> std::result::Result<(), String> {
-        self.integers(name).map(drop)
-    }
 }
 
 /// The schema of `from` with `added` columns appended, and `run_date` (a DATE) before them when
 /// `from` has none. A name `from` already has is an error that says which.
-pub fn appended_schema(from: &Schema, added: &[Field]) -> std::result::Result<SchemaRef, String> {
+pub fn appended_schema(from: &Schema, added: &[Field]) -> Result<SchemaRef, String> {
     let mut fields: Vec<Field> = from.fields().iter().map(|f| f.as_ref().clone()).collect();
     if from.field_with_name("run_date").is_err() {
         fields.push(Field::new("run_date", DataType::Date32, false));
@@ -148,7 +135,7 @@ pub fn append_columns(
     rows: &Rows,
     day: i32,
     added: Vec<(Field, ArrayRef)>,
-) -> std::result::Result<(SchemaRef, Vec<Vec<RecordBatch>>), String> {
+) -> Result<(SchemaRef, Vec<Vec<RecordBatch>>), String> {
     let fields: Vec<Field> = added.iter().map(|(f, _)| f.clone()).collect();
     let schema = appended_schema(&rows.schema, &fields)?;
     let add_date = rows.schema.field_with_name("run_date").is_err();
@@ -181,7 +168,7 @@ pub fn date32(day: chrono::NaiveDate) -> i32 {
 
 /// A copy of `array` in buffers of its own, sized to it (Arrow's `concat` of a single array
 /// returns a slice of the same buffers instead).
-pub fn copied(array: &dyn Array) -> std::result::Result<ArrayRef, String> {
+pub fn copied(array: &dyn Array) -> Result<ArrayRef, String> {
     let data = array.to_data();
     let mut copy = MutableArrayData::new(vec![&data], false, data.len());
     copy.try_extend(0, 0, data.len())
@@ -194,7 +181,7 @@ pub fn copied(array: &dyn Array) -> std::result::Result<ArrayRef, String> {
 /// charges a batch for every buffer it points into: a sort or join over such slices would be
 /// charged the shared buffer once per batch and run out of memory on a fraction of the limit.
 /// Results whose batches do not share much are returned as they are.
-pub fn compact(parts: Vec<Vec<RecordBatch>>) -> std::result::Result<Vec<Vec<RecordBatch>>, String> {
+pub fn compact(parts: Vec<Vec<RecordBatch>>) -> Result<Vec<Vec<RecordBatch>>, String> {
     let charged: usize = parts
         .iter()
         .flatten()
@@ -213,7 +200,7 @@ pub fn compact(parts: Vec<Vec<RecordBatch>>) -> std::result::Result<Vec<Vec<Reco
                         .columns()
                         .iter()
                         .map(|c| copied(c.as_ref()))
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                        .collect::<Result<Vec<_>, _>>()?;
                     RecordBatch::try_new(b.schema(), cols).map_err(|e| e.to_string())
                 })
                 .collect()

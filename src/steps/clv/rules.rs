@@ -432,7 +432,6 @@ mod tests {
         AsArray, Float64Array, Int64Array, RecordBatch, TimestampMicrosecondArray,
     };
     use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, TimeUnit};
-    use datafusion::datasource::MemTable;
     use datafusion::prelude::SessionContext;
 
     use crate::config::{ClvModel, ClvSpec};
@@ -493,11 +492,7 @@ mod tests {
             ],
         )
         .unwrap();
-        ctx.register_table(
-            "orders",
-            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
-        )
-        .unwrap();
+        crate::steps::register(&ctx, "orders", schema, vec![vec![batch]]).unwrap();
         let schema = Arc::new(Schema::new(vec![
             Field::new("customer_id", DataType::Int64, false),
             Field::new("acquisition_cost", DataType::Float64, true),
@@ -510,11 +505,7 @@ mod tests {
             ],
         )
         .unwrap();
-        ctx.register_table(
-            "costs",
-            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
-        )
-        .unwrap();
+        crate::steps::register(&ctx, "costs", schema, vec![vec![batch]]).unwrap();
         ctx
     }
 

@@ -324,21 +324,24 @@ pub async fn run(
     }
 }
 
+/// The rows of `sql`; errors name the job and step.
 async fn collect(
     ctx: &SessionContext,
     job: &str,
     name: &str,
     sql: &str,
-) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+) -> Result<Vec<RecordBatch>> {
     let step_err = |source| Error::Step {
         job: job.to_string(),
         step: name.to_string(),
         source,
     };
-    let df = ctx.sql(sql).await.map_err(step_err)?;
-    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(step_err)?;
-    Ok((schema, batches))
+    ctx.sql(sql)
+        .await
+        .map_err(step_err)?
+        .collect()
+        .await
+        .map_err(step_err)
 }
 
 async fn run_rules(
@@ -350,10 +353,10 @@ async fn run_rules(
 ) -> Result<StepOutcome> {
     let started = Instant::now();
     let model = spec.model.name();
-    let (_, orders) = collect(ctx, job, name, &rules::orders_sql(spec, run_date)).await?;
+    let orders = collect(ctx, job, name, &rules::orders_sql(spec, run_date)).await?;
     let costs = match &spec.acquisition_costs {
         Some(table) if spec.model == ClvModel::Discounted => {
-            collect(ctx, job, name, &rules::costs_sql(table)).await?.1
+            collect(ctx, job, name, &rules::costs_sql(table)).await?
         }
         _ => Vec::new(),
     };
@@ -433,7 +436,7 @@ async fn backtest(
         "SELECT CAST(customer_id AS BIGINT), CAST(x AS DOUBLE), CAST(t_x AS DOUBLE), CAST(t AS DOUBLE), CAST(x_holdout AS DOUBLE), CAST(holdout_weeks AS DOUBLE) FROM {}",
         crate::engine::quote_ident(table)
     );
-    let (_, batches) = collect(ctx, job, name, &sql).await?;
+    let batches = collect(ctx, job, name, &sql).await?;
     // The output reuses these columns as they are (customer_id, x, t, holdout weeks, actual):
     // only the predictions and errors are new arrays.
     let mut cols = Vec::with_capacity(batches.len());
@@ -678,7 +681,6 @@ async fn run_predictive(
 mod tests {
     use super::*;
     use datafusion::arrow::datatypes::Int64Type;
-    use datafusion::datasource::MemTable;
     use std::collections::HashMap;
 
     /// The rank equals DataFusion's `row_number() over (order by clv desc, customer_id)` on
@@ -716,11 +718,7 @@ mod tests {
         )
         .unwrap();
         let ctx = SessionContext::new();
-        ctx.register_table(
-            "clv",
-            Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
-        )
-        .unwrap();
+        register(&ctx, "clv", schema, vec![vec![batch]]).unwrap();
         let sql = "SELECT customer_id, CAST(row_number() OVER (ORDER BY clv DESC, customer_id) AS BIGINT) FROM clv";
         let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
         let mut want: HashMap<i64, i64> = HashMap::new();
