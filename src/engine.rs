@@ -32,12 +32,15 @@ pub fn session(project: &Project) -> Result<SessionContext> {
         batch_size,
         memory_pool,
         settings,
+        transparent_huge_pages,
     } = &project.config.value.engine
     else {
         return Err(Error::Internal(
             "non-local engine passed config checks".into(),
         ));
     };
+    // Process-wide, so the last session built decides (all sessions share config.yaml).
+    crate::memstat::set_huge_pages(*transparent_huge_pages);
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         // Writes: one file per partition folder and output stream, not one per core.

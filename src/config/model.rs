@@ -157,6 +157,12 @@ pub enum EngineSpec {
         /// bad values are config errors.
         #[serde(default)]
         settings: BTreeMap<String, String>,
+        /// Let the kernel back clvflow's memory with transparent huge pages (Linux). Off by
+        /// default: a run allocates gigabytes of fresh hash tables, and the first touch of a
+        /// huge page clears 2 MiB at once, which on virtual machines cost 2-5 s of kernel time
+        /// per run against ~1 s with normal pages (see README, Benchmarks).
+        #[serde(default)]
+        transparent_huge_pages: bool,
     },
     /// A DataFusion Ballista cluster (`df://host:50050`).
     Ballista { url: String },
@@ -171,6 +177,7 @@ impl Default for EngineSpec {
             batch_size: None,
             memory_pool: MemoryPoolKind::default(),
             settings: BTreeMap::new(),
+            transparent_huge_pages: false,
         }
     }
 }
