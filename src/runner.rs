@@ -20,7 +20,7 @@ use crate::lifetimes::{self, Lifetimes};
 use crate::memstat;
 use crate::sink::{self, OutputOutcome, RunInfo, Staged};
 use crate::steps::sql::{self, StepOutcome};
-use crate::steps::{clv, kmeans};
+use crate::steps::{self, clv, kmeans};
 
 /// Everything a run did, for logs, the CLI and run history.
 #[derive(Debug, Clone)]
@@ -249,10 +249,13 @@ async fn execute_until(
         let started = Instant::now();
         memstat::reset_peak();
         let streamed = staging.is_some_and(|s| s.lifetimes.streamed.get(i) == Some(&true));
+        // The session with the step's own settings; a streamed step is computed by its
+        // output's write, so that write uses it too.
+        let step_ctx = steps::session_for(ctx, step)?;
         let mut out = match &step.kind {
             StepKind::Sql { .. } if streamed => {
                 // Computed while it is written to its output (in `after_step` below).
-                let schema = sql::register_view(ctx, job, step, run_date).await?;
+                let schema = sql::register_view(&step_ctx, job, step, run_date).await?;
                 StepOutcome {
                     rows: 0,
                     bytes: 0,
@@ -260,12 +263,13 @@ async fn execute_until(
                     schema,
                 }
             }
-            StepKind::Sql { .. } => sql::run(ctx, job, step, run_date).await?,
+            StepKind::Sql { .. } => sql::run(&step_ctx, job, step, run_date).await?,
             StepKind::Kmeans(spec) => {
-                kmeans::run(ctx, &job.name, &step.name, spec, run_date).await?
+                kmeans::run(&step_ctx, &job.name, &step.name, spec, run_date).await?
             }
             StepKind::Clv(spec) => {
-                let (out, t) = clv::step::run(ctx, &job.name, &step.name, spec, run_date).await?;
+                let (out, t) =
+                    clv::step::run(&step_ctx, &job.name, &step.name, spec, run_date).await?;
                 if let Some(t) = t {
                     info!(job = %job.name, step = %step.name, bgnbd_ms = t.bgnbd.as_millis() as u64,
                           gamma_gamma_ms = t.gamma_gamma.as_millis() as u64, predict_ms = t.predict.as_millis() as u64,
@@ -275,7 +279,7 @@ async fn execute_until(
             }
         };
         if streamed && let Some(staging) = staging {
-            let written = staging.after_step(ctx, job, i).await?;
+            let written = staging.after_step(&step_ctx, job, i).await?;
             out.rows = written as usize;
             out.elapsed = started.elapsed();
         }
@@ -351,7 +355,7 @@ pub async fn explain_step(
         step: step.to_string(),
         source,
     };
-    let batches = sql::dataframe(&ctx, job, plan, run_date)
+    let batches = sql::dataframe(&steps::session_for(&ctx, plan)?, job, plan, run_date)
         .await?
         .explain(false, analyze)
         .map_err(step_err)?
@@ -385,6 +389,11 @@ pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
         .collect();
     let mut schemas: Vec<(String, SchemaRef)> = Vec::new();
     for step in &job.steps {
+        // A bad setting is already reported (job checks); the step is not planned.
+        let Ok(ctx) = steps::session_for(&ctx, step) else {
+            failed.push(step.name.clone());
+            continue;
+        };
         if let StepKind::Kmeans(spec) = &step.kind {
             if failed.contains(&spec.from) {
                 failed.push(step.name.clone());
@@ -424,7 +433,9 @@ pub async fn validate_job(project: &Project, name: &str) -> Result<JobPlan> {
                 // A step that fails makes later steps that use it fail too: report only the cause.
                 let noise = d.iter().all(|x| {
                     failed.iter().any(|f| {
+                        // DataFusion names a missing table bare or fully qualified.
                         x.message.contains(&format!("'{f}'"))
+                            || x.message.contains(&format!(".{f}'"))
                             || x.message.contains(&format!("\"{f}\""))
                     })
                 });

@@ -309,6 +309,10 @@ pub struct StepSpec {
     /// K-means segmentation. Also registers `<name>_profile`.
     #[serde(default)]
     pub kmeans: Option<KmeansSpec>,
+    /// DataFusion settings for this step only, by full key (values quoted), on top of
+    /// `engine.settings`; e.g. more hash partitions for a large aggregation.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 /// The K-means step.

@@ -42,14 +42,8 @@ impl Project {
         }
         if let config::EngineSpec::Local { settings, .. } = &config.value.engine {
             for (key, value) in settings {
-                let mut options = datafusion::config::ConfigOptions::new();
-                if let Err(e) = options.set(key, value) {
-                    let message = e.strip_backtrace();
-                    let message = message.lines().next().unwrap_or_default();
-                    diags.push(config.diag(
-                        "engine.settings",
-                        format!("`{key}: {value}`: {message} (keys are DataFusion configuration keys such as datafusion.execution.batch_size)"),
-                    ));
+                if let Err(m) = check_setting(key, value) {
+                    diags.push(config.diag("engine.settings", m));
                 }
             }
         }
@@ -181,6 +175,8 @@ pub struct StepPlan {
     pub name: String,
     pub kind: StepKind,
     pub field: String,
+    /// DataFusion settings for this step only (checked).
+    pub settings: BTreeMap<String, String>,
 }
 
 impl StepPlan {
@@ -218,6 +214,22 @@ pub struct OutputPlan {
     pub row_group_size: usize,
     pub null_partition_value: Option<String>,
     pub field: String,
+}
+
+/// Checks one DataFusion setting (`engine.settings`, a step's `settings`).
+fn check_setting(key: &str, value: &str) -> std::result::Result<(), String> {
+    let mut options = datafusion::config::ConfigOptions::new();
+    options.set(key, value).map_err(|e| {
+        // DataFusion's message and its first cause ("Error parsing 'x' as usize").
+        let message = e.strip_backtrace();
+        let lines: Vec<&str> = message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && *l != "caused by")
+            .take(2)
+            .collect();
+        format!("`{key}: {value}`: {} (keys are DataFusion configuration keys such as datafusion.execution.batch_size)", lines.join(": "))
+    })
 }
 
 /// Names a step or input may have: SQL identifiers that need no quoting.
@@ -325,6 +337,11 @@ impl JobPlan {
                     ),
                 ));
             }
+            for (key, value) in &s.settings {
+                if let Err(m) = check_setting(key, value) {
+                    diags.push(doc.diag(&format!("{field}.settings.{key}"), m));
+                }
+            }
             let tables: BTreeSet<&String> = names.iter().collect();
             let kinds = usize::from(s.sql.is_some())
                 + usize::from(s.clv.is_some())
@@ -379,6 +396,7 @@ impl JobPlan {
                     name: s.name.clone(),
                     kind: StepKind::Kmeans(km),
                     field,
+                    settings: s.settings.clone(),
                 });
                 continue;
             }
@@ -511,6 +529,7 @@ impl JobPlan {
                         name: s.name.clone(),
                         kind: StepKind::Clv(clv.clone()),
                         field,
+                        settings: s.settings.clone(),
                     });
                 }
                 (Some(sql), None) => {
@@ -520,6 +539,7 @@ impl JobPlan {
                             name: s.name.clone(),
                             kind: StepKind::Sql { file, text },
                             field,
+                            settings: s.settings.clone(),
                         }),
                         Err(e) => diags.push(doc.diag(
                             &format!("{field}.sql"),

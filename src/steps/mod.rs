@@ -21,6 +21,26 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
 use crate::error::Error;
+use crate::job::StepPlan;
+
+/// The session `step` runs on: `ctx` itself, or, when the step has `settings`, a session over
+/// the same tables, functions, object stores and memory pool (DataFusion shares them between
+/// copies of a session state) whose options are changed for this step only.
+pub fn session_for(ctx: &SessionContext, step: &StepPlan) -> crate::error::Result<SessionContext> {
+    if step.settings.is_empty() {
+        return Ok(ctx.clone());
+    }
+    let mut state = ctx.state();
+    for (key, value) in &step.settings {
+        // Checked when the job was loaded.
+        state
+            .config_mut()
+            .options_mut()
+            .set(key, value)
+            .map_err(|e| Error::df(format!("{}.settings: {key}", step.field), e))?;
+    }
+    Ok(SessionContext::new_with_state(state))
+}
 
 /// Registers `parts` (batches per partition) as table `name` on `ctx`, replacing a table of that
 /// name (a re-run on the same session replaces the step's results).

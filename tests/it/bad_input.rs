@@ -91,7 +91,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:31:",
+            "customer_value.yaml:32:",
             "steps[0].sql: cannot read SQL file `sql/nope.sql`",
         ],
     );
@@ -143,7 +143,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:50:",
+            "customer_value.yaml:58:",
             "outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`",
         ],
     );

@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:44:")
+        lines.iter().any(|l| l.contains("customer_value.yaml:52:")
             && l.contains("steps[9].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:50:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:58:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -94,7 +94,7 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:34:")
+        err.contains("customer_value.yaml:42:")
             && err.contains("steps[2].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
@@ -157,4 +157,100 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
     assert!(lifetimes.streamed[step("ltv_cac")]);
     assert!(!lifetimes.streamed[step("clv")]);
     assert!(!lifetimes.streamed[step("rfm")]);
+}
+
+#[test]
+fn a_bad_step_setting_is_reported_at_its_key_without_noise_from_later_steps() {
+    let p = TestProject::shipped();
+    let good = p.read("jobs/customer_value.yaml");
+    let bad = good.replacen(
+        "datafusion.execution.target_partitions: \"64\"",
+        "datafusion.execution.target_partitions: \"lots\"",
+        1,
+    );
+    assert_ne!(bad, good);
+    p.write("jobs/customer_value.yaml", &bad);
+    p.edit(
+        "jobs/customer_value.yaml",
+        "skip_partial_aggregation_probe_rows_threshold: \"8192\"\n  - name: customer_features",
+        "skip_partial_aggregation_probe_rows_threshold: \"8192\"\n      datafusion.execution.no_such_option: \"1\"\n  - name: customer_features",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(".yaml:") || l.contains(".sql:"))
+        .collect();
+    // Exactly the two settings: the steps that read orders_clean are not planned, not reported.
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:34:7: steps[0].settings.datafusion.execution.target_partitions: `datafusion.execution.target_partitions: lots`")
+        && l.contains("Error parsing 'lots' as usize")), "{err}");
+    assert!(
+        lines.iter().any(|l| l.contains(
+            "customer_value.yaml:36:7: steps[0].settings.datafusion.execution.no_such_option:"
+        ) && l.contains("no_such_option")),
+        "{err}"
+    );
+}
+
+#[test]
+fn step_settings_apply_to_their_step_only() {
+    let p = TestProject::shipped();
+    p.generate(300);
+    // parse_float_as_decimal changes a literal's type: visible in each step's schema.
+    p.write(
+        "jobs/settings.yaml",
+        "inputs:\n  customers: { url: file://./data/exports/customers/, columns: { customer_id: int64 } }\nsteps:\n  - name: a\n    sql: sql/a.sql\n    settings: { datafusion.sql_parser.parse_float_as_decimal: \"true\", datafusion.execution.target_partitions: \"3\" }\n  - { name: b, sql: sql/b.sql }\n",
+    );
+    p.write(
+        "sql/a.sql",
+        "select customer_id, 1.5 as x from customers group by customer_id",
+    );
+    p.write(
+        "sql/b.sql",
+        "select customer_id, x, 1.5 as y from a group by customer_id, x",
+    );
+    p.ok(&["validate", "settings"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
+        let job = clvflow::runner::validate_job(&project, "settings")
+            .await
+            .unwrap();
+        let date = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
+        let ctx = clvflow::runner::run_steps(&project, &job, date, None)
+            .await
+            .unwrap();
+        let partitions = |t: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let provider = ctx.table_provider(t).await.unwrap();
+                let mem = provider
+                    .downcast_ref::<datafusion::datasource::MemTable>()
+                    .unwrap();
+                mem.batches.len()
+            }
+        };
+        let a = ctx.table("a").await.unwrap();
+        let b = ctx.table("b").await.unwrap();
+        assert!(
+            matches!(
+                a.schema().field_with_name(None, "x").unwrap().data_type(),
+                datafusion::arrow::datatypes::DataType::Decimal128(..)
+            ),
+            "{:?}",
+            a.schema()
+        );
+        assert_eq!(
+            b.schema().field_with_name(None, "y").unwrap().data_type(),
+            &datafusion::arrow::datatypes::DataType::Float64
+        );
+        // a hash-partitioned its aggregation 3 ways; b (and the session) keep config.yaml's 2.
+        assert_eq!(partitions("a").await, 3);
+        assert_eq!(partitions("b").await, 2);
+        assert_eq!(ctx.state().config().target_partitions(), 2);
+        let (na, nb) = (a.count().await.unwrap(), b.count().await.unwrap());
+        assert_eq!((na, nb), (300, 300));
+    });
 }
