@@ -393,9 +393,11 @@ pub struct ClvSpec {
     /// by `discounted`.
     #[serde(default = "default_discount_rate")]
     pub discount_rate: f64,
-    /// Share of spend that is gross profit.
-    #[serde(default = "default_margin")]
-    pub margin: f64,
+    /// Share of spend that is gross profit. Unset: the job's `params.gross_margin` when it has
+    /// one (so the SQL steps and the CLV models use one margin), else 0.30. Read it with
+    /// [`ClvSpec::margin`].
+    #[serde(default)]
+    pub margin: Option<f64>,
     /// `formula`: expected relationship length in years.
     #[serde(default)]
     pub expected_years: Option<f64>,
@@ -449,8 +451,15 @@ fn default_horizon_months() -> u32 {
 fn default_discount_rate() -> f64 {
     0.10
 }
-fn default_margin() -> f64 {
-    0.30
+
+/// The CLV steps' margin when neither the step nor `params.gross_margin` gives one.
+pub const DEFAULT_MARGIN: f64 = 0.30;
+
+impl ClvSpec {
+    /// The margin the step uses (loading a job fills in `params.gross_margin`).
+    pub fn margin(&self) -> f64 {
+        self.margin.unwrap_or(DEFAULT_MARGIN)
+    }
 }
 
 /// One output table.

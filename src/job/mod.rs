@@ -423,12 +423,26 @@ impl JobPlan {
                             "an annual rate: at least 0 and below 1 (0.10 = 10 %)",
                         ));
                     }
-                    if !(0.0..=1.0).contains(&clv.margin) {
+                    // Unset: the margin the job's SQL uses, when it declares one.
+                    let mut clv = clv.clone();
+                    if clv.margin.is_none()
+                        && let Some(v) = spec.params.get("gross_margin")
+                    {
+                        match v.to_string().parse::<f64>() {
+                            Ok(m) if (0.0..=1.0).contains(&m) => clv.margin = Some(m),
+                            _ => diags.push(doc.diag(
+                                "params.gross_margin",
+                                format!("`{v}`: the CLV steps without `margin` use it as theirs; a share of spend between 0 and 1"),
+                            )),
+                        }
+                    }
+                    if !(0.0..=1.0).contains(&clv.margin()) {
                         diags.push(doc.diag(
                             &format!("{field}.clv.margin"),
                             "a share of spend: between 0 and 1",
                         ));
                     }
+                    let clv = &clv;
                     use config::ClvModel as M;
                     let model = clv.model;
                     let predictive = model == M::BgnbdGammaGamma;

@@ -27,9 +27,10 @@ fn margins(p: &TestProject) -> Vec<f64> {
 }
 
 fn set_margin(p: &TestProject, m: &str) {
-    // The margin of the historical CLV model (historical_clv = margin x monetary).
+    // The job's gross margin, which the historical CLV model uses (historical_clv = margin x
+    // monetary).
     let job = p.read("jobs/customer_value.yaml");
-    let line = "clv: { from: orders_clean, model: historical, margin: ";
+    let line = "  gross_margin: ";
     let start = job.find(line).unwrap() + line.len();
     let end = start + job[start..].find(' ').unwrap();
     p.write(

@@ -79,13 +79,13 @@ fn clv_model_options_are_checked_per_model() {
     // historical takes no backtest; formula needs expected_years; a costs table must exist.
     p.edit(
         "jobs/customer_value.yaml",
-        "clv: { from: orders_clean, model: historical, margin: 0.30 }",
-        "clv: { from: orders_clean, model: historical, margin: 0.30, backtest: btyd_backtest }",
+        "clv: { from: orders_clean, model: historical }",
+        "clv: { from: orders_clean, model: historical, backtest: btyd_backtest }",
     );
     p.edit(
         "jobs/customer_value.yaml",
-        "model: discounted, margin: 0.30, discount_rate: 0.10, acquisition_costs: customers }",
-        "model: discounted, margin: 0.30, discount_rate: 0.10, acquisition_costs: costs }",
+        "model: discounted, discount_rate: 0.10, acquisition_costs: customers }",
+        "model: discounted, discount_rate: 0.10, acquisition_costs: costs }",
     );
     p.edit(
         "jobs/customer_clv.yaml",
@@ -253,4 +253,59 @@ fn step_settings_apply_to_their_step_only() {
         let (na, nb) = (a.count().await.unwrap(), b.count().await.unwrap());
         assert_eq!((na, nb), (300, 300));
     });
+}
+
+#[test]
+fn clv_steps_without_a_margin_use_the_jobs_gross_margin() {
+    let p = TestProject::shipped();
+    p.edit(
+        "jobs/customer_value.yaml",
+        "  gross_margin: 0.30 ",
+        "  gross_margin: 0.42 ",
+    );
+    p.edit(
+        "jobs/customer_value.yaml",
+        "clv: { from: orders_clean, model: historical }",
+        "clv: { from: orders_clean, model: historical, margin: 0.25 }",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let margins = |job: &str| {
+        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
+        let job = rt
+            .block_on(clvflow::runner::validate_job(&project, job))
+            .unwrap();
+        job.steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                clvflow::job::StepKind::Clv(c) => Some((s.name.clone(), c.margin())),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let named = |v: &[(&str, f64)]| {
+        v.iter()
+            .map(|(n, m)| (n.to_string(), *m))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        margins("customer_value"),
+        named(&[
+            ("clv_historical", 0.25),
+            ("clv_discounted", 0.42),
+            ("clv", 0.42)
+        ])
+    );
+    // customer_clv has no params.gross_margin and sets its margin.
+    assert_eq!(margins("customer_clv"), named(&[("clv", 0.30)]));
+    p.edit(
+        "jobs/customer_value.yaml",
+        "  gross_margin: 0.42 ",
+        "  gross_margin: 1.5 ",
+    );
+    let err = stderr(&p.clvflow(&["validate", "customer_value"]));
+    assert!(
+        err.contains("customer_value.yaml:6:")
+            && err.contains("params.gross_margin: `1.5`: the CLV steps without `margin` use it"),
+        "{err}"
+    );
 }

@@ -320,7 +320,7 @@ pub fn compute(
             .unwrap_or_default()
             .and_utc()
             .timestamp() as f64,
-        margin: spec.margin,
+        margin: spec.margin(),
         discount_rate: spec.discount_rate,
         years: spec.years.map(i64::from),
         retention: estimate,
@@ -385,7 +385,7 @@ pub fn compute(
                 floats(&|a| a.revenue),
             ];
             let clv: Vec<f64> = match spec.model {
-                ClvModel::Historical => accs.iter().map(|a| a.revenue * spec.margin).collect(),
+                ClvModel::Historical => accs.iter().map(|a| a.revenue * spec.margin()).collect(),
                 ClvModel::Formula | ClvModel::FormulaRetention => {
                     let factor = if spec.model == ClvModel::Formula {
                         spec.expected_years.unwrap_or(0.0)
@@ -394,7 +394,7 @@ pub fn compute(
                     };
                     cols.extend([floats(&aov), floats(&ppy), floats(&|_| factor)]);
                     accs.iter()
-                        .map(|a| aov(a) * ppy(a) * factor * spec.margin)
+                        .map(|a| aov(a) * ppy(a) * factor * spec.margin())
                         .collect()
                 }
                 ClvModel::Discounted => {
@@ -459,7 +459,7 @@ mod tests {
             model,
             horizon_months: 12,
             discount_rate: 0.10,
-            margin: 1.0,
+            margin: Some(1.0),
             expected_years: None,
             purchases_per_year: None,
             retention_rate: None,
@@ -573,7 +573,7 @@ mod tests {
         // Own rate: customer 2 has 3 orders over 800 days = 2.19 years -> 3 / 2.19 a year;
         // customer 1's 10 days count as one year (the rate is not extrapolated from days).
         s.purchases_per_year = None;
-        s.margin = 0.5;
+        s.margin = Some(0.5);
         let (rows, _) = run(&c, &s).await;
         assert!(close(rows[0].1, 500.0 * 2.0 * 4.0 * 0.5), "{rows:?}");
         let years = 800.0 / 365.25;
@@ -623,7 +623,7 @@ mod tests {
     async fn historical_is_realized_gross_profit() {
         let c = ctx(&[(1, 10.0, 100.0), (1, 5.0, 60.0), (2, 3.0, 40.0)], &[]);
         let mut s = spec(ClvModel::Historical);
-        s.margin = 0.3;
+        s.margin = Some(0.3);
         let (rows, fit) = run(&c, &s).await;
         assert!(close(rows[0].1, 48.0) && close(rows[1].1, 12.0), "{rows:?}");
         assert!(
@@ -647,7 +647,7 @@ mod tests {
             &[(1, 30.0), (3, 99.0)],
         );
         let mut s = spec(ClvModel::Discounted);
-        s.margin = 0.5;
+        s.margin = Some(0.5);
         s.acquisition_costs = Some("costs".into());
         let (rows, _) = run(&c, &s).await;
         let one = 75.0 / 1.1 + 100.0 / 1.1_f64.powi(2) + 20.0 / 1.1_f64.powi(3) - 30.0;
@@ -712,7 +712,7 @@ mod tests {
         let expected = per_customer(&want, [0, 1, 2, 3, 4]);
         assert!(expected.len() > 600, "{}", expected.len());
         let mut s = spec(ClvModel::Discounted);
-        s.margin = 0.3;
+        s.margin = Some(0.3);
         s.acquisition_costs = Some("costs".into());
         let read = |q: String| {
             let c = &c;

@@ -393,7 +393,7 @@ async fn run_rules(
     let bytes = crate::memstat::batches_bytes(computed.parts.iter().flatten()) as usize;
     report.push((model, "customers", rows as f64));
     report.push((model, "total_clv", computed.total_clv));
-    report.push((model, "margin", spec.margin));
+    report.push((model, "margin", spec.margin()));
     match spec.model {
         ClvModel::Formula => {
             report.push((model, "expected_years", spec.expected_years.unwrap_or(0.0)))
@@ -608,7 +608,7 @@ async fn run_predictive(
         alive.push(a);
         purchases.push(e);
         spend.push(s);
-        value.push(d * s * spec.margin);
+        value.push(d * s * spec.margin());
     }
     let rank = clv_ranks(&value, &rows.ids);
     let t_predict = t.elapsed();
