@@ -40,7 +40,12 @@ pub fn session(project: &Project) -> Result<SessionContext> {
         ));
     };
     // Process-wide, so the last session built decides (all sessions share config.yaml).
-    crate::memstat::set_huge_pages(*transparent_huge_pages);
+    if !crate::memstat::set_huge_pages(*transparent_huge_pages) && cfg!(target_os = "linux") {
+        tracing::warn!(
+            on = *transparent_huge_pages,
+            "the kernel did not take engine.transparent_huge_pages (prctl PR_SET_THP_DISABLE); memory uses its default"
+        );
+    }
     let mut config = SessionConfig::new()
         .with_information_schema(true)
         // Writes: one file per partition folder and output stream, not one per core.

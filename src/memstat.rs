@@ -51,12 +51,6 @@ pub fn set_huge_pages(on: bool) -> bool {
     }
 }
 
-/// Whether transparent huge pages are allowed for this process (`THP_enabled` in
-/// /proc/self/status; `None` where the kernel does not report it).
-pub fn huge_pages() -> Option<bool> {
-    status_value("THP_enabled:").map(|v| v != 0)
-}
-
 /// Resident memory now, in bytes.
 pub fn rss() -> Option<u64> {
     status_value("VmRSS:").map(|k| k * 1024)
@@ -117,6 +111,13 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::Int64Array;
     use std::sync::Arc;
+
+    /// Whether transparent huge pages are allowed for this process (`THP_enabled` in
+    /// /proc/self/status; `None` where the kernel does not report it).
+    #[cfg(target_os = "linux")]
+    fn huge_pages() -> Option<bool> {
+        status_value("THP_enabled:").map(|v| v != 0)
+    }
 
     #[test]
     #[cfg(target_os = "linux")]

@@ -317,6 +317,13 @@ impl JobPlan {
         }
 
         let mut steps = Vec::new();
+        // The job's gross margin, the default of its CLV steps' `margin`: (the value as
+        // written, the share if it is one). Reported once, if a step without `margin` needs it.
+        let gross_margin = spec.params.get("gross_margin").map(|v| {
+            let share = v.to_string().parse::<f64>().ok();
+            (v.to_string(), share.filter(|m| (0.0..=1.0).contains(m)))
+        });
+        let mut bad_gross_margin_used = false;
         for (i, s) in spec.steps.iter().enumerate() {
             let field = format!("steps[{i}]");
             if !valid_name(&s.name) {
@@ -426,15 +433,10 @@ impl JobPlan {
                     // Unset: the margin the job's SQL uses, when it declares one.
                     let mut clv = clv.clone();
                     if clv.margin.is_none()
-                        && let Some(v) = spec.params.get("gross_margin")
+                        && let Some((_, share)) = &gross_margin
                     {
-                        match v.to_string().parse::<f64>() {
-                            Ok(m) if (0.0..=1.0).contains(&m) => clv.margin = Some(m),
-                            _ => diags.push(doc.diag(
-                                "params.gross_margin",
-                                format!("`{v}`: the CLV steps without `margin` use it as theirs; a share of spend between 0 and 1"),
-                            )),
-                        }
+                        clv.margin = *share;
+                        bad_gross_margin_used |= share.is_none();
                     }
                     if !(0.0..=1.0).contains(&clv.margin()) {
                         diags.push(doc.diag(
@@ -568,6 +570,12 @@ impl JobPlan {
                 // Covered by the guard above (exactly one kind is set).
                 _ => {}
             }
+        }
+        if bad_gross_margin_used && let Some((v, _)) = &gross_margin {
+            diags.push(doc.diag(
+                "params.gross_margin",
+                format!("`{v}`: the CLV steps without `margin` use it as theirs; a share of spend between 0 and 1"),
+            ));
         }
         if spec.steps.is_empty() {
             diags.push(doc.diag("steps", "a job needs at least one step"));
