@@ -83,7 +83,7 @@ for _ in range(runs):
             step_ms.setdefault(key, []).append(l["ms"])
             step_rss.setdefault(key, []).append(l.get("peak_rss_mb") or 0)
         elif msg == "models fitted":
-            models.append(l)
+            models.append({k: float(v) for k, v in (t.split("=") for t in l["timings"].split())})
         elif msg == "run succeeded":
             logged_peaks.append(l.get("max_rss_mb") or 0)
 print("clvflow customer_value (release build, config.yaml as shipped):")

@@ -10,7 +10,7 @@
 --   x                  repeat purchases: purchase days after the first
 --   t_x                weeks from the first purchase day to the last
 --   t                  weeks from the first purchase day to the run date (the customer's age, T)
---   mean_repeat_spend  mean net spend per repeat purchase day (NULL when x = 0)
+--   mean_repeat_spend  mean net spend per repeat purchase day, from cent-rounded sums (NULL when x = 0)
 --   x_calibration, t_x_calibration, t_calibration
 --                      the same as x, t_x, t with the run date moved back to the cut-off,
 --                      {{ params.holdout_weeks }} weeks before it (NULL for customers whose first purchase is after it)
@@ -70,7 +70,9 @@ final as (
         cast(purchase_days - 1 as double) as x,
         (last_epoch - first_epoch) / 604800.0 as t_x,
         (now_epoch - first_epoch) / 604800.0 as t,
-        case when purchase_days > 1 then (revenue - first_day_amount) / (purchase_days - 1) end as mean_repeat_spend,
+        -- In cents: a float sum's last bits follow the order rows arrive in, which changes from
+        -- run to run; the model fitted on it would too.
+        case when purchase_days > 1 then (round(revenue, 2) - round(first_day_amount, 2)) / (purchase_days - 1) end as mean_repeat_spend,
         case when calibration_days > 0 then cast(calibration_days - 1 as double) end as x_calibration,
         case when calibration_days > 0 then (calibration_last_epoch - first_epoch) / 604800.0 end as t_x_calibration,
         case when calibration_days > 0 then (cutoff_epoch - first_epoch) / 604800.0 end as t_calibration,

@@ -1,24 +1,26 @@
 //! Command line: `validate`, `run`, `explain`, `generate`, `demo`, `files`, `schedule`,
-//! `backfill`, `history`. Errors reach `main` as anyhow
-//! chains; user mistakes exit 2, failed jobs exit 1.
+//! `backfill`, `history`. The binary's edge: parsing, dispatch and printing; errors reach
+//! `main` as anyhow chains; user mistakes exit 2, failed jobs exit 1.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use chrono::NaiveDate;
 use clap::{Parser, Subcommand, ValueEnum};
-
-use crate::error::Error;
-use crate::generate;
-use crate::job::Project;
-use crate::runner;
-use crate::scheduler::execute::{JobExecutor, Outcome, RunContext};
-use crate::scheduler::metrics::Metrics;
-use crate::scheduler::{self, DaemonOptions, Dispatcher};
-use crate::sink::log::TableLog;
-use crate::state::StateStore;
-use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+use crate::demo::{self, generate};
+use crate::error::Error;
+use crate::job::{self, graph};
+use crate::project::Project;
+use crate::run::explain;
+use crate::scheduler::daemon::{self, DaemonOptions};
+use crate::scheduler::execute::{self, JobExecutor, Outcome, Request, RunContext};
+use crate::scheduler::metrics::Metrics;
+use crate::scheduler::{self, Dispatcher};
+use crate::sink::log::TableLog;
+use crate::state::{StateStore, Status, Trigger};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,12 +57,21 @@ pub enum Command {
         /// Jobs to check (default: all in the jobs folder).
         jobs: Vec<String>,
     },
-    /// Run one job for one date and commit its outputs.
+    /// Run one job for one date and commit its outputs (holding the job's lease, recorded in
+    /// the history, like a scheduled run; it does not wait for `depends_on`).
     Run {
         job: String,
         /// Run date (YYYY-MM-DD); defaults to today (UTC).
         #[arg(long)]
         date: Option<NaiveDate>,
+        /// Attempts after the first when one fails, waiting `--backoff`, then twice as long
+        /// each time. Default 0.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
+        /// The wait before the first retry (e.g. 30s); default: the job's `retries.backoff`,
+        /// else 1m.
+        #[arg(long, value_parser = parse_duration)]
+        backoff: Option<std::time::Duration>,
     },
     /// Generate realistic, seeded sample exports (orders, customers).
     Generate(GenerateArgs),
@@ -161,16 +172,24 @@ impl GenerateArgs {
     }
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<crate::config::types::DurationSpec>().map(|d| d.0)
+}
+
 /// Sets up logging and runs the command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.log_format);
     let project = Project::load(&cli.config)?;
     match cli.command {
         Command::Validate { jobs } => validate(&project, jobs).await,
-        Command::Run { job, date } => {
+        Command::Run {
+            job,
+            date,
+            retries,
+            backoff,
+        } => {
             let date = date.unwrap_or_else(|| chrono::Utc::now().date_naive());
-            let plan = runner::validate_job(&project, &job).await?;
-            manual_run(&project, &plan, date).await
+            manual_run(&project, &job, date, retries, backoff).await
         }
         Command::Schedule { listen } => schedule(&project, listen).await,
         Command::Backfill {
@@ -185,7 +204,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let loc = project
                 .stores
                 .resolve(&args.url)
-                .map_err(|m| anyhow!("--url: {m}"))?;
+                .map_err(|m| Error::Usage(format!("--url: {m}")))?;
             let s = generate::generate(&args.options(), &loc).await?;
             println!(
                 "generated {} customers, {} order rows in {} files ({} bytes) under {}",
@@ -200,16 +219,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             analyze,
         } => {
             let date = date.unwrap_or_else(|| chrono::Utc::now().date_naive());
-            let plan = runner::validate_job(&project, &job).await?;
+            let plan = job::validate(&project, &job).await?;
             print!(
                 "{}",
-                runner::explain_step(&project, &plan, &step, date, analyze).await?
+                explain::explain_step(&project, &plan, &step, date, analyze).await?
             );
             Ok(())
         }
-        Command::Demo { date, customers } => crate::demo::run(&project, date, customers).await,
+        Command::Demo { date, customers } => Ok(demo::run(&project, date, customers).await?),
         Command::Files { url } => {
-            let loc = project.stores.resolve(&url).map_err(|m| anyhow!("{m}"))?;
+            let loc = project.stores.resolve(&url).map_err(Error::Usage)?;
             let log = TableLog::new(loc)?;
             let v = log.published().await?;
             if v == 0 {
@@ -224,98 +243,70 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Identifies this process in leases and history.
-fn owner() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    format!(
-        "{host}:{}:{}",
-        std::process::id(),
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
-}
-
-/// `clvflow run`: holds the job's lease (so it never overlaps a scheduled run of the same job)
-/// and records the run in the history.
-async fn manual_run(
+/// The context runs of this process execute in: the state store, the real executor, the jobs.
+fn run_context(
     project: &Project,
-    plan: &crate::job::JobPlan,
-    date: NaiveDate,
-) -> anyhow::Result<()> {
-    use crate::state::{RunRecord, Status, Trigger};
-    let state = StateStore::open(project)?;
-    let ttl = project.config.value.scheduler.lease_ttl.0;
-    let Some(lease) = state.acquire(&plan.name, &owner(), ttl).await? else {
-        return Err(anyhow!(
-            "job `{}` is running in another process (its lease in {} is held); try again when it ends",
-            plan.name,
-            state.url()
-        ));
-    };
-    let run_id = runner::new_run_id();
-    let mut record = RunRecord {
-        run_id: run_id.clone(),
-        job: plan.name.clone(),
-        run_date: date,
-        attempt: 1,
-        max_attempts: 1,
-        trigger: Trigger::Manual,
-        scheduled_for: None,
-        started_at: chrono::Utc::now(),
-        ended_at: None,
-        status: Status::Running,
-        rows: 0,
-        files: 0,
-        error: None,
-        host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
-    };
-    state.put(&record).await?;
-    let result = runner::run_job(project, plan, date, &run_id).await;
-    record.ended_at = Some(chrono::Utc::now());
-    match &result {
-        Ok(r) => {
-            record.status = Status::Succeeded;
-            record.rows = r.outputs.iter().map(|o| o.rows).sum();
-            record.files = r.outputs.iter().map(|o| o.files as u64).sum();
-        }
-        Err(e) => {
-            record.status = Status::Failed;
-            record.error = Some(format!("{e:#}"));
-        }
-    }
-    let recorded = state.put(&record).await;
-    lease.release().await;
-    let report = result?;
-    recorded?;
-    print_report(&report);
-    Ok(())
-}
-
-async fn run_context(
-    project: &Project,
-) -> anyhow::Result<(Arc<RunContext>, Vec<scheduler::Scheduled>, Vec<String>)> {
-    let (jobs, scheduled) = scheduler::load_jobs(project).await?;
-    let order = crate::deps::run_order(project)?;
-    let ctx = RunContext {
+    jobs: Vec<crate::job::JobPlan>,
+) -> anyhow::Result<Arc<RunContext>> {
+    Ok(Arc::new(RunContext {
         state: StateStore::open(project)?,
         executor: Arc::new(JobExecutor {
             project: project.clone(),
         }),
-        jobs,
-        lease_ttl: project.config.value.scheduler.lease_ttl.0,
-        owner: owner(),
+        jobs: jobs.into_iter().map(|p| (p.name.clone(), p)).collect(),
+        lease_ttl: project.scheduler.lease_ttl,
+        owner: execute::owner(),
         metrics: Arc::new(Metrics::default()),
+    }))
+}
+
+/// `clvflow run`: the scheduler's execution path for one request (lease held and renewed,
+/// history recorded, `--retries` more attempts), forced (a date that succeeded runs again).
+async fn manual_run(
+    project: &Project,
+    name: &str,
+    date: NaiveDate,
+    retries: u32,
+    backoff: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let plan = job::validate(project, name).await?;
+    let ctx = run_context(project, vec![plan])?;
+    let req = Request {
+        force: true,
+        retries: Some(retries),
+        backoff,
+        ..Request::new(name, date, Trigger::Manual)
     };
-    Ok((Arc::new(ctx), scheduled, order))
+    match ctx
+        .execute_reporting(&req, &CancellationToken::new())
+        .await?
+    {
+        (Outcome::Finished(Status::Succeeded), Some(report)) => {
+            print!("{report}");
+            Ok(())
+        }
+        (Outcome::Busy, _) => Err(anyhow!(
+            "job `{name}` is running in another process (its lease in {} is held); try again when it ends",
+            ctx.state.url()
+        )),
+        (other, _) => Err(anyhow!("job `{name}` for {date}: {other:?}")),
+    }
+}
+
+async fn all_jobs(project: &Project) -> anyhow::Result<(Arc<RunContext>, Vec<String>)> {
+    let jobs = scheduler::load_jobs(project).await?;
+    let order = graph::run_order(&jobs);
+    Ok((run_context(project, jobs.into_values().collect())?, order))
 }
 
 async fn schedule(project: &Project, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
-    let (ctx, scheduled, order) = run_context(project).await?;
-    let cfg = &project.config.value.scheduler;
+    let (ctx, order) = all_jobs(project).await?;
+    let cfg = &project.scheduler;
     let opts = DaemonOptions {
         max_active_runs: cfg.max_active_runs,
         max_catchup: cfg.max_catchup,
-        grace: cfg.grace_period.0,
-        poll: cfg.poll_interval.0,
+        grace: cfg.grace_period,
+        poll: cfg.poll_interval,
         listen,
     };
     let shutdown = CancellationToken::new();
@@ -335,7 +326,7 @@ async fn schedule(project: &Project, listen: Option<std::net::SocketAddr>) -> an
         }
         trigger.cancel();
     });
-    scheduler::run_daemon(ctx, scheduled, order, opts, shutdown).await?;
+    daemon::run_daemon(ctx, order, opts, shutdown).await?;
     Ok(())
 }
 
@@ -348,11 +339,11 @@ async fn backfill(
     parallel: usize,
 ) -> anyhow::Result<()> {
     if to < from {
-        return Err(anyhow!("--to {to} is before --from {from}"));
+        return Err(Error::Usage(format!("--to {to} is before --from {from}")).into());
     }
-    let (ctx, _, order) = run_context(project).await?;
+    let (ctx, order) = all_jobs(project).await?;
     if let Some(unknown) = jobs.iter().find(|j| !ctx.jobs.contains_key(*j)) {
-        return Err(anyhow!("no job named `{unknown}`"));
+        return Err(project.no_such_job(unknown).into());
     }
     // Runs of different jobs go in parallel (up to --parallel); one job's dates run one after
     // another, oldest first (its output tables have one writer).
@@ -361,9 +352,10 @@ async fn backfill(
         .iter()
         .flat_map(|job| scheduler::backfill_requests(job, from, to, force))
         .collect();
-    let poll = project.config.value.scheduler.poll_interval.0;
     let mut failed = 0;
-    for (req, outcome) in scheduler::drain(&mut dispatcher, requests, poll).await {
+    for (req, outcome) in
+        scheduler::drain(&mut dispatcher, requests, project.scheduler.poll_interval).await
+    {
         let shown = match &outcome {
             Ok(Outcome::Finished(s)) => s.to_string(),
             Ok(Outcome::AlreadyDone) => {
@@ -371,11 +363,11 @@ async fn backfill(
             }
             Ok(Outcome::Skipped(why)) | Ok(Outcome::Waiting(why)) => why.clone(),
             Ok(Outcome::Busy) => "the job is running in another process".to_string(),
-            Err(e) => format!("error: {e:#}"),
+            Err(e) => format!("error: {}", crate::error::chain(e)),
         };
         if !matches!(
             outcome,
-            Ok(Outcome::Finished(crate::state::Status::Succeeded)) | Ok(Outcome::AlreadyDone)
+            Ok(Outcome::Finished(Status::Succeeded)) | Ok(Outcome::AlreadyDone)
         ) {
             failed += 1;
         }
@@ -391,13 +383,12 @@ async fn backfill(
 
 async fn history(project: &Project, job: Option<&str>, limit: usize) -> anyhow::Result<()> {
     let state = StateStore::open(project)?;
-    let mut records = state.history(job).await?;
-    records.reverse();
+    let records = state.recent(job, limit).await?;
     println!(
         "{:<16} {:<10} {:<8} {:<9} {:<20} {:>8} {:>9} {:>6}  status / error",
         "job", "run_date", "attempt", "trigger", "started", "seconds", "rows", "files"
     );
-    for r in records.iter().take(limit) {
+    for r in &records {
         let secs = r
             .ended_at
             .map(|e| {
@@ -407,7 +398,6 @@ async fn history(project: &Project, job: Option<&str>, limit: usize) -> anyhow::
                 )
             })
             .unwrap_or_else(|| "-".into());
-        let trigger = format!("{:?}", r.trigger).to_lowercase();
         let status = match &r.error {
             Some(e) => format!("{} ({})", r.status, e.lines().next().unwrap_or_default()),
             None => r.status.to_string(),
@@ -417,7 +407,7 @@ async fn history(project: &Project, job: Option<&str>, limit: usize) -> anyhow::
             r.job,
             r.run_date.to_string(),
             format!("{}/{}", r.attempt, r.max_attempts),
-            trigger,
+            r.trigger.to_string(),
             r.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             secs,
             r.rows,
@@ -434,63 +424,22 @@ async fn validate(project: &Project, jobs: Vec<String>) -> anyhow::Result<()> {
     } else {
         jobs
     };
-    let mut diags = Vec::new();
-    for name in &jobs {
-        match runner::validate_job(project, name).await {
-            Ok(plan) => println!(
-                "ok: {name} ({} inputs, {} steps, {} outputs)",
-                plan.inputs.len(),
-                plan.steps.len(),
-                plan.outputs.len()
-            ),
-            Err(Error::Config(d)) => diags.extend(d),
-            Err(e) => return Err(e).with_context(|| format!("validate job `{name}`")),
-        }
-    }
-    if let Some(cycle) = crate::deps::find_cycle(project, &jobs)? {
-        diags.push(cycle);
+    let (plans, diags) = job::validate_jobs(project, &jobs)
+        .await
+        .context("validate")?;
+    for plan in &plans {
+        println!(
+            "ok: {} ({} inputs, {} steps, {} outputs)",
+            plan.name,
+            plan.inputs.len(),
+            plan.steps.len(),
+            plan.outputs.len()
+        );
     }
     if diags.is_empty() {
         Ok(())
     } else {
         Err(Error::Config(diags).into())
-    }
-}
-
-pub fn print_report(r: &runner::RunReport) {
-    println!(
-        "run {} of job {} for {} succeeded in {:.2}s",
-        r.run_id,
-        r.job,
-        r.run_date,
-        r.elapsed.as_secs_f64()
-    );
-    for (name, s) in &r.inputs {
-        println!(
-            "  input  {name:<20} {:>10} rows in {:>4} files",
-            s.rows, s.files
-        );
-    }
-    for (name, s) in &r.steps {
-        println!(
-            "  step   {name:<20} {:>10} rows  {:>8.0} ms",
-            s.rows,
-            s.elapsed.as_secs_f64() * 1000.0
-        );
-    }
-    for o in &r.outputs {
-        println!(
-            "  output {:<60} v{} {:>8} rows in {} files, replaced {}",
-            o.table_url,
-            o.version,
-            o.rows,
-            o.files,
-            if o.replaced == [String::new()] {
-                "the whole table".to_string()
-            } else {
-                o.replaced.join(", ")
-            }
-        );
     }
 }
 

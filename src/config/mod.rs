@@ -1,5 +1,8 @@
-//! Reading `config.yaml` and `jobs/*.yaml`. This is the only module that touches the YAML crates,
-//! so the (archived) serde_yaml can be swapped without changes elsewhere.
+//! Reading `config.yaml` and `jobs/*.yaml` into typed specs: [`project`] (config.yaml), [`job`]
+//! (a job file) and [`steps`] (the step kinds, a tagged enum). This is the only module that
+//! touches the YAML crates, so the (archived) serde_yaml can be swapped without changes
+//! elsewhere. Meaning (stores resolved, files read, names cross-checked) is given to the specs by
+//! `crate::project` and `crate::job`.
 //!
 //! Invariants:
 //! - documents are deserialized from their text into typed structs; unknown keys are errors;
@@ -8,60 +11,29 @@
 //! - a document with several mistakes reports all of them: after a failure the offending node is
 //!   pruned and the document is checked again, until it parses or nothing is left to prune.
 
-pub mod locate;
-pub mod model;
+pub mod job;
+mod locate;
+pub mod project;
+pub mod steps;
 pub mod types;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-pub use locate::{Locator, Pos};
-pub use model::*;
+pub use crate::error::{Diagnostic, Problem};
+use locate::{Locator, Pos};
 
-/// One problem in a config, job or SQL file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    /// Field path such as `steps[1].sql`; empty for the whole document.
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let field = if self.field.is_empty() {
-            "(document)"
-        } else {
-            &self.field
-        };
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.file.display(),
-            self.line,
-            self.col,
-            field,
-            self.message
-        )
-    }
-}
-
-/// A parsed document with what is needed to point at its fields later.
+/// Where a parsed document came from, to point at its fields after parsing (a missing SQL
+/// file, an unknown partition column): the file and the position of every key and item.
 #[derive(Debug, Clone)]
-pub struct Document<T> {
+pub struct Source {
     pub file: PathBuf,
-    pub value: T,
-    /// Structural problems already found. When not empty, `value` is what remained after the
-    /// offending fields were dropped: good enough to look for further problems, never to run.
-    pub problems: Vec<Diagnostic>,
-    locator: Locator,
+    locator: Arc<Locator>,
 }
 
-impl<T> Document<T> {
+impl Source {
     /// A diagnostic pointing at `field` (or its nearest written parent).
     pub fn diag(&self, field: &str, message: impl Into<String>) -> Diagnostic {
         let Pos { line, col } = self.locator.locate(field);
@@ -72,6 +44,39 @@ impl<T> Document<T> {
             field: locate::normalize(field),
             message: message.into(),
         }
+    }
+
+    /// The diagnostics of a component's problems, their fields taken as relative to `base`.
+    pub fn problems(&self, base: &str, problems: Vec<Problem>) -> Vec<Diagnostic> {
+        problems
+            .into_iter()
+            .map(|p| {
+                let field = match (base.is_empty(), p.field.is_empty()) {
+                    (_, true) => base.to_string(),
+                    (true, false) => p.field,
+                    (false, false) if p.field.starts_with('[') => format!("{base}{}", p.field),
+                    (false, false) => format!("{base}.{}", p.field),
+                };
+                self.diag(&field, p.message)
+            })
+            .collect()
+    }
+}
+
+/// A parsed document with what is needed to point at its fields later.
+#[derive(Debug, Clone)]
+pub struct Document<T> {
+    pub value: T,
+    /// Structural problems already found. When not empty, `value` is what remained after the
+    /// offending fields were dropped: good enough to look for further problems, never to run.
+    pub problems: Vec<Diagnostic>,
+    pub source: Source,
+}
+
+impl<T> Document<T> {
+    /// A diagnostic pointing at `field` (or its nearest written parent).
+    pub fn diag(&self, field: &str, message: impl Into<String>) -> Diagnostic {
+        self.source.diag(field, message)
     }
 }
 
@@ -89,69 +94,43 @@ pub fn load<T: DeserializeOwned>(file: &Path) -> Result<Document<T>, Vec<Diagnos
     parse(file, &text)
 }
 
-/// Like [`load`], but any problem is an error.
-pub fn load_strict<T: DeserializeOwned>(file: &Path) -> Result<Document<T>, Vec<Diagnostic>> {
-    let doc = load(file)?;
-    if doc.problems.is_empty() {
-        Ok(doc)
-    } else {
-        Err(doc.problems)
-    }
-}
-
 /// Parses `text` (the contents of `file`); all problems are returned at once.
 pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<Document<T>, Vec<Diagnostic>> {
-    let at = |pos: Pos, field: String, message: String| Diagnostic {
-        file: file.to_path_buf(),
-        line: pos.line,
-        col: pos.col,
-        field,
-        message,
-    };
     let locator = Locator::build(text).map_err(|e| {
-        vec![at(
-            e.pos,
-            String::new(),
-            format!("invalid YAML: {}", e.message),
-        )]
+        vec![Diagnostic {
+            file: file.to_path_buf(),
+            line: e.pos.line,
+            col: e.pos.col,
+            field: String::new(),
+            message: format!("invalid YAML: {}", e.message),
+        }]
     })?;
     let de = serde_yaml::Deserializer::from_str(text);
+    let source = Source {
+        file: file.to_path_buf(),
+        locator: Arc::new(locator),
+    };
     match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(value) => Ok(Document {
-            file: file.to_path_buf(),
             value,
             problems: Vec::new(),
-            locator,
+            source,
         }),
         Err(first) => {
             let (found, rest) = collect_errors::<T>(text, first);
             let problems: Vec<Diagnostic> = found
                 .into_iter()
-                .map(|(path, message)| at(locator.locate(&path), locate::normalize(&path), message))
+                .map(|(path, message)| source.diag(&path, message))
                 .collect();
             match rest {
                 Some(value) => Ok(Document {
-                    file: file.to_path_buf(),
                     value,
                     problems,
-                    locator,
+                    source,
                 }),
                 None => Err(problems),
             }
         }
-    }
-}
-
-/// Like [`parse`], but any problem is an error.
-pub fn parse_strict<T: DeserializeOwned>(
-    file: &Path,
-    text: &str,
-) -> Result<Document<T>, Vec<Diagnostic>> {
-    let doc = parse(file, text)?;
-    if doc.problems.is_empty() {
-        Ok(doc)
-    } else {
-        Err(doc.problems)
     }
 }
 
@@ -340,10 +319,16 @@ fn split_path(path: &str) -> Vec<Seg> {
 
 #[cfg(test)]
 mod tests {
+    use super::job::JobSpec;
     use super::*;
 
     fn job(text: &str) -> Result<Document<JobSpec>, Vec<Diagnostic>> {
-        parse_strict(Path::new("jobs/x.yaml"), text)
+        let doc = parse(Path::new("jobs/x.yaml"), text)?;
+        if doc.problems.is_empty() {
+            Ok(doc)
+        } else {
+            Err(doc.problems)
+        }
     }
 
     const GOOD: &str = "inputs:\n  orders:\n    url: file://./data/orders/\n    columns: { id: int64 }\nsteps:\n  - { name: a, sql: sql/a.sql }\n";
@@ -352,6 +337,9 @@ mod tests {
     fn a_good_job_parses() {
         let doc = job(GOOD).unwrap();
         assert_eq!(doc.value.steps[0].name, "a");
+        assert!(
+            matches!(&doc.value.steps[0].kind, steps::StepKindSpec::Sql(f) if f == "sql/a.sql")
+        );
         assert_eq!(doc.diag("steps[0].sql", "m").line, 6);
     }
 

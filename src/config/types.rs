@@ -67,31 +67,42 @@ impl FromStr for ByteSize {
                 ));
             }
         };
-        Ok(ByteSize((n * mult as f64) as u64))
+        let bytes = n * mult as f64;
+        // `as` would saturate silently: a size beyond 16 EiB is a typo, not a limit.
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("`{s}` is too large for a size"));
+        }
+        Ok(ByteSize(bytes as u64))
     }
 }
 deserialize_from_str!(ByteSize, "a size such as 2GiB");
 
-/// A duration written as `90s`, `30m`, `2h`, `1d` or `500ms`.
+/// A duration written as `90s`, `30m`, `2h`, `1d`, `500ms` or a combination (`1h 30m`); parsed
+/// by humantime, so an amount too large to represent is an error, never a wrap-around.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationSpec(pub Duration);
+
+/// The longest duration accepted (100 years): far beyond any timeout or backoff, and far
+/// below what makes instant arithmetic overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 impl FromStr for DurationSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let bad = || format!("`{s}` is not a duration; write e.g. 90s, 30m, 2h or 1d");
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86_400),
-            _ => return Err(bad()),
-        };
+        let bad =
+            |why: String| format!("`{s}` is not a duration ({why}); write e.g. 90s, 30m, 2h or 1d");
+        if t.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && t.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(bad("it has no unit".into()));
+        }
+        let d = humantime::parse_duration(t).map_err(|e| bad(e.to_string()))?;
+        if d > MAX_DURATION {
+            return Err(format!(
+                "`{s}` is longer than 100 years; write a shorter duration"
+            ));
+        }
         Ok(DurationSpec(d))
     }
 }
@@ -295,7 +306,23 @@ mod tests {
             "500ms".parse::<DurationSpec>().unwrap().0,
             Duration::from_millis(500)
         );
-        assert!("30 minutes".parse::<DurationSpec>().is_err());
+        assert_eq!(
+            "1h 30m".parse::<DurationSpec>().unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert!("30".parse::<DurationSpec>().is_err());
+        assert!("soon".parse::<DurationSpec>().is_err());
+    }
+
+    /// Before humantime, `99999999999d` multiplied past u64 (a panic in debug builds, a wrapped
+    /// small duration in release).
+    #[test]
+    fn huge_durations_are_an_error_not_an_overflow() {
+        for huge in ["99999999999d", "18446744073709551615s", "200000d"] {
+            let err = huge.parse::<DurationSpec>().unwrap_err();
+            assert!(err.contains(huge), "{err}");
+        }
+        assert!("99999999999999999999TiB".parse::<ByteSize>().is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Executing one run request — (job, run date) — with everything the daemon promises around it:
-//! upstream jobs checked, the job's lease held (no overlap, even across daemons), exactly once
-//! per run date (history checked under the lease), retries with exponential backoff, a timeout
-//! per attempt that cancels without publishing, and every attempt recorded in the history.
+//! upstream jobs checked, the job's lease held and renewed (no overlap, even across daemons),
+//! exactly once per run date (history checked under the lease), retries with exponential
+//! backoff, a timeout per attempt that cancels without publishing, and every attempt recorded
+//! in the history. Scheduled runs, catch-up, backfills and `clvflow run` all come through
+//! [`RunContext::execute_reporting`]: there is one way a run happens.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,17 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::metrics::Metrics;
-use crate::error::{Error, Result};
-use crate::job::{JobPlan, Project};
-use crate::runner;
-use crate::state::{RunRecord, StateStore, Status, Trigger};
-
-/// What an executed run produced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RunTotals {
-    pub rows: u64,
-    pub files: u64,
-}
+use crate::error::{Error, Result, chain};
+use crate::job::JobPlan;
+use crate::project::Project;
+use crate::run::{self, RunReport};
+use crate::state::{Lease, RunRecord, StateStore, Status, Trigger};
 
 /// Runs a job for a date. The real one is [`JobExecutor`]; tests script outcomes.
 pub trait Executor: Send + Sync + 'static {
@@ -33,10 +29,10 @@ pub trait Executor: Send + Sync + 'static {
         date: NaiveDate,
         run_id: &'a str,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<RunTotals>>;
+    ) -> BoxFuture<'a, Result<RunReport>>;
 }
 
-/// Runs jobs with [`runner::run_job_cancellable`].
+/// Runs jobs with [`run::run_job`] on the project's engine (one memory pool for all runs).
 pub struct JobExecutor {
     pub project: Project,
 }
@@ -48,14 +44,8 @@ impl Executor for JobExecutor {
         date: NaiveDate,
         run_id: &'a str,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, Result<RunTotals>> {
-        Box::pin(async move {
-            let r = runner::run_job_cancellable(&self.project, job, date, run_id, &cancel).await?;
-            Ok(RunTotals {
-                rows: r.outputs.iter().map(|o| o.rows).sum(),
-                files: r.outputs.iter().map(|o| o.files as u64).sum(),
-            })
-        })
+    ) -> BoxFuture<'a, Result<RunReport>> {
+        Box::pin(async move { run::run_job(&self.project, job, date, run_id, &cancel).await })
     }
 }
 
@@ -68,6 +58,25 @@ pub struct Request {
     pub scheduled_for: Option<DateTime<Utc>>,
     /// Run even if the date already succeeded.
     pub force: bool,
+    /// Retries instead of the job's `retries.max` (`clvflow run --retries N`).
+    pub retries: Option<u32>,
+    /// Backoff instead of the job's `retries.backoff` (`clvflow run --backoff D`).
+    pub backoff: Option<Duration>,
+}
+
+impl Request {
+    /// A request for `job` on `run_date`, not forced, with the job's retries.
+    pub fn new(job: &str, run_date: NaiveDate, trigger: Trigger) -> Self {
+        Self {
+            job: job.to_string(),
+            run_date,
+            trigger,
+            scheduled_for: None,
+            force: false,
+            retries: None,
+            backoff: None,
+        }
+    }
 }
 
 /// How a request ended.
@@ -85,7 +94,7 @@ pub enum Outcome {
     AlreadyDone,
 }
 
-/// Shared by every run of a daemon (or a backfill).
+/// Shared by every run of a daemon (or a backfill, or a manual run).
 pub struct RunContext {
     pub state: StateStore,
     pub executor: Arc<dyn Executor>,
@@ -96,51 +105,54 @@ pub struct RunContext {
     pub metrics: Arc<Metrics>,
 }
 
-fn host() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into())
+/// Identifies this process in leases and history: host, pid and a random part.
+pub fn owner() -> String {
+    format!(
+        "{}:{}:{}",
+        crate::state::host(),
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 impl RunContext {
     /// Executes `req`. `cancel` is the daemon's shutdown: it ends a running attempt without
     /// publishing and stops further retries.
     pub async fn execute(&self, req: &Request, cancel: &CancellationToken) -> Result<Outcome> {
+        self.execute_reporting(req, cancel).await.map(|(o, _)| o)
+    }
+
+    /// [`Self::execute`], also returning the report of the attempt that succeeded.
+    pub async fn execute_reporting(
+        &self,
+        req: &Request,
+        cancel: &CancellationToken,
+    ) -> Result<(Outcome, Option<RunReport>)> {
         let job = self
             .jobs
             .get(&req.job)
             .ok_or_else(|| Error::Internal(format!("no loaded job `{}`", req.job)))?;
-        if let Some(outcome) = self.check_upstream(job, req).await? {
-            return Ok(outcome);
+        // A manual run is the user's explicit call: it does not wait for upstream jobs.
+        if req.trigger != Trigger::Manual
+            && let Some(outcome) = self.check_upstream(job, req).await?
+        {
+            return Ok((outcome, None));
         }
         let Some(lease) = self
             .state
             .acquire(&job.name, &self.owner, self.lease_ttl)
             .await?
         else {
-            return Ok(Outcome::Busy);
+            return Ok((Outcome::Busy, None));
         };
-        let renewing = CancellationToken::new();
-        if let Some(every) = lease.renew_every() {
-            let (lease, stop, name) = (lease.clone(), renewing.clone(), job.name.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(every) => {
-                            if !lease.renew().await {
-                                warn!(job = %name, "lost the job's lease (not renewed in time)");
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-        }
+        let renewing = renew_while_held(&lease, &job.name);
         let result = async {
             if !req.force && self.state.succeeded(&job.name, req.run_date).await? {
                 info!(job = %job.name, run_date = %req.run_date, "already succeeded; not run again");
-                return Ok(Outcome::AlreadyDone);
+                return Ok((Outcome::AlreadyDone, None));
             }
-            self.attempts(job, req, cancel).await.map(Outcome::Finished)
+            let (status, report) = self.attempts(job, req, cancel).await?;
+            Ok((Outcome::Finished(status), report))
         }
         .await;
         renewing.cancel();
@@ -150,7 +162,7 @@ impl RunContext {
 
     /// None when every upstream job committed the date; otherwise skip or wait.
     async fn check_upstream(&self, job: &JobPlan, req: &Request) -> Result<Option<Outcome>> {
-        for dep in &job.doc.value.depends_on {
+        for dep in &job.depends_on {
             let runs = self.state.runs_on(dep, req.run_date).await?;
             if runs.iter().any(|r| r.status == Status::Succeeded) {
                 continue;
@@ -160,23 +172,15 @@ impl RunContext {
             });
             if given_up {
                 let reason = format!("upstream job `{dep}` did not succeed for {}", req.run_date);
-                let now = Utc::now();
-                let record = RunRecord {
-                    run_id: runner::new_run_id(),
-                    job: job.name.clone(),
-                    run_date: req.run_date,
-                    attempt: 1,
-                    max_attempts: 1,
-                    trigger: req.trigger,
-                    scheduled_for: req.scheduled_for,
-                    started_at: now,
-                    ended_at: Some(now),
-                    status: Status::Skipped,
-                    rows: 0,
-                    files: 0,
-                    error: Some(reason.clone()),
-                    host: host(),
-                };
+                let mut record = RunRecord::start(
+                    &run::new_run_id(),
+                    &job.name,
+                    req.run_date,
+                    (1, 1),
+                    req.trigger,
+                    req.scheduled_for,
+                );
+                record.end(Status::Skipped, Some(reason.clone()));
                 self.state.put(&record).await?;
                 self.metrics
                     .finished(&job.name, Status::Skipped, Duration::ZERO);
@@ -196,30 +200,21 @@ impl RunContext {
         job: &JobPlan,
         req: &Request,
         cancel: &CancellationToken,
-    ) -> Result<Status> {
-        let retries = job.doc.value.retries.as_ref();
-        let max_attempts = 1 + retries.map_or(0, |r| r.max);
-        let backoff = retries.map_or(Duration::from_secs(60), |r| r.backoff.0);
-        let timeout = job.doc.value.timeout.map(|t| t.0);
+    ) -> Result<(Status, Option<RunReport>)> {
+        let max_attempts = 1 + req.retries.unwrap_or(job.retries.max);
+        let backoff = req.backoff.unwrap_or(job.retries.backoff);
         let mut status = Status::Failed;
+        let mut last_error = None;
         for attempt in 1..=max_attempts {
-            let run_id = runner::new_run_id();
-            let mut record = RunRecord {
-                run_id: run_id.clone(),
-                job: job.name.clone(),
-                run_date: req.run_date,
-                attempt,
-                max_attempts,
-                trigger: req.trigger,
-                scheduled_for: req.scheduled_for,
-                started_at: Utc::now(),
-                ended_at: None,
-                status: Status::Running,
-                rows: 0,
-                files: 0,
-                error: None,
-                host: host(),
-            };
+            let run_id = run::new_run_id();
+            let mut record = RunRecord::start(
+                &run_id,
+                &job.name,
+                req.run_date,
+                (attempt, max_attempts),
+                req.trigger,
+                req.scheduled_for,
+            );
             self.state.put(&record).await?;
             self.metrics.started(&job.name);
             let started = tokio::time::Instant::now();
@@ -229,7 +224,7 @@ impl RunContext {
                 .run(job, req.run_date, &run_id, attempt_cancel.clone());
             tokio::pin!(run);
             let limit = async {
-                match timeout {
+                match job.timeout {
                     Some(t) => tokio::time::sleep(t).await,
                     None => std::future::pending().await,
                 }
@@ -241,35 +236,34 @@ impl RunContext {
                     (run.await, true)
                 }
             };
+            // A run that finished its commit before the timeout hit still succeeded.
             status = match &result {
                 Ok(_) => Status::Succeeded,
                 Err(_) if timed_out => Status::TimedOut,
                 Err(Error::Cancelled(_)) if cancel.is_cancelled() => Status::Cancelled,
                 Err(_) => Status::Failed,
             };
-            if let Ok(t) = &result {
-                record.rows = t.rows;
-                record.files = t.files;
-            }
-            // A run that finished its commit before the timeout hit still succeeded.
-            if timed_out && result.is_ok() {
-                status = Status::Succeeded;
-            }
-            record.error = match (&result, status) {
+            let error = match (&result, status) {
                 (_, Status::TimedOut) => Some(format!(
                     "timed out after {:?}; nothing was published",
-                    timeout.unwrap_or_default()
+                    job.timeout.unwrap_or_default()
                 )),
-                (Err(e), _) => Some(format!("{e:#}")),
+                (Err(e), _) => Some(chain(e)),
                 _ => None,
             };
-            record.status = status;
-            record.ended_at = Some(Utc::now());
+            if let Ok(report) = &result {
+                (record.rows, record.files) = report.totals();
+            }
+            record.end(status, error);
             self.state.put(&record).await?;
             self.metrics.finished(&job.name, status, started.elapsed());
             info!(job = %job.name, run_date = %req.run_date, attempt, max_attempts, %status,
                   error = record.error.as_deref().unwrap_or(""), "attempt finished");
-            if matches!(status, Status::Succeeded | Status::Cancelled) || attempt == max_attempts {
+            match result {
+                Ok(report) => return Ok((status, Some(report))),
+                Err(e) => last_error = Some(e),
+            }
+            if status == Status::Cancelled || attempt == max_attempts {
                 break;
             }
             let wait = backoff.saturating_mul(1 << (attempt - 1).min(16));
@@ -281,6 +275,36 @@ impl RunContext {
                 }
             }
         }
-        Ok(status)
+        // The last attempt's error stays in its record (and the log); a manual run shows it.
+        if let Some(e) = last_error
+            && req.trigger == Trigger::Manual
+        {
+            return Err(e);
+        }
+        Ok((status, None))
     }
+}
+
+/// Renews `lease` every third of its TTL until the returned token is cancelled; a lease that
+/// could not be renewed is logged (its run goes on: the commit protocol, not the lease, keeps
+/// outputs consistent).
+fn renew_while_held(lease: &Lease, job: &str) -> CancellationToken {
+    let stop = CancellationToken::new();
+    if let Some(every) = lease.renew_every() {
+        let (lease, stop, job) = (lease.clone(), stop.clone(), job.to_string());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {
+                        if !lease.renew().await {
+                            warn!(job = %job, "lost the job's lease (not renewed in time)");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    stop
 }

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::Status;
+use crate::storage::instrumented::{Op, StoreOps};
 
 #[derive(Debug, Default)]
 struct JobMetrics {
@@ -95,6 +96,16 @@ impl Metrics {
                     "clvflow_last_success_timestamp_seconds{{job=\"{job}\"}} {t}"
                 );
             }
+        }
+        s.push_str("# HELP clvflow_store_operations_total Object-store operations of this process by kind.\n# TYPE clvflow_store_operations_total counter\n");
+        let ops = StoreOps::global();
+        for op in Op::ALL {
+            let _ = writeln!(
+                s,
+                "clvflow_store_operations_total{{op=\"{}\"}} {}",
+                op.name(),
+                ops.count(op)
+            );
         }
         s
     }

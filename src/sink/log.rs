@@ -17,8 +17,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::stores::Location;
 use crate::error::{Error, Result};
+use crate::storage::Location;
 
 /// One data file of the table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +58,8 @@ pub struct Commit {
     pub committed_at: String,
     pub schema: Vec<ColumnInfo>,
     pub partition_by: Vec<String>,
-    /// Partition folders (relative) this run replaced, or `[""]` for the whole table.
+    /// Folders (relative to the table) this run replaced: partition folders, or `""` (the
+    /// table folder itself) for an unpartitioned table.
     pub replaced: Vec<String>,
     pub rows: u64,
     pub added: Vec<AddedFile>,
@@ -150,8 +151,15 @@ impl TableLog {
             .bytes()
             .await
             .map_err(|e| self.store_err("read commit marker", e))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Internal(format!("commit marker {path} is not valid: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(
+                self.log
+                    .child(&format!("commits/{}", version_name(version)))
+                    .url,
+                "the commit marker",
+                e,
+            )
+        })
     }
 
     /// The newest commit, if any.
@@ -196,8 +204,9 @@ impl TableLog {
                     .bytes()
                     .await
                     .map_err(|e| self.store_err("read published.json", e))?;
-                let p: Published = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Internal(format!("published.json is not valid: {e}")))?;
+                let p: Published = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::corrupt(self.log.child("published.json").url, "published.json", e)
+                })?;
                 Ok(p.version)
             }
             Err(object_store::Error::NotFound { .. }) => Ok(0),

@@ -18,32 +18,135 @@
 //! - NULL (or empty) partition values are rejected, or mapped to `null_partition_value`, before
 //!   anything is written (DataFusion 55 would put a NULL number in `p=0`).
 //!
-//! What a plain Hive reader sees during publish is described in the README ("Output guarantees").
+//! [`Output`] is the checked form of an `outputs:` entry. The files are written by [`parquet`];
+//! the table's commit log is [`log`], publishing and recovery [`publish`]; tests make runs fail
+//! at known points of the protocol with [`failpoint`]. What a plain Hive reader sees during
+//! publish is described in the README ("Output guarantees").
 
+pub mod failpoint;
 pub mod log;
+mod parquet;
 pub mod publish;
 
 use std::collections::BTreeSet;
-
 use std::sync::Arc;
 
-use datafusion::arrow::array::AsArray;
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::catalog::TableProvider;
-use datafusion::common::config::{ParquetColumnOptions, TableParquetOptions};
-use datafusion::dataframe::DataFrameWriteOptions;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
-use datafusion::prelude::{DataFrame, SessionContext};
-use futures::{StreamExt, TryStreamExt};
+use datafusion::prelude::SessionContext;
 
-use crate::engine::quote_ident;
+use crate::config::Problem;
+use crate::config::job::OutputSpec;
+use crate::config::types::Compression;
 use crate::error::{Error, Result};
-use crate::failpoint;
-use crate::job::OutputPlan;
+use crate::storage::{Stores, listing};
 use log::{AddedFile, ColumnInfo, Commit, DataFile, TableLog};
+
+/// A checked output: which step result goes to which table folder, how.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The step (or extra step table) whose result is written.
+    pub from: String,
+    pub location: crate::storage::Location,
+    /// Hive partition columns, outermost first.
+    pub partition_by: Vec<String>,
+    /// Folder name of NULL partition values; `None`: they are an error.
+    pub null_partition_value: Option<String>,
+    pub format: OutputFormat,
+}
+
+/// How an output's files are written.
+#[derive(Debug, Clone)]
+pub enum OutputFormat {
+    /// Plain Parquet files with clvflow's commit log beside the table.
+    Parquet(ParquetOptions),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ParquetOptions {
+    pub compression: Compression,
+    pub row_group_size: usize,
+}
+
+impl Output {
+    /// Checks `spec`. Problems are at fields under the output.
+    pub fn check(spec: &OutputSpec, stores: &Stores) -> std::result::Result<Self, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (j, c) in spec.partition_by.iter().enumerate() {
+            if !seen.insert(c) {
+                problems.push(Problem::new(
+                    format!("partition_by[{j}]"),
+                    format!("`{c}` is listed twice"),
+                ));
+            }
+        }
+        if spec
+            .null_partition_value
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v.contains('/'))
+        {
+            problems.push(Problem::new(
+                "null_partition_value",
+                "must be a non-empty folder name without `/`",
+            ));
+        }
+        if spec.row_group_size == 0 {
+            problems.push(Problem::new("row_group_size", "must be at least 1"));
+        }
+        let location = match stores.resolve(&spec.url) {
+            Ok(l) if l.split_last().is_none() => {
+                problems.push(Problem::new(
+                    "url",
+                    "an output must be a folder below the store root (its commit log lives beside it)",
+                ));
+                None
+            }
+            Ok(l) => Some(l),
+            Err(m) => {
+                problems.push(Problem::new("url", m));
+                None
+            }
+        };
+        match location {
+            Some(location) if problems.is_empty() => Ok(Self {
+                from: spec.from.clone(),
+                location,
+                partition_by: spec.partition_by.clone(),
+                null_partition_value: spec.null_partition_value.clone(),
+                format: OutputFormat::Parquet(ParquetOptions {
+                    compression: spec.compression,
+                    row_group_size: spec.row_group_size,
+                }),
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    /// The problem with the output's partition columns given the schema of its step, if any
+    /// (`validate`, and again before a run writes).
+    pub fn partition_problem(&self, schema: &Schema) -> Option<Problem> {
+        let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        for (j, c) in self.partition_by.iter().enumerate() {
+            if schema.field_with_name(c).is_err() {
+                return Some(Problem::new(
+                    format!("partition_by[{j}]"),
+                    format!(
+                        "`{c}` is not a column of step `{}`; it has: {}",
+                        self.from,
+                        have.join(", ")
+                    ),
+                ));
+            }
+        }
+        (self.partition_by.len() == schema.fields().len() && !have.is_empty()).then(|| {
+            Problem::new(
+                "partition_by",
+                "every column is a partition column; the files would hold no data",
+            )
+        })
+    }
+}
 
 /// Identity of the run that writes.
 #[derive(Debug, Clone)]
@@ -51,6 +154,41 @@ pub struct RunInfo {
     pub run_id: String,
     pub job: String,
     pub run_date: chrono::NaiveDate,
+}
+
+impl RunInfo {
+    fn output_err(&self, out: &Output, message: String) -> Error {
+        Error::output(&self.job, &out.from, message)
+    }
+}
+
+/// What a committed run replaced in its table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replaced {
+    /// An unpartitioned table: all of it.
+    WholeTable,
+    /// These partition folders (relative to the table, e.g. `run_date=2026-11-22`).
+    Partitions(Vec<String>),
+}
+
+impl Replaced {
+    /// The replaced folders relative to the table (`""`: the table folder itself), as the
+    /// commit marker records them.
+    pub fn prefixes(&self) -> Vec<String> {
+        match self {
+            Replaced::WholeTable => vec![String::new()],
+            Replaced::Partitions(p) => p.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Replaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Replaced::WholeTable => f.write_str("the whole table"),
+            Replaced::Partitions(p) => f.write_str(&p.join(", ")),
+        }
+    }
 }
 
 /// What an output write did.
@@ -61,90 +199,33 @@ pub struct OutputOutcome {
     pub rows: u64,
     pub files: usize,
     pub bytes: u64,
-    pub replaced: Vec<String>,
-    pub removed_files: usize,
+    pub replaced: Replaced,
     pub recovery: publish::Recovery,
-}
-
-fn sql_str(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-impl RunInfo {
-    fn output_err(&self, out: &OutputPlan, message: String) -> Error {
-        Error::Output {
-            job: self.job.clone(),
-            output: out.from.clone(),
-            message,
-        }
-    }
 }
 
 /// An output written to staging, not yet committed.
 #[derive(Debug)]
 pub struct Staged {
     log: TableLog,
-    out: OutputPlan,
+    out: Output,
     run: RunInfo,
-    schema: datafusion::arrow::datatypes::Schema,
+    schema: Schema,
     staging_rel: String,
     added: Vec<AddedFile>,
     recovery: publish::Recovery,
 }
 
-/// Writes step `out.from` (registered on `ctx`) to its table and commits it.
-pub async fn write(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Result<OutputOutcome> {
-    let staged = stage(ctx, out, run).await?;
-    commit(staged).await
-}
-
 /// Recovers the table, then writes the step's rows to staging and checks them. Nothing in the
 /// table changes; dropping the future (cancellation) leaves only staged files for the next run
 /// to delete.
-pub async fn stage(ctx: &SessionContext, out: &OutputPlan, run: &RunInfo) -> Result<Staged> {
+pub async fn stage(ctx: &SessionContext, out: &Output, run: &RunInfo) -> Result<Staged> {
     let log = TableLog::new(out.location.clone())?;
     let recovery = publish::recover(&log).await?;
-    let (df, schema) = prepare(ctx, out, run).await?;
-
     let staging_rel = format!("staging/{}", run.run_id);
-    let staging = log.log.child(&staging_rel);
-    let mut parquet = TableParquetOptions::default();
-    parquet.global.compression = Some(out.compression.datafusion_name());
-    parquet.global.max_row_group_size = out.row_group_size;
-    // Float measures (CLV, probabilities, spend) are nearly all distinct: dictionary encoding
-    // them costs write time and falls back to plain anyway once the dictionary page fills.
-    for f in schema.fields() {
-        if matches!(f.data_type(), DataType::Float64 | DataType::Float32) {
-            let options = ParquetColumnOptions {
-                dictionary_enabled: Some(false),
-                ..Default::default()
-            };
-            parquet
-                .column_specific_options
-                .insert(f.name().clone(), options);
-        }
-    }
-    let options = DataFrameWriteOptions::new()
-        .with_partition_by(out.partition_by.clone())
-        .with_single_file_output(false);
-    let staged = async {
-        let counts = df
-            .write_parquet(&staging.dir_url(), options, Some(parquet))
-            .await
-            .map_err(|e| Error::df(format!("write output `{}` to {}", out.from, staging.url), e))?;
-        let written = counts
-            .first()
-            .and_then(|b| {
-                b.column(0)
-                    .as_primitive_opt::<datafusion::arrow::datatypes::UInt64Type>()
-                    .map(|a| a.value(0))
-            })
-            .unwrap_or(0);
-        stage_files(&log, &staging_rel, run, written).await
-    }
-    .await;
-    let added = match staged {
-        Ok(a) => a,
+    let OutputFormat::Parquet(options) = &out.format;
+    let written = parquet::write(ctx, out, run, options, &log, &staging_rel).await;
+    let (schema, added) = match written {
+        Ok(w) => w,
         Err(e) => {
             // Best effort: the next run removes whatever is left anyway.
             let _ = publish::delete_prefix(&log, &log.log_path(&staging_rel)).await;
@@ -176,11 +257,8 @@ impl Staged {
     /// The staged files as a table with the step's columns (partition columns last, typed as in
     /// the step), so later steps of the run can read an output that was streamed to its files
     /// instead of being held in memory.
-    pub fn as_table(&self) -> Result<Arc<dyn TableProvider>> {
-        let staging = self.log.log.child(&self.staging_rel);
-        let url = staging.dir_url();
-        let table_url =
-            ListingTableUrl::parse(&url).map_err(|e| Error::df(format!("read back {url}"), e))?;
+    pub async fn as_table(&self, ctx: &SessionContext) -> Result<Arc<dyn TableProvider>> {
+        let url = self.log.log.child(&self.staging_rel).dir_url();
         let file_fields: Vec<_> = self
             .schema
             .fields()
@@ -199,15 +277,16 @@ impl Staged {
                     .map(|f| (p.clone(), f.data_type().clone()))
             })
             .collect();
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-            .with_file_extension(".parquet")
-            .with_table_partition_cols(partitions);
-        let config = ListingTableConfig::new(table_url)
-            .with_listing_options(options)
-            .with_schema(Arc::new(Schema::new(file_fields)));
-        let table =
-            ListingTable::try_new(config).map_err(|e| Error::df(format!("read back {url}"), e))?;
-        Ok(Arc::new(table))
+        let table = listing::table(
+            &ctx.state(),
+            &url,
+            listing::Format::Parquet,
+            Some(Arc::new(Schema::new(file_fields))),
+            partitions,
+        )
+        .await
+        .map_err(|e| Error::df(format!("read back {url}"), e))?;
+        Ok(table)
     }
 }
 
@@ -231,11 +310,11 @@ pub async fn commit(staged: Staged) -> Result<OutputOutcome> {
     let (out, run) = (&out, &run);
     let replaced = replaced_partitions(out, run, &added);
     let mut removed = Vec::new();
-    for prefix in &replaced {
+    for prefix in replaced.prefixes() {
         let base = if prefix.is_empty() {
             log.table.path.clone()
         } else {
-            log.table_path(prefix)
+            log.table_path(&prefix)
         };
         for meta in log.list(&base).await? {
             let rel = relative(&log.table.path, &meta.location);
@@ -277,7 +356,7 @@ pub async fn commit(staged: Staged) -> Result<OutputOutcome> {
         committed_at: chrono::Utc::now().to_rfc3339(),
         schema: columns,
         partition_by: out.partition_by.clone(),
-        replaced: replaced.clone(),
+        replaced: replaced.prefixes(),
         rows,
         added,
         removed,
@@ -293,176 +372,14 @@ pub async fn commit(staged: Staged) -> Result<OutputOutcome> {
         files: commit.added.len(),
         bytes: commit.added.iter().map(|a| a.file.bytes).sum(),
         replaced,
-        removed_files: commit.removed.len(),
         recovery,
     })
 }
 
-/// The step's rows, with partition columns checked: they exist, and NULL or empty values are
-/// rejected or mapped to `null_partition_value`. Also the schema the table's commit records and
-/// readers see: the written one, except that a DATE partition column, which the writer is handed
-/// as its folder names (see `functions`), stays a DATE.
-async fn prepare(
-    ctx: &SessionContext,
-    out: &OutputPlan,
-    run: &RunInfo,
-) -> Result<(DataFrame, Schema)> {
-    let df = ctx
-        .table(out.from.as_str())
-        .await
-        .map_err(|e| Error::df(format!("output `{}`", out.from), e))?;
-    let schema = df.schema().as_arrow().clone();
-    for c in &out.partition_by {
-        if schema.field_with_name(c).is_err() {
-            let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            return Err(run.output_err(
-                out,
-                format!(
-                    "partition column `{c}` is not a column of step `{}` (it has: {})",
-                    out.from,
-                    have.join(", ")
-                ),
-            ));
-        }
-    }
-    if out.partition_by.len() == schema.fields().len() && !schema.fields().is_empty() {
-        return Err(run.output_err(
-            out,
-            "every column is a partition column; the files would hold no data".into(),
-        ));
-    }
-    // Strings are written as plain UTF-8 columns: DataFusion's string functions and VARCHAR
-    // casts return string views, but a table's schema should not depend on how a value was
-    // computed, and not every reader knows the view type.
-    let is_view = |f: &Field| f.data_type() == &DataType::Utf8View;
-    if out.partition_by.is_empty() && !schema.fields().iter().any(|f| is_view(f)) {
-        return Ok((df, schema));
-    }
-    // Partition values are checked while the rows stream to the files (no second pass over the
-    // step): NULL or empty values fail the write, unless NULLs are mapped to a folder name.
-    let check = crate::functions::PARTITION_VALUE;
-    let select: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let name = quote_ident(f.name());
-            let q = if is_view(f) {
-                format!("arrow_cast({name}, 'Utf8')")
-            } else {
-                name.clone()
-            };
-            if !out.partition_by.contains(f.name()) {
-                return format!("{q} AS {name}");
-            }
-            let value = match &out.null_partition_value {
-                None => q.clone(),
-                Some(v) => {
-                    let text = if matches!(
-                        f.data_type(),
-                        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
-                    ) {
-                        q.clone()
-                    } else {
-                        format!("CAST({q} AS VARCHAR)")
-                    };
-                    format!("COALESCE({text}, {})", sql_str(v))
-                }
-            };
-            format!("{check}({value}, {}) AS {name}", sql_str(f.name()))
-        })
-        .collect();
-    let sql = format!(
-        "SELECT {} FROM {}",
-        select.join(", "),
-        quote_ident(&out.from)
-    );
-    let df = ctx
-        .sql(&sql)
-        .await
-        .map_err(|e| Error::df("check partition values", e))?;
-    let recorded = df
-        .schema()
-        .as_arrow()
-        .fields()
-        .iter()
-        .zip(schema.fields())
-        .map(|(written, source)| {
-            let folder_names = written.data_type() == &crate::functions::date_folder_type();
-            if folder_names && source.data_type() == &DataType::Date32 {
-                source.clone()
-            } else {
-                written.clone()
-            }
-        })
-        .collect::<Vec<_>>();
-    Ok((df, Schema::new(recorded)))
-}
-
-/// Lists the staged files, reads their footers, names their place in the table, and checks the
-/// row total against what DataFusion reported writing.
-async fn stage_files(
-    log: &TableLog,
-    staging_rel: &str,
-    run: &RunInfo,
-    written: u64,
-) -> Result<Vec<AddedFile>> {
-    let staging = log.log_path(staging_rel);
-    let mut metas = log.list(&staging).await?;
-    metas.retain(|m| m.location.as_ref().ends_with(".parquet"));
-    metas.sort_by(|a, b| a.location.cmp(&b.location));
-    let store = log.table.store.object_store.clone();
-    let short = run
-        .run_id
-        .split('-')
-        .next()
-        .unwrap_or(&run.run_id)
-        .to_string();
-    let added: Vec<AddedFile> = futures::stream::iter(metas.into_iter().enumerate())
-        .map(|(i, meta)| {
-            let store = store.clone();
-            let staging = staging.clone();
-            let short = short.clone();
-            let staging_rel = staging_rel.to_string();
-            async move {
-                let (_, rows) = crate::catalog::footer::read(store.as_ref(), &meta)
-                    .await
-                    .map_err(|e| {
-                        Error::Internal(format!(
-                            "staged file {} is not readable: {e}",
-                            meta.location
-                        ))
-                    })?;
-                let rel = relative(&staging, &meta.location);
-                let folder = rel
-                    .rsplit_once('/')
-                    .map(|(d, _)| format!("{d}/"))
-                    .unwrap_or_default();
-                Ok::<_, Error>(AddedFile {
-                    file: DataFile {
-                        path: format!("{folder}part-{short}-{i:05}.parquet"),
-                        rows,
-                        bytes: meta.size,
-                    },
-                    staged: format!("{staging_rel}/{rel}"),
-                })
-            }
-        })
-        .buffered(16)
-        .try_collect()
-        .await?;
-    let total: u64 = added.iter().map(|a| a.file.rows).sum();
-    if total != written {
-        return Err(Error::Internal(format!(
-            "DataFusion reported {written} rows written but the staged files hold {total}; nothing was committed"
-        )));
-    }
-    Ok(added)
-}
-
 /// The partition folders this run replaces.
-fn replaced_partitions(out: &OutputPlan, run: &RunInfo, added: &[AddedFile]) -> Vec<String> {
+fn replaced_partitions(out: &Output, run: &RunInfo, added: &[AddedFile]) -> Replaced {
     let Some(first) = out.partition_by.first() else {
-        return vec![String::new()];
+        return Replaced::WholeTable;
     };
     let mut set: BTreeSet<String> = added
         .iter()
@@ -472,7 +389,7 @@ fn replaced_partitions(out: &OutputPlan, run: &RunInfo, added: &[AddedFile]) -> 
     if first == "run_date" {
         set.insert(format!("run_date={}", run.run_date));
     }
-    set.into_iter().collect()
+    Replaced::Partitions(set.into_iter().collect())
 }
 
 fn relative(base: &object_store::path::Path, full: &object_store::path::Path) -> String {

@@ -9,9 +9,9 @@
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, ObjectStoreExt};
 
+use super::failpoint;
 use super::log::{Commit, TableLog};
 use crate::error::{Error, Result};
-use crate::failpoint;
 
 /// How many files are moved or deleted at once.
 const CONCURRENCY: usize = 16;

@@ -1,334 +1,218 @@
-//! Job steps. Each step's result is registered on the session under the step's name, so later
-//! steps (and outputs) refer to it like any table. One file per step kind.
+//! Job steps, one module per kind: [`sql`], [`kmeans`], [`clv`]. Each step's result is
+//! registered on the run's session under the step's name, so later steps (and outputs) refer
+//! to it like any table; model steps may register extra tables (`<step>_profile`,
+//! `<step>_fit`, `<step>_backtest`).
 //!
-//! The model steps (`kmeans`, `clv`) append their columns to the rows of the table they read
-//! (its Arrow buffers are shared, not copied), so their result carries everything known about
-//! each customer and later SQL needs no join to bring it back. The helpers here read a table's
-//! batches in their partitions, take numeric columns out of them, and append new columns.
+//! [`StepKind`] is the one place the kinds are told apart: what a kind checks when the job is
+//! loaded ([`StepKind::check`]), which tables it reads and produces, how `validate` declares its
+//! result schemas without data ([`StepKind::declare`]), and how it runs ([`StepKind::run`]).
+//! Adding a kind is one module here, a variant in `crate::config::steps` and an arm in each
+//! match below. A step knows nothing of jobs: it is given a [`StepContext`].
 
 pub mod clv;
 pub mod kmeans;
+pub mod rows;
 pub mod sql;
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, MutableArrayData, RecordBatch, make_array,
-};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
-use datafusion::datasource::MemTable;
+use chrono::NaiveDate;
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::prelude::SessionContext;
 
-use crate::error::Error;
-use crate::job::StepPlan;
+use crate::config::steps::StepKindSpec;
+use crate::config::{Diagnostic, Source};
+use crate::error::{Error, Result};
 
-/// The session `step` runs on: `ctx` itself, or, when the step has `settings`, a session over
-/// the same tables, functions, object stores and memory pool (DataFusion shares them between
-/// copies of a session state) whose options are changed for this step only.
-pub fn session_for(ctx: &SessionContext, step: &StepPlan) -> crate::error::Result<SessionContext> {
-    if step.settings.is_empty() {
-        return Ok(ctx.clone());
-    }
-    let mut state = ctx.state();
-    for (key, value) in &step.settings {
-        // Checked when the job was loaded.
-        state
-            .config_mut()
-            .options_mut()
-            .set(key, value)
-            .map_err(|e| Error::df(format!("{}.settings: {key}", step.field), e))?;
-    }
-    Ok(SessionContext::new_with_state(state))
+/// A checked step of a job.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Table name of the result.
+    pub name: String,
+    /// Field path in the job file (`steps[3]`), for diagnostics.
+    pub field: String,
+    /// DataFusion settings for this step only (checked).
+    pub settings: BTreeMap<String, String>,
+    pub kind: StepKind,
 }
 
-/// Registers `parts` (batches per partition) as table `name` on `ctx`, replacing a table of that
-/// name (a re-run on the same session replaces the step's results).
-pub fn register(
-    ctx: &SessionContext,
-    name: &str,
-    schema: SchemaRef,
-    parts: Vec<Vec<RecordBatch>>,
-) -> crate::error::Result<()> {
-    let err = |e| Error::df(format!("register `{name}`"), e);
-    let parts = if parts.is_empty() {
-        vec![vec![]]
-    } else {
-        parts
-    };
-    let table = MemTable::try_new(schema, parts).map_err(err)?;
-    ctx.deregister_table(name).map_err(err)?;
-    ctx.register_table(name, Arc::new(table)).map_err(err)?;
-    Ok(())
+/// What a step does, checked.
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    Sql(sql::SqlStep),
+    Kmeans(kmeans::KmeansStep),
+    Clv(clv::ClvStep),
 }
 
-/// A registered table's rows, batch by batch in its partitions.
-pub struct Rows {
-    pub schema: SchemaRef,
-    pub parts: Vec<Vec<RecordBatch>>,
+/// What checking a step's spec needs to know about the job.
+pub struct CheckContext<'a> {
+    /// The step's name.
+    pub step: &'a str,
+    /// The step's field path in the job file (`steps[3]`).
+    pub field: &'a str,
+    pub source: &'a Source,
+    /// The tables the step may read: the inputs and the tables of earlier steps.
+    pub tables: &'a BTreeSet<String>,
+    /// The project folder (SQL file paths are relative to it).
+    pub root: &'a Path,
+    /// The names templates may use (`run_date`, `job`, `params.x`, ...).
+    pub template_names: &'a BTreeMap<String, String>,
+    /// The job's `params.gross_margin` as a share of spend: `Some(Ok(m))`, `Some(Err(()))` when
+    /// it is not a number between 0 and 1, `None` when not set.
+    pub gross_margin: Option<std::result::Result<f64, ()>>,
+    /// Set by a step that takes its margin from `params.gross_margin` while it is invalid
+    /// (reported once for the job, not once per step).
+    pub bad_gross_margin_used: &'a Cell<bool>,
 }
 
-impl Rows {
-    /// Reads `table` from `ctx` (a step result: no copy).
-    pub async fn read(
-        ctx: &SessionContext,
-        table: &str,
-    ) -> Result<Self, datafusion::error::DataFusionError> {
-        let df = ctx.table(table).await?;
-        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let parts = df.collect_partitioned().await?;
-        Ok(Self { schema, parts })
+impl CheckContext<'_> {
+    /// A diagnostic at `rel` under the step's field (`sql`, `kmeans.k`).
+    pub fn diag(&self, rel: &str, message: impl Into<String>) -> Diagnostic {
+        let field = if rel.is_empty() {
+            self.field.to_string()
+        } else {
+            format!("{}.{rel}", self.field)
+        };
+        self.source.diag(&field, message)
     }
 
-    pub fn len(&self) -> usize {
-        self.parts.iter().flatten().map(|b| b.num_rows()).sum()
+    /// The diagnostic for a table the step names that is neither an input nor an earlier step.
+    pub fn check_table(&self, rel: &str, table: &str) -> Option<Diagnostic> {
+        (!self.tables.contains(table) || table == self.step)
+            .then(|| self.diag(rel, format!("no input or earlier step named `{table}`")))
+    }
+}
+
+/// What running a step needs.
+pub struct StepContext<'a> {
+    /// The session the step runs on (with the step's own settings applied).
+    pub session: &'a SessionContext,
+    pub job: &'a str,
+    pub step: &'a Step,
+    pub run_date: NaiveDate,
+    /// Template variables for the run date.
+    pub vars: &'a BTreeMap<String, String>,
+}
+
+impl StepContext<'_> {
+    /// An error of the step's DataFusion work.
+    pub fn df_err(&self, source: datafusion::error::DataFusionError) -> Error {
+        Error::step(self.job, &self.step.name, source)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// A model step's refusal of its data (it says what to change).
+    pub fn model_err(&self, message: impl Into<String>) -> Error {
+        Error::model(self.job, &self.step.name, message)
     }
+}
 
-    fn column<'a>(&'a self, name: &str) -> Result<impl Iterator<Item = &'a ArrayRef>, String> {
-        let i = self
-            .schema
-            .index_of(name)
-            .map_err(|_| format!("no column `{name}`"))?;
-        Ok(self.parts.iter().flatten().map(move |b| b.column(i)))
-    }
+/// What one step produced.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutcome {
+    pub rows: usize,
+    /// Memory held by the result (each buffer counted once); 0 when it was streamed.
+    pub bytes: usize,
+    pub elapsed: Duration,
+    /// Extra timings worth a log line (model fits), as (name, duration).
+    pub timings: Vec<(&'static str, Duration)>,
+}
 
-    /// Column `name` as floats (cast from any number), in row order. A NULL becomes `if_null`,
-    /// or is an error naming the column when that is `None`.
-    pub fn floats(&self, name: &str, if_null: Option<f64>) -> Result<Vec<f64>, String> {
-        let mut out = Vec::with_capacity(self.len());
-        for a in self.column(name)? {
-            let a = cast(a, &DataType::Float64).map_err(|e| format!("column `{name}`: {e}"))?;
-            let a = a.as_primitive::<Float64Type>();
-            match (a.null_count(), if_null) {
-                (0, _) => out.extend_from_slice(a.values()),
-                (_, Some(v)) => out.extend(a.iter().map(|x| x.unwrap_or(v))),
-                (_, None) => return Err(format!("column `{name}` has NULL values")),
-            }
+impl StepKind {
+    /// Checks `spec` (no data read, no SQL planned). Diagnostics point into the job file, or
+    /// into the SQL file for a SQL step's template.
+    pub fn check(
+        spec: &StepKindSpec,
+        cx: &CheckContext,
+    ) -> std::result::Result<Self, Vec<Diagnostic>> {
+        match spec {
+            StepKindSpec::Sql(file) => sql::SqlStep::check(file, cx).map(Self::Sql),
+            StepKindSpec::Kmeans(s) => kmeans::KmeansStep::check(s, cx).map(Self::Kmeans),
+            StepKindSpec::Clv(s) => clv::ClvStep::check(s, cx).map(Self::Clv),
         }
-        Ok(out)
     }
 
-    /// Column `name` as integers (cast from any integer), in row order; a NULL is an error
-    /// naming the column.
-    pub fn integers(&self, name: &str) -> Result<Vec<i64>, String> {
-        let mut out = Vec::with_capacity(self.len());
-        for a in self.column(name)? {
-            let a = cast(a, &DataType::Int64).map_err(|e| format!("column `{name}`: {e}"))?;
-            if a.null_count() > 0 {
-                return Err(format!("column `{name}` has NULL values"));
-            }
-            out.extend_from_slice(a.as_primitive::<Int64Type>().values());
+    /// The tables the step registers: its own and the extra result tables.
+    pub fn produces(&self, name: &str) -> Vec<String> {
+        let mut tables = vec![name.to_string()];
+        match self {
+            StepKind::Sql(_) => {}
+            StepKind::Kmeans(_) => tables.push(format!("{name}_profile")),
+            StepKind::Clv(c) => tables.extend(c.extra_tables(name)),
         }
-        Ok(out)
+        tables
     }
-}
 
-/// The schema of `from` with `added` columns appended, and `run_date` (a DATE) before them when
-/// `from` has none. A name `from` already has is an error that says which.
-pub fn appended_schema(from: &Schema, added: &[Field]) -> Result<SchemaRef, String> {
-    let mut fields: Vec<Field> = from.fields().iter().map(|f| f.as_ref().clone()).collect();
-    if from.field_with_name("run_date").is_err() {
-        fields.push(Field::new("run_date", DataType::Date32, false));
-    }
-    for f in added {
-        if from.field_with_name(f.name()).is_ok() {
-            return Err(format!(
-                "its input already has a column `{}`, which this step adds; rename or drop it in the input",
-                f.name()
-            ));
+    /// The tables the step reads, lower-cased; `None` when it cannot be told (SQL that does not
+    /// parse: the run then fails at the step with the real error).
+    pub fn reads(
+        &self,
+        session: &SessionContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Option<BTreeSet<String>> {
+        match self {
+            StepKind::Sql(s) => s.reads(session, vars),
+            StepKind::Kmeans(k) => Some([k.spec.from.to_lowercase()].into()),
+            StepKind::Clv(c) => Some(c.reads().iter().map(|t| t.to_lowercase()).collect()),
         }
-        fields.push(f.clone());
     }
-    Ok(Arc::new(Schema::new(fields)))
-}
 
-/// `rows` with `added` columns (each as long as all rows together) appended to every batch,
-/// and `run_date` = `day` (days since 1970-01-01) when the rows have none. The input's buffers
-/// are shared, not copied; partitions are kept. Each batch gets its own copy of its part of the
-/// added columns, not a slice of one long array: DataFusion charges every batch for the whole
-/// buffer behind a slice, so slices of one buffer would count its memory once per batch.
-pub fn append_columns(
-    rows: &Rows,
-    day: i32,
-    added: Vec<(Field, ArrayRef)>,
-) -> Result<(SchemaRef, Vec<Vec<RecordBatch>>), String> {
-    let fields: Vec<Field> = added.iter().map(|(f, _)| f.clone()).collect();
-    let schema = appended_schema(&rows.schema, &fields)?;
-    let add_date = rows.schema.field_with_name("run_date").is_err();
-    let mut offset = 0;
-    let mut parts = Vec::with_capacity(rows.parts.len());
-    for part in &rows.parts {
-        let mut batches = Vec::with_capacity(part.len());
-        for b in part {
-            let n = b.num_rows();
-            let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-            if add_date {
-                cols.push(Arc::new(Date32Array::from(vec![day; n])));
-            }
-            for (_, a) in &added {
-                cols.push(copied(a.slice(offset, n).as_ref())?);
-            }
-            offset += n;
-            let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())?;
-            batches.push(batch);
+    /// Whether the step is SQL (it has a query plan, and can stream into its output).
+    pub fn is_sql(&self) -> bool {
+        matches!(self, StepKind::Sql(_))
+    }
+
+    /// For `validate`: plans the step against the (empty) tables registered on the session,
+    /// registers empty tables of its results, and returns them with their schemas.
+    pub async fn declare(
+        &self,
+        cx: &StepContext<'_>,
+        source: &Source,
+    ) -> std::result::Result<Vec<(String, SchemaRef)>, Vec<Diagnostic>> {
+        let field = &cx.step.field;
+        let at = |kind: &str, m: String| vec![source.diag(&format!("{field}.{kind}"), m)];
+        match self {
+            StepKind::Sql(s) => s.declare(cx).await,
+            StepKind::Kmeans(k) => k.declare(cx).await.map_err(|m| at("kmeans", m)),
+            StepKind::Clv(c) => c.declare(cx).await.map_err(|m| at("clv", m)),
         }
-        parts.push(batches);
     }
-    Ok((schema, parts))
+
+    /// Runs the step and registers its results on `cx.session`.
+    pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
+        match self {
+            StepKind::Sql(s) => s.run(cx).await,
+            StepKind::Kmeans(k) => k.run(cx).await,
+            StepKind::Clv(c) => c.run(cx).await,
+        }
+    }
 }
 
-/// Days since 1970-01-01.
-pub fn date32(day: chrono::NaiveDate) -> i32 {
-    (day - chrono::NaiveDate::default()).num_days() as i32
-}
-
-/// A copy of `array` in buffers of its own, sized to it (Arrow's `concat` of a single array
-/// returns a slice of the same buffers instead).
-pub fn copied(array: &dyn Array) -> Result<ArrayRef, String> {
-    let data = array.to_data();
-    let mut copy = MutableArrayData::new(vec![&data], false, data.len());
-    copy.try_extend(0, 0, data.len())
-        .map_err(|e| e.to_string())?;
-    Ok(make_array(copy.freeze()))
-}
-
-/// Copies the columns of batches that share buffers with other batches (an aggregation emits
-/// its result as slices of one buffer), so that each batch owns exactly its data. DataFusion
-/// charges a batch for every buffer it points into: a sort or join over such slices would be
-/// charged the shared buffer once per batch and run out of memory on a fraction of the limit.
-/// Results whose batches do not share much are returned as they are.
-pub fn compact(parts: Vec<Vec<RecordBatch>>) -> Result<Vec<Vec<RecordBatch>>, String> {
-    let charged: usize = parts
+/// A model step's check that its input table has `columns`, for `declare`.
+pub async fn require_columns(
+    session: &SessionContext,
+    table: &str,
+    columns: &[&str],
+    hint: &str,
+) -> std::result::Result<SchemaRef, String> {
+    let df = session
+        .table(table)
+        .await
+        .map_err(|e| format!("`{table}`: {e}"))?;
+    let schema = df.schema();
+    let missing: Vec<&str> = columns
         .iter()
-        .flatten()
-        .map(|b| b.get_array_memory_size())
-        .sum();
-    let held = crate::memstat::batches_bytes(parts.iter().flatten()) as usize;
-    if charged <= 2 * held + (1 << 20) {
-        return Ok(parts);
-    }
-    parts
-        .into_iter()
-        .map(|part| {
-            part.into_iter()
-                .map(|b| {
-                    let cols = b
-                        .columns()
-                        .iter()
-                        .map(|c| copied(c.as_ref()))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    RecordBatch::try_new(b.schema(), cols).map_err(|e| e.to_string())
-                })
-                .collect()
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use datafusion::arrow::array::{Float64Array, Int64Array};
-    use datafusion::arrow::datatypes::Int64Type;
-
-    #[test]
-    fn appended_columns_line_up_with_rows_across_batches() {
-        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
-        let batch = |v: Vec<i64>| {
-            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(v))]).unwrap()
-        };
-        let rows = Rows {
-            schema: schema.clone(),
-            parts: vec![
-                vec![batch(vec![1, 2]), batch(vec![3])],
-                vec![batch(vec![4])],
-            ],
-        };
-        let added: ArrayRef = Arc::new(Float64Array::from(vec![10.0, 20.0, 30.0, 40.0]));
-        let (out_schema, parts) = append_columns(
-            &rows,
-            5,
-            vec![(Field::new("v", DataType::Float64, false), added)],
-        )
-        .unwrap();
-        assert_eq!(
-            out_schema
-                .fields()
-                .iter()
-                .map(|f| f.name().as_str())
-                .collect::<Vec<_>>(),
-            ["id", "run_date", "v"]
-        );
-        let mut seen = Vec::new();
-        for b in parts.iter().flatten() {
-            let id = b.column(0).as_primitive::<Int64Type>();
-            let v = b.column(2).as_primitive::<Float64Type>();
-            for i in 0..b.num_rows() {
-                seen.push((id.value(i), v.value(i)));
-            }
-        }
-        assert_eq!(seen, [(1, 10.0), (2, 20.0), (3, 30.0), (4, 40.0)]);
-        // The input's columns are shared, not copied.
-        let original = rows.parts[0][0].column(0).to_data().buffers()[0].data_ptr();
-        assert_eq!(
-            parts[0][0].column(0).to_data().buffers()[0].data_ptr(),
-            original
-        );
-        assert!(
-            appended_schema(&out_schema, &[Field::new("v", DataType::Int64, false)])
-                .unwrap_err()
-                .contains("already has a column `v`")
-        );
-    }
-
-    /// What DataFusion charges a sort or join for the batches: each batch's buffers in full.
-    fn charged(parts: &[Vec<RecordBatch>]) -> usize {
-        parts
-            .iter()
-            .flatten()
-            .map(|b| b.get_array_memory_size())
-            .sum()
-    }
-
-    #[test]
-    fn appended_and_compacted_batches_are_charged_for_their_own_rows_only() {
-        // 8 batches of 10,000 rows: 80 KB of data each, 640 KB in all.
-        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
-        let whole = RecordBatch::try_new(
-            schema.clone(),
-            vec![Arc::new(Int64Array::from_iter_values(0..80_000))],
-        )
-        .unwrap();
-        let slices = vec![
-            (0..8)
-                .map(|i| whole.slice(i * 10_000, 10_000))
-                .collect::<Vec<_>>(),
-        ];
-        assert!(
-            charged(&slices) >= 8 * 640_000,
-            "slices are charged the whole buffer each"
-        );
-        let compacted = compact(slices.clone()).unwrap();
-        assert!(charged(&compacted) < 2 * 640_000, "{}", charged(&compacted));
-        let rows = Rows {
-            schema,
-            parts: slices,
-        };
-        let added: ArrayRef = Arc::new(Float64Array::from_iter_values((0..80_000).map(f64::from)));
-        let (_, parts) = append_columns(
-            &rows,
-            0,
-            vec![(Field::new("v", DataType::Float64, false), added)],
-        )
-        .unwrap();
-        let added_charged: usize = parts
-            .iter()
-            .flatten()
-            .map(|b| b.column(2).get_array_memory_size())
-            .sum();
-        assert!(added_charged < 2 * 640_000, "{added_charged}");
+        .copied()
+        .filter(|c| schema.field_with_unqualified_name(c).is_err())
+        .collect();
+    if missing.is_empty() {
+        Ok(std::sync::Arc::new(schema.as_arrow().clone()))
+    } else {
+        Err(format!(
+            "`{table}` lacks column(s) {} ({hint})",
+            missing.join(", ")
+        ))
     }
 }

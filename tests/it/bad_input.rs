@@ -189,7 +189,8 @@ fn bad_data_exits_1_and_names_input_file_and_column() {
         1,
         &[
             "input `orders`",
-            "order_month=2026-02/part-renamed.parquet",
+            // As the input's url is written, not a path without its leading `/`.
+            "file file://./data/exports/orders/order_month=2026-02/part-renamed.parquet:",
             "missing column `amount` (declared float64)",
             "amount_usd Float64",
         ],
@@ -207,7 +208,7 @@ fn bad_data_exits_1_and_names_input_file_and_column() {
         1,
         &[
             "input `customers`",
-            "customers/part-00000.parquet",
+            "file file://./data/exports/customers/part-00000.parquet:",
             "column `acquisition_cost` is Float64 in the file, declared int64",
         ],
     );

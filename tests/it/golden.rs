@@ -143,12 +143,12 @@ async fn run_with_fixed_models(
         .filter(|(step, _, _)| pos(step).is_some_and(|i| i < target))
         .collect();
     let Some(first) = fixed.first().and_then(|(s, _, _)| pos(s)) else {
-        clvflow::runner::run_steps_on(ctx, job, date, Some(until), &[])
+        clvflow::run::run_steps_on(ctx, job, date, Some(until), &[])
             .await
             .unwrap();
         return;
     };
-    clvflow::runner::run_steps_on(ctx, job, date, Some(names[first - 1]), &[])
+    clvflow::run::run_steps_on(ctx, job, date, Some(names[first - 1]), &[])
         .await
         .unwrap();
     let mut last = first;
@@ -177,7 +177,7 @@ async fn run_with_fixed_models(
     for input in &job.inputs {
         ctx.deregister_table(input.name.as_str()).unwrap();
     }
-    clvflow::runner::run_steps_on(ctx, job, date, Some(until), &done)
+    clvflow::run::run_steps_on(ctx, job, date, Some(until), &done)
         .await
         .unwrap();
 }
@@ -188,14 +188,14 @@ fn every_sql_file_matches_its_golden_table() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let golden_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     rt.block_on(async {
-        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
+        let project = clvflow::project::Project::load(&p.file("config.yaml")).unwrap();
         let exports = project.stores.resolve("file://./data/exports/").unwrap();
-        clvflow::generate::put_parquet(&exports, "orders/order_month=fixture/part-00000.parquet", &orders()).await.unwrap();
-        clvflow::generate::put_parquet(&exports, "customers/part-00000.parquet", &customers()).await.unwrap();
+        clvflow::demo::generate::put_parquet(&exports, "orders/order_month=fixture/part-00000.parquet", &orders()).await.unwrap();
+        clvflow::demo::generate::put_parquet(&exports, "customers/part-00000.parquet", &customers()).await.unwrap();
         let date = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
         let mut jobs = Vec::new();
         for name in project.job_names().unwrap() {
-            jobs.push(clvflow::runner::validate_job(&project, &name).await.unwrap());
+            jobs.push(clvflow::job::validate(&project, &name).await.unwrap());
         }
         let mut checked = 0;
         let mut diffs = Vec::new();
@@ -209,7 +209,7 @@ fn every_sql_file_matches_its_golden_table() {
                 .unwrap_or_else(|| panic!("sql/{name}.sql is used by no step named `{name}` in jobs/: give it one, and a golden test"));
             // Model steps (K-means, BG/NBD) are not run on this tiny fixture: their results are
             // fixed columns (above), so the SQL after them is checked on its own.
-            let ctx = clvflow::engine::session(&project).unwrap();
+            let ctx = project.engine().unwrap().session();
             run_with_fixed_models(&ctx, job, date, &step.name).await;
             let batches = ctx.sql(&format!("select * from {} order by 1, 2", step.name)).await.unwrap().collect().await.unwrap();
             let got = pretty_format_batches(&batches).unwrap().to_string();

@@ -95,7 +95,7 @@ fn commit_markers_are_create_only_on_s3() {
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
+        let project = clvflow::project::Project::load(&p.file("config.yaml")).unwrap();
         let loc = project
             .stores
             .resolve(&format!("s3://{bucket}/marts/customer_value/"))

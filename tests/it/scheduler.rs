@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use clvflow::job::{JobPlan, Project};
-use clvflow::scheduler::execute::{Executor, Outcome, Request, RunContext, RunTotals};
+use clvflow::job::JobPlan;
+use clvflow::project::Project;
+use clvflow::run::RunReport;
+use clvflow::scheduler::execute::{Executor, Outcome, Request, RunContext};
 use clvflow::scheduler::metrics::Metrics;
 use clvflow::scheduler::{self, Dispatcher};
 use clvflow::state::{RunRecord, StateStore, Status, Trigger};
@@ -65,9 +67,9 @@ impl Executor for Scripted {
         &'a self,
         job: &'a JobPlan,
         date: NaiveDate,
-        _run_id: &'a str,
+        run_id: &'a str,
         cancel: CancellationToken,
-    ) -> BoxFuture<'a, clvflow::Result<RunTotals>> {
+    ) -> BoxFuture<'a, clvflow::Result<RunReport>> {
         Box::pin(async move {
             let act = {
                 let mut s = self.script.lock().unwrap();
@@ -83,11 +85,20 @@ impl Executor for Scripted {
                 self.max_parallel_same_job.fetch_max(*n, Ordering::SeqCst);
             }
             let start = std::time::Instant::now();
+            let report = RunReport {
+                run_id: run_id.to_string(),
+                job: job.name.clone(),
+                run_date: date,
+                inputs: vec![],
+                steps: vec![],
+                outputs: vec![],
+                elapsed: Duration::ZERO,
+            };
             let result = match act {
-                Act::Ok => Ok(RunTotals { rows: 1, files: 1 }),
+                Act::Ok => Ok(report),
                 Act::Fail => Err(clvflow::Error::Internal("scripted failure".into())),
                 Act::Sleep(d) => tokio::select! {
-                    _ = tokio::time::sleep(d) => Ok(RunTotals { rows: 1, files: 1 }),
+                    _ = tokio::time::sleep(d) => Ok(report),
                     _ = cancel.cancelled() => Err(clvflow::Error::Cancelled("scripted run".into())),
                 },
             };
@@ -126,7 +137,7 @@ fn project(state_url: &str, extra_store: &str, a: &str, b: &str) -> (TestProject
 }
 
 async fn context(project: &Project, exec: Arc<Scripted>, owner: &str) -> Arc<RunContext> {
-    let (jobs, _) = scheduler::load_jobs(project).await.unwrap();
+    let jobs = scheduler::load_jobs(project).await.unwrap();
     Arc::new(RunContext {
         state: StateStore::open(project).unwrap(),
         executor: exec,
@@ -137,14 +148,9 @@ async fn context(project: &Project, exec: Arc<Scripted>, owner: &str) -> Arc<Run
     })
 }
 
+/// A request as the daemon or a backfill makes it (a manual one does not wait for upstream).
 fn req(job: &str, date: NaiveDate) -> Request {
-    Request {
-        job: job.into(),
-        run_date: date,
-        trigger: Trigger::Manual,
-        scheduled_for: None,
-        force: false,
-    }
+    Request::new(job, date, Trigger::Backfill)
 }
 
 fn statuses(records: &[RunRecord], job: &str) -> Vec<Status> {
@@ -174,11 +180,10 @@ async fn catch_up_runs_the_most_recent_missed_dates_oldest_first() {
         "schedule: \"30 2 * * *\"\ncatchup: false\n",
     );
     let ctx = context(&project, Scripted::new(Duration::ZERO), "t").await;
-    let (_, scheduled) = scheduler::load_jobs(&project).await.unwrap();
     let now = utc("2026-11-22T03:00:00Z");
     // No history yet: nothing to catch up (a first deployment does not replay the past).
     assert!(
-        scheduler::catchup_requests(&ctx.state, &scheduled, now, 3)
+        scheduler::daemon::catchup_requests(&ctx.state, &ctx.jobs, now, 3)
             .await
             .unwrap()
             .is_empty()
@@ -203,7 +208,7 @@ async fn catch_up_runs_the_most_recent_missed_dates_oldest_first() {
         ctx.state.put(&rec).await.unwrap();
     }
     // Down from the 18th 02:31 to the 22nd 03:00: fires on the 19th..22nd were missed.
-    let reqs = scheduler::catchup_requests(&ctx.state, &scheduled, now, 3)
+    let reqs = scheduler::daemon::catchup_requests(&ctx.state, &ctx.jobs, now, 3)
         .await
         .unwrap();
     let got: Vec<(String, String)> = reqs
@@ -527,6 +532,20 @@ fn the_daemon_fires_on_schedule_and_sigterm_cancels_without_publishing() {
         metrics.contains("clvflow_runs_running{job=\"customer_value\"} 1"),
         "{metrics}"
     );
+    // The run read its inputs and staged its outputs through the counted stores.
+    let count = |op: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("clvflow_store_operations_total{{op=\"{op}\"}} "))
+            })
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {op} count: {metrics}"))
+    };
+    assert!(
+        count("list") > 0 && count("get") > 0 && count("put") > 0,
+        "{metrics}"
+    );
     let pid = child.id().to_string();
     assert!(
         std::process::Command::new("kill")
@@ -561,5 +580,138 @@ fn the_daemon_fires_on_schedule_and_sigterm_cancels_without_publishing() {
     assert!(
         text.contains("manual") && text.contains("succeeded"),
         "{text}"
+    );
+}
+
+/// Defect: a run waiting for its upstream was looked at again only every `poll_interval`. It is
+/// started as soon as the upstream commits the date in the same process.
+#[tokio::test]
+async fn a_waiting_downstream_run_starts_when_its_upstream_commits() {
+    let (_p, project) = project("file://./state", "", "", "");
+    let exec = Scripted::new(Duration::from_millis(300));
+    let ctx = context(&project, exec.clone(), "t").await;
+    let day = d("2026-11-20");
+    let started = std::time::Instant::now();
+    let order = vec!["a".to_string(), "b".to_string()];
+    let mut dispatcher = Dispatcher::new(ctx.clone(), &order, 2);
+    // b starts with a (two slots), finds a not committed yet and waits; the poll is 60 s.
+    let done = scheduler::drain(
+        &mut dispatcher,
+        vec![req("b", day), req("a", day)],
+        Duration::from_secs(60),
+    )
+    .await;
+    let b = done.iter().find(|(r, _)| r.job == "b").unwrap();
+    assert_eq!(b.1.as_ref().unwrap(), &Outcome::Finished(Status::Succeeded));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "b waited for the poll: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(exec.count("b", day), 1);
+}
+
+/// Defect: `clvflow run` kept its lease only for one `lease_ttl` (no renewal), so a daemon
+/// sharing the state store could take it over and run the job a second time; and it had no
+/// retries. It now goes through the daemon's execution path.
+#[test]
+fn a_manual_run_renews_its_lease_and_retries_when_asked() {
+    let endpoint = std::env::var("CLVFLOW_TEST_S3_ENDPOINT").expect("run through ./scripts/test");
+    let bucket = format!("clvflow-manual-{}", uuid::Uuid::new_v4().simple());
+    py_json(
+        "import boto3, sys, json; boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1').create_bucket(Bucket=sys.argv[2]); print(json.dumps(True))",
+        &[&endpoint, &bucket],
+    );
+    let p = TestProject::shipped();
+    p.generate(300);
+    let config = p.read("config.yaml").replace(
+        "stores:\n",
+        &format!("stores:\n  state: {{ url: s3://{bucket}, endpoint: \"{endpoint}\", region: us-east-1, allow_http: true }}\n"),
+    );
+    let config = config.replace(
+        "state: { url: file://./data/_clvflow }",
+        &format!("state: {{ url: s3://{bucket}/clvflow }}\nscheduler: {{ lease_ttl: 1s }}"),
+    );
+    p.write("config.yaml", &config);
+    let mut child = p
+        .command(&["run", "customer_value", "--date", RUN_DATE])
+        .env("CLVFLOW_FAILPOINT", "after-staging:sleep")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    while let Some(Ok(line)) = lines.next() {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("failpoint after-staging reached") {
+            break;
+        }
+    }
+    assert!(seen.contains("failpoint after-staging reached"), "{seen}");
+    // Three TTLs later the lease is still held (renewed every third of a TTL).
+    std::thread::sleep(Duration::from_secs(3));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let taken = rt.block_on(async {
+        let project = Project::load(&p.file("config.yaml")).unwrap();
+        let state = StateStore::open(&project).unwrap();
+        state
+            .acquire("customer_value", "a daemon", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_some()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        !taken,
+        "another process took the lease of a running manual run"
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // the killed run's lease expires
+
+    // --retries: a failing attempt is recorded and retried; the history shows both.
+    let out = p
+        .command(&[
+            "run",
+            "customer_value",
+            "--date",
+            RUN_DATE,
+            "--retries",
+            "1",
+            "--backoff",
+            "100ms",
+        ])
+        .env("CLVFLOW_FAILPOINT", "after-staging:error")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let history = String::from_utf8_lossy(&p.ok(&["history", "customer_value"]).stdout).to_string();
+    let attempts: Vec<&str> = history.lines().filter(|l| l.contains("manual")).collect();
+    assert!(
+        attempts
+            .iter()
+            .any(|l| l.contains("1/2") && l.contains("failed"))
+            && attempts
+                .iter()
+                .any(|l| l.contains("2/2") && l.contains("failed")),
+        "{history}"
+    );
+}
+
+/// Defect: an address that cannot be bound was reported as an internal error (exit 1).
+#[test]
+fn an_address_that_cannot_be_bound_is_a_usage_error() {
+    let p = TestProject::shipped();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = p.clvflow(&["schedule", "--listen", &addr]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&addr) && err.contains("--listen") && !err.contains("internal error"),
+        "{err}"
     );
 }

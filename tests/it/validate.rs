@@ -114,13 +114,14 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
     let p = TestProject::shipped();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (job, lifetimes) = rt.block_on(async {
-        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
-        let job = clvflow::runner::validate_job(&project, "customer_value")
+        let project = clvflow::project::Project::load(&p.file("config.yaml")).unwrap();
+        let job = clvflow::job::validate(&project, "customer_value")
             .await
             .unwrap();
-        let ctx = clvflow::engine::session(&project).unwrap();
+        let ctx = project.engine().unwrap().session();
         let date = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
-        let lifetimes = clvflow::lifetimes::plan(&ctx, &job, date);
+        let lifetimes =
+            clvflow::run::results::ResultLifetimes::compute(&ctx, &job, &job.vars(date));
         (job, lifetimes)
     });
     let step = |name: &str| job.steps.iter().position(|s| s.name == name).unwrap();
@@ -214,12 +215,15 @@ fn step_settings_apply_to_their_step_only() {
     p.ok(&["validate", "settings"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
-        let job = clvflow::runner::validate_job(&project, "settings")
-            .await
-            .unwrap();
+        let project = clvflow::project::Project::load(&p.file("config.yaml")).unwrap();
+        // One engine (one memory pool) per project, whoever asks.
+        assert!(std::sync::Arc::ptr_eq(
+            &project.engine().unwrap(),
+            &project.engine().unwrap()
+        ));
+        let job = clvflow::job::validate(&project, "settings").await.unwrap();
         let date = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
-        let ctx = clvflow::runner::run_steps(&project, &job, date, None)
+        let ctx = clvflow::run::run_steps(&project, &job, date, None)
             .await
             .unwrap();
         let partitions = |t: &'static str| {
@@ -270,14 +274,12 @@ fn clv_steps_without_a_margin_use_the_jobs_gross_margin() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let margins = |job: &str| {
-        let project = clvflow::job::Project::load(&p.file("config.yaml")).unwrap();
-        let job = rt
-            .block_on(clvflow::runner::validate_job(&project, job))
-            .unwrap();
+        let project = clvflow::project::Project::load(&p.file("config.yaml")).unwrap();
+        let job = rt.block_on(clvflow::job::validate(&project, job)).unwrap();
         job.steps
             .iter()
             .filter_map(|s| match &s.kind {
-                clvflow::job::StepKind::Clv(c) => Some((s.name.clone(), c.margin())),
+                clvflow::steps::StepKind::Clv(c) => Some((s.name.clone(), c.margin())),
                 _ => None,
             })
             .collect::<Vec<_>>()
@@ -315,4 +317,120 @@ fn clv_steps_without_a_margin_use_the_jobs_gross_margin() {
                 .contains("params.gross_margin: `1.5`: the CLV steps without `margin` use it"),
         "{err}"
     );
+}
+
+/// Defect: `customer_value` and `customer_clv` both wrote `data/marts/clv_fit/`. Two jobs whose
+/// outputs are the same table, or one inside the other, are rejected, naming both places.
+#[test]
+fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
+    let p = TestProject::shipped();
+    p.edit(
+        "jobs/customer_clv.yaml",
+        "url: file://./data/marts/customer_clv_fit/",
+        "url: file://./data/marts/clv_fit/",
+    );
+    let out = p.clvflow(&["validate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("writes the same table"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("jobs/customer_value.yaml:64:5: outputs[2].url: job `customer_clv`")
+            && lines[0].contains("jobs/customer_clv.yaml:28:")
+            && lines[0].contains("outputs[1] `file://./data/marts/clv_fit/`"),
+        "{err}"
+    );
+    // Running either job is refused too (exit 2), before anything is read.
+    let run = p.clvflow(&["run", "customer_clv", "--date", RUN_DATE]);
+    assert_eq!(run.status.code(), Some(2), "{}", show(&run));
+    assert!(
+        stderr(&run).contains("writes the same table"),
+        "{}",
+        show(&run)
+    );
+    // A table inside another one's folder is the same conflict.
+    p.edit(
+        "jobs/customer_clv.yaml",
+        "url: file://./data/marts/clv_fit/",
+        "url: file://./data/marts/value_tiers/clv/",
+    );
+    let err = stderr(&p.clvflow(&["validate", "customer_clv"]));
+    assert!(
+        err.contains("jobs/customer_clv.yaml:28:")
+            && err.contains("job `customer_value` writes the same table or one inside it"),
+        "{err}"
+    );
+    // Within one job as well.
+    p.edit(
+        "jobs/customer_clv.yaml",
+        "url: file://./data/marts/value_tiers/clv/",
+        "url: file://./data/marts/customer_clv/fit/",
+    );
+    let err = stderr(&p.clvflow(&["validate", "customer_clv"]));
+    assert!(
+        err.contains("outputs[1].url: outputs[0] writes the same table or one inside it"),
+        "{err}"
+    );
+}
+
+/// Defect: an error on a line with `{{ … }}` was reported at its column in the rendered SQL.
+#[test]
+fn sql_errors_are_located_in_the_file_as_written() {
+    let p = TestProject::shipped();
+    p.write(
+        "jobs/pos.yaml",
+        "params: { long_parameter_name: 1 }\ninputs:\n  customers: { url: file://./data/exports/customers/, columns: { customer_id: int64 } }\nsteps:\n  - { name: s, sql: sql/pos.sql }\n",
+    );
+    let line = "select {{ params.long_parameter_name }} as a, no_such_column from customers";
+    p.write("sql/pos.sql", &format!("-- a comment\n{line}\n"));
+    let out = p.clvflow(&["validate", "pos"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    let col = line.find("no_such_column").unwrap() + 1;
+    assert!(
+        err.contains(&format!(
+            "sql/pos.sql:2:{col}: steps[0].sql: SQL does not plan"
+        )),
+        "want 2:{col}:\n{err}"
+    );
+    // A syntax error after a template: the parser's own position is the rendered one, so it
+    // is not repeated in the message.
+    p.write(
+        "sql/pos.sql",
+        "select {{ params.long_parameter_name }} as a, from from customers\n",
+    );
+    let err = stderr(&p.clvflow(&["validate", "pos"]));
+    let col = "select {{ params.long_parameter_name }} as a, from from customers"
+        .find("from from")
+        .unwrap()
+        + 6;
+    assert!(
+        err.contains(&format!("sql/pos.sql:1:{col}:")),
+        "want 1:{col}:\n{err}"
+    );
+    assert!(!err.contains("at Line:"), "{err}");
+}
+
+/// Defect: `99999999999d` overflowed (a panic in debug builds).
+#[test]
+fn a_duration_too_large_is_a_config_error_at_its_line() {
+    let p = TestProject::shipped();
+    p.edit(
+        "jobs/customer_value.yaml",
+        "timeout: 30m",
+        "timeout: 99999999999d",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("customer_value.yaml:3:")
+            && err.contains("timeout")
+            && err.contains("99999999999d"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }

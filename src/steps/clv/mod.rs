@@ -1,180 +1,236 @@
-//! Customer lifetime value models: BG/NBD purchases and P(alive) ([`bgnbd`]), Gamma-Gamma
-//! spend ([`gamma_gamma`]), on the special functions and optimiser they share, plus the helpers
-//! that make them fast on millions of customers: grouping identical rows ([`group`]) and
-//! deterministic parallel sums and maps ([`par_sum`], [`par_map`]).
+//! The `clv` step: one customer lifetime value model, picked by name.
+//!
+//! - `bgnbd_gamma_gamma` ([`predictive`]): BG/NBD and Gamma-Gamma fitted on a BTYD summary;
+//!   P(alive), expected purchases and spend over the horizon and the discounted CLV, appended to
+//!   the rows of `from`; with `backtest` also a calibration/holdout check ([`backtest`]).
+//! - `historical`, `formula`, `formula_retention`, `discounted` ([`rules`]): per-customer sums
+//!   over an order table.
+//!
+//! Every model registers `<step>` (per customer) and `<step>_fit` (parameters, log-likelihood,
+//! iterations, totals). The fitting code itself is in [`models`].
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
-pub mod bgnbd;
-pub mod gamma_gamma;
-pub mod optimize;
+pub mod backtest;
+pub mod models;
+pub mod predictive;
 pub mod rules;
-pub mod special;
-pub mod step;
 
-/// Sums `f` over 8 fixed chunks of `data`, on scoped threads when the data are large. The chunks
-/// and the order of the sum do not depend on the machine, so results are identical everywhere.
-pub fn par_sum<T: Sync, const N: usize>(
-    data: &[T],
-    f: impl Fn(&[T]) -> (f64, [f64; N]) + Sync,
-) -> (f64, [f64; N]) {
-    const CHUNKS: usize = 8;
-    let size = data.len().div_ceil(CHUNKS).max(1);
-    let parts: Vec<(f64, [f64; N])> = if data.len() < 20_000 {
-        data.chunks(size).map(&f).collect()
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = data.chunks(size).map(|c| s.spawn(|| f(c))).collect();
-            handles
-                .into_iter()
-                // A panicking chunk gives NaN: the optimiser then reports a non-finite likelihood.
-                .map(|h| h.join().unwrap_or((f64::NAN, [f64::NAN; N])))
-                .collect()
-        })
-    };
-    let mut total = (0.0, [0.0; N]);
-    for (l, g) in parts {
-        total.0 += l;
-        for (t, v) in total.1.iter_mut().zip(g) {
-            *t += v;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Date32Array, Float64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use super::rows::{date32, register};
+use super::{CheckContext, StepContext, StepOutcome};
+use crate::config::Diagnostic;
+use crate::config::steps::{ClvModel, ClvSpec, DEFAULT_MARGIN};
+use crate::error::{Error, Result};
+
+/// A checked CLV step: its spec, with `margin` filled in (from `params.gross_margin` when the
+/// step has none, else 0.30).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClvStep {
+    pub spec: ClvSpec,
+}
+
+impl ClvStep {
+    pub fn check(spec: &ClvSpec, cx: &CheckContext) -> std::result::Result<Self, Vec<Diagnostic>> {
+        let mut diags = Vec::new();
+        diags.extend(cx.check_table("clv.from", &spec.from));
+        if spec.horizon_months == 0 || spec.horizon_months > 600 {
+            diags.push(cx.diag("clv.horizon_months", "must be between 1 and 600"));
         }
-    }
-    total
-}
-
-/// Applies `f` to every item, on scoped threads in 8 fixed chunks when the data are large.
-/// Results are in input order. `None` if a thread panicked.
-pub fn par_map<T: Sync, U: Send>(data: &[T], f: impl Fn(&T) -> U + Sync) -> Option<Vec<U>> {
-    const CHUNKS: usize = 8;
-    if data.len() < 20_000 {
-        return Some(data.iter().map(&f).collect());
-    }
-    let size = data.len().div_ceil(CHUNKS).max(1);
-    let f = &f;
-    let parts: Vec<Option<Vec<U>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = data
-            .chunks(size)
-            .map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<U>>()))
-            .collect();
-        handles.into_iter().map(|h| h.join().ok()).collect()
-    });
-    let mut out = Vec::with_capacity(data.len());
-    for part in parts {
-        out.extend(part?);
-    }
-    Some(out)
-}
-
-/// A fast hasher for grouping rows of floats by their bit patterns (the standard SipHash costs
-/// more than the work it guards here). Multiply-rotate per word, then a full avalanche, so keys
-/// whose low bits are all zero (round numbers) still spread over the table.
-#[derive(Default, Clone, Copy)]
-pub struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
+        if !(0.0..1.0).contains(&spec.discount_rate) {
+            diags.push(cx.diag(
+                "clv.discount_rate",
+                "an annual rate: at least 0 and below 1 (0.10 = 10 %)",
+            ));
         }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-
-    fn write_i64(&mut self, v: i64) {
-        self.write_u64(v as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        // splitmix64's finaliser.
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-/// Groups identical rows: returns the distinct rows, sorted, with how many times each occurs,
-/// and for every input row the index of its group. Rows are compared by their bits (so -0.0
-/// and 0.0 differ, which never matters for the counts and times grouped here).
-pub fn group<const N: usize>(rows: &[[f64; N]]) -> (Vec<([f64; N], f64)>, Vec<u32>) {
-    type Map<const N: usize> = HashMap<[u64; N], u32, BuildHasherDefault<KeyHasher>>;
-    let mut slots: Map<N> = Map::with_capacity_and_hasher(rows.len() / 2, Default::default());
-    let mut distinct: Vec<([f64; N], f64)> = Vec::new();
-    let mut index = Vec::with_capacity(rows.len());
-    for row in rows {
-        let key = row.map(f64::to_bits);
-        let next = distinct.len() as u32;
-        let slot = *slots.entry(key).or_insert(next);
-        if slot == next {
-            distinct.push((*row, 0.0));
+        // Unset: the margin the job's SQL uses, when it declares one.
+        let mut spec = spec.clone();
+        if spec.margin.is_none() {
+            match cx.gross_margin {
+                Some(Ok(m)) => spec.margin = Some(m),
+                Some(Err(())) => cx.bad_gross_margin_used.set(true),
+                None => spec.margin = Some(DEFAULT_MARGIN),
+            }
         }
-        distinct[slot as usize].1 += 1.0;
-        index.push(slot);
-    }
-    // Sorted, so results never depend on hashing and runs of equal leading values are adjacent.
-    let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
-    order.sort_unstable_by(|a, b| {
-        let (ra, rb) = (&distinct[*a as usize].0, &distinct[*b as usize].0);
-        ra.iter()
-            .zip(rb)
-            .map(|(x, y)| x.total_cmp(y))
-            .find(|o| o.is_ne())
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    let mut new_slot = vec![0u32; distinct.len()];
-    for (pos, old) in order.iter().enumerate() {
-        new_slot[*old as usize] = pos as u32;
-    }
-    let sorted = order.iter().map(|o| distinct[*o as usize]).collect();
-    for i in index.iter_mut() {
-        *i = new_slot[*i as usize];
-    }
-    (sorted, index)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grouping_counts_rows_and_points_back_to_their_group() {
-        let rows = [
-            [2.0, 1.0],
-            [0.0, 7.0],
-            [2.0, 1.0],
-            [0.0, 7.0],
-            [2.0, 1.0],
-            [1.0, 0.0],
+        if spec.margin.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+            diags.push(cx.diag("clv.margin", "a share of spend: between 0 and 1"));
+        }
+        use ClvModel as M;
+        let model = spec.model;
+        // Options that only some models read: a stray one is a mistake, not a no-op.
+        let only = [
+            (
+                "expected_years",
+                spec.expected_years.is_some(),
+                model == M::Formula,
+            ),
+            (
+                "purchases_per_year",
+                spec.purchases_per_year.is_some(),
+                matches!(model, M::Formula | M::FormulaRetention),
+            ),
+            (
+                "retention_rate",
+                spec.retention_rate.is_some(),
+                model == M::FormulaRetention,
+            ),
+            (
+                "acquisition_costs",
+                spec.acquisition_costs.is_some(),
+                model == M::Discounted,
+            ),
+            ("years", spec.years.is_some(), model == M::Discounted),
+            (
+                "backtest",
+                spec.backtest.is_some(),
+                model == M::BgnbdGammaGamma,
+            ),
         ];
-        let (distinct, index) = group(&rows);
-        assert_eq!(
-            distinct,
-            vec![([0.0, 7.0], 2.0), ([1.0, 0.0], 1.0), ([2.0, 1.0], 3.0)]
-        );
-        for (row, i) in rows.iter().zip(&index) {
-            assert_eq!(distinct[*i as usize].0, *row);
+        for (key, given, read) in only {
+            if given && !read {
+                diags.push(cx.diag(
+                    &format!("clv.{key}"),
+                    format!("not used by the `{}` model; remove it", model.name()),
+                ));
+            }
         }
-        // Many round numbers (zero low bits) stay fast and exact.
-        let many: Vec<[f64; 3]> = (0..200_000)
-            .map(|i| [(i % 50) as f64, (i % 1000) as f64 / 7.0, 8.0])
-            .collect();
-        let (d, idx) = group(&many);
-        assert_eq!(d.len(), 1000);
-        assert_eq!(d.iter().map(|r| r.1).sum::<f64>(), 200_000.0);
-        assert!(many.iter().zip(&idx).all(|(r, i)| d[*i as usize].0 == *r));
+        if model == M::Formula && spec.expected_years.is_none() {
+            diags.push(cx.diag(
+                "clv",
+                "the `formula` model needs `expected_years` (the expected relationship length in years)",
+            ));
+        }
+        if let Some(y) = spec.expected_years
+            && !(y > 0.0 && y <= 100.0)
+        {
+            diags.push(cx.diag(
+                "clv.expected_years",
+                "a number of years above 0 and at most 100",
+            ));
+        }
+        if let Some(v) = spec.purchases_per_year
+            && !(v > 0.0 && v.is_finite())
+        {
+            diags.push(cx.diag("clv.purchases_per_year", "a positive number"));
+        }
+        if let Some(r) = spec.retention_rate
+            && !(0.0..=1.0).contains(&r)
+        {
+            diags.push(cx.diag("clv.retention_rate", "a yearly rate between 0 and 1"));
+        }
+        if spec.years == Some(0) {
+            diags.push(cx.diag("clv.years", "at least 1"));
+        }
+        for (key, table) in [
+            ("clv.backtest", &spec.backtest),
+            ("clv.acquisition_costs", &spec.acquisition_costs),
+        ] {
+            if let Some(t) = table {
+                diags.extend(cx.check_table(key, t));
+            }
+        }
+        if diags.is_empty() {
+            Ok(Self { spec })
+        } else {
+            Err(diags)
+        }
     }
 
-    #[test]
-    fn par_map_keeps_order() {
-        let v: Vec<u64> = (0..100_000).collect();
-        assert_eq!(
-            par_map(&v, |x| x * 2),
-            Some(v.iter().map(|x| x * 2).collect())
-        );
+    /// The margin the models use.
+    pub fn margin(&self) -> f64 {
+        self.spec.margin.unwrap_or(DEFAULT_MARGIN)
     }
+
+    /// The tables the step registers besides its own.
+    pub fn extra_tables(&self, name: &str) -> Vec<String> {
+        let mut tables = vec![format!("{name}_fit")];
+        if self.spec.backtest.is_some() {
+            tables.push(format!("{name}_backtest"));
+        }
+        tables
+    }
+
+    /// The tables the step reads.
+    pub fn reads(&self) -> Vec<&str> {
+        [
+            Some(&self.spec.from),
+            self.spec.backtest.as_ref(),
+            self.spec.acquisition_costs.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect()
+    }
+
+    /// For `validate`: checks the source tables and registers empty tables of the step's
+    /// schemas. Returns the tables registered with their schemas.
+    pub async fn declare(
+        &self,
+        cx: &StepContext<'_>,
+    ) -> std::result::Result<Vec<(String, SchemaRef)>, String> {
+        let name = &cx.step.name;
+        let mut tables = if self.spec.model == ClvModel::BgnbdGammaGamma {
+            predictive::declare(cx, &self.spec).await?
+        } else {
+            rules::declare(cx, &self.spec).await?
+        };
+        tables.push((format!("{name}_fit"), fit_schema()));
+        for (table, schema) in &tables {
+            register(cx.session, table, schema.clone(), vec![]).map_err(|e| e.to_string())?;
+        }
+        Ok(tables)
+    }
+
+    /// Runs the step with the model its spec names.
+    pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
+        if self.spec.model == ClvModel::BgnbdGammaGamma {
+            predictive::run(cx, self).await
+        } else {
+            rules::run(cx, self).await
+        }
+    }
+}
+
+/// The fit report every model registers as `<step>_fit`: (model, name, value) rows.
+pub fn fit_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_date", DataType::Date32, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, false),
+    ]))
+}
+
+/// Registers the fit report `report` as `<step>_fit`.
+fn register_fit(cx: &StepContext<'_>, report: &[(&str, &str, f64)]) -> Result<()> {
+    let batch = RecordBatch::try_new(
+        fit_schema(),
+        vec![
+            Arc::new(Date32Array::from(vec![date32(cx.run_date); report.len()])),
+            Arc::new(StringArray::from_iter_values(report.iter().map(|r| r.0))),
+            Arc::new(StringArray::from_iter_values(report.iter().map(|r| r.1))),
+            Arc::new(Float64Array::from_iter_values(report.iter().map(|r| r.2))),
+        ],
+    )
+    .map_err(|e| Error::arrow("build the fit report", e))?;
+    register(
+        cx.session,
+        &format!("{}_fit", cx.step.name),
+        fit_schema(),
+        vec![vec![batch]],
+    )
+}
+
+/// The rows of `sql`, run on the step's session; errors name the job and step.
+async fn collect(cx: &StepContext<'_>, sql: &str) -> Result<Vec<RecordBatch>> {
+    cx.session
+        .sql(sql)
+        .await
+        .map_err(|e| cx.df_err(e))?
+        .collect()
+        .await
+        .map_err(|e| cx.df_err(e))
 }

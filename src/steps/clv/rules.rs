@@ -27,10 +27,15 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use std::time::Instant;
 
-use super::KeyHasher;
-use crate::config::{ClvModel, ClvSpec};
+use super::models::{ExactSum, KeyHasher};
+use super::{ClvStep, collect, register_fit};
+use crate::config::steps::{ClvModel, ClvSpec};
 use crate::engine::quote_ident;
+use crate::error::{Error, Result};
+use crate::steps::rows::{date32, register};
+use crate::steps::{StepContext, StepOutcome, require_columns};
 
 /// Seconds in a year of 365.25 days.
 pub const YEAR_SECONDS: f64 = 31_557_600.0;
@@ -108,16 +113,16 @@ fn shard_of(id: i64, shards: usize) -> usize {
     ((h * shards as u64) >> 32) as usize
 }
 
-/// One customer's sums, together in one cache line: customers come in random order, so each
-/// row then costs one miss for its customer's sums, not one per array of sums.
+/// One customer's sums, together: customers come in random order, so each row then costs one
+/// cache miss for its customer's sums, not one per array of sums.
 #[derive(Clone, Copy)]
 struct Acc {
     orders: i64,
-    revenue: f64,
+    revenue: ExactSum,
     first_e: f64,
     /// Discounted: the discounted profit, the acquisition cost, the last relationship year
     /// counted.
-    discounted: f64,
+    discounted: ExactSum,
     cost: f64,
     years: i32,
     has_cost: bool,
@@ -152,13 +157,15 @@ type OrderCols<'a> = (
     &'a datafusion::arrow::array::PrimitiveArray<Float64Type>,
 );
 
-fn order_cols(b: &RecordBatch) -> Result<OrderCols<'_>, String> {
+fn order_cols(b: &RecordBatch) -> Result<OrderCols<'_>> {
     let id = b.column(0).as_primitive_opt::<Int64Type>();
     let e = b.column(1).as_primitive_opt::<Float64Type>();
     let amount = b.column(2).as_primitive_opt::<Float64Type>();
     match (id, e, amount) {
         (Some(id), Some(e), Some(amount)) => Ok((id, e, amount)),
-        _ => Err("the orders query did not return (BIGINT, DOUBLE, DOUBLE)".into()),
+        _ => Err(Error::Internal(
+            "the orders query did not return (BIGINT, DOUBLE, DOUBLE)".into(),
+        )),
     }
 }
 
@@ -171,7 +178,7 @@ fn for_rows(
     shard: usize,
     shards: usize,
     mut f: impl FnMut(i64, f64, f64),
-) -> Result<(), String> {
+) -> Result<()> {
     let mut picked: Vec<u32> = Vec::new();
     for b in orders {
         let (id, e, amount) = order_cols(b)?;
@@ -206,7 +213,7 @@ fn run_shard(
     orders: &[RecordBatch],
     costs: &[RecordBatch],
     s: &Settings,
-) -> Result<Shard, String> {
+) -> Result<Shard> {
     let rows: usize = orders.iter().map(|b| b.num_rows()).sum();
     // Sized for about three orders a customer (growing costs a copy of everything so far).
     let customers = rows / shards / 3 + 16;
@@ -224,9 +231,9 @@ fn run_shard(
             out.ids.push(c);
             out.accs.push(Acc {
                 orders: 0,
-                revenue: 0.0,
+                revenue: ExactSum::default(),
                 first_e: f64::INFINITY,
-                discounted: 0.0,
+                discounted: ExactSum::default(),
                 cost: 0.0,
                 years: 0,
                 has_cost: false,
@@ -236,7 +243,7 @@ fn run_shard(
         }
         let acc = &mut out.accs[k as usize];
         acc.orders += 1;
-        acc.revenue += a;
+        acc.revenue.add(a);
         acc.first_e = acc.first_e.min(t);
         if s.retention {
             let before = s.now_e - t;
@@ -263,10 +270,13 @@ fn run_shard(
             return;
         }
         acc.years = acc.years.max(year.clamp(0, i32::MAX.into()) as i32);
-        acc.discounted += a * s.margin / (1.0 + s.discount_rate).powi(year as i32);
+        acc.discounted
+            .add(a * s.margin / (1.0 + s.discount_rate).powi(year as i32));
     })?;
     if lost {
-        return Err("the orders changed between the two passes".into());
+        return Err(Error::Internal(
+            "the orders changed between the two passes".into(),
+        ));
     }
     drop(row_index);
     // A customer's acquisition cost: the largest given (customers without one cost 0).
@@ -274,7 +284,9 @@ fn run_shard(
         let id = b.column(0).as_primitive_opt::<Int64Type>();
         let cost = b.column(1).as_primitive_opt::<Float64Type>();
         let (Some(id), Some(cost)) = (id, cost) else {
-            return Err("the acquisition cost query did not return (BIGINT, DOUBLE)".into());
+            return Err(Error::Internal(
+                "the acquisition cost query did not return (BIGINT, DOUBLE)".into(),
+            ));
         };
         for i in 0..b.num_rows() {
             if id.is_null(i) || cost.is_null(i) || shard_of(id.value(i), shards) != shard {
@@ -303,15 +315,17 @@ pub struct Computed {
 }
 
 /// Runs `spec`'s rule-based model over `orders` (batches of [`orders_sql`]) and `costs`
-/// (batches of [`costs_sql`]) on `shards` threads, in batches of `batch_size` rows.
+/// (batches of [`costs_sql`]) on `shards` threads, in batches of `batch_size` rows; `margin` is
+/// the step's.
 pub fn compute(
     spec: &ClvSpec,
+    margin: f64,
     run_date: chrono::NaiveDate,
     orders: &[RecordBatch],
     costs: &[RecordBatch],
     shards: usize,
     batch_size: usize,
-) -> Result<Computed, String> {
+) -> Result<Computed> {
     let shards = shards.max(1);
     let estimate = spec.model == ClvModel::FormulaRetention && spec.retention_rate.is_none();
     let settings = Settings {
@@ -320,13 +334,13 @@ pub fn compute(
             .unwrap_or_default()
             .and_utc()
             .timestamp() as f64,
-        margin: spec.margin(),
+        margin,
         discount_rate: spec.discount_rate,
         years: spec.years.map(i64::from),
         retention: estimate,
         discounted: spec.model == ClvModel::Discounted,
     };
-    let results: Vec<Result<Shard, String>> = std::thread::scope(|scope| {
+    let results: Vec<Result<Shard>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..shards)
             .map(|k| {
                 let settings = &settings;
@@ -336,8 +350,11 @@ pub fn compute(
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("a worker thread failed".into()))
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Internal(
+                        "a rule-model worker thread panicked".into(),
+                    ))
+                })
             })
             .collect()
     });
@@ -356,7 +373,7 @@ pub fn compute(
         .retention_rate
         .or(retention.and_then(|r| r.0))
         .unwrap_or(0.0);
-    let day = crate::steps::date32(run_date);
+    let day = date32(run_date);
     let batch_size = batch_size.max(1);
     let schema = schema(spec.model);
     let (mut customers, mut total_clv) = (0, 0.0);
@@ -373,7 +390,7 @@ pub fn compute(
             let ints = |f: &dyn Fn(&Acc) -> i64| {
                 Arc::new(Int64Array::from_iter_values(accs.iter().map(f))) as ArrayRef
             };
-            let aov = |a: &Acc| a.revenue / a.orders as f64;
+            let aov = |a: &Acc| a.revenue.value() / a.orders as f64;
             let ppy = |a: &Acc| match spec.purchases_per_year {
                 Some(v) => v,
                 None => a.orders as f64 / ((settings.now_e - a.first_e) / YEAR_SECONDS).max(1.0),
@@ -382,10 +399,10 @@ pub fn compute(
                 Arc::new(Date32Array::from(vec![day; m])),
                 Arc::new(Int64Array::from(ids.to_vec())),
                 ints(&|a| a.orders),
-                floats(&|a| a.revenue),
+                floats(&|a| a.revenue.value()),
             ];
             let clv: Vec<f64> = match spec.model {
-                ClvModel::Historical => accs.iter().map(|a| a.revenue * spec.margin()).collect(),
+                ClvModel::Historical => accs.iter().map(|a| a.revenue.value() * margin).collect(),
                 ClvModel::Formula | ClvModel::FormulaRetention => {
                     let factor = if spec.model == ClvModel::Formula {
                         spec.expected_years.unwrap_or(0.0)
@@ -394,24 +411,29 @@ pub fn compute(
                     };
                     cols.extend([floats(&aov), floats(&ppy), floats(&|_| factor)]);
                     accs.iter()
-                        .map(|a| aov(a) * ppy(a) * factor * spec.margin())
+                        .map(|a| aov(a) * ppy(a) * factor * margin)
                         .collect()
                 }
                 ClvModel::Discounted => {
                     cols.extend([
                         ints(&|a| a.years.into()),
-                        floats(&|a| a.discounted),
+                        floats(&|a| a.discounted.value()),
                         floats(&|a| a.cost),
                     ]);
-                    accs.iter().map(|a| a.discounted - a.cost).collect()
+                    accs.iter().map(|a| a.discounted.value() - a.cost).collect()
                 }
                 ClvModel::BgnbdGammaGamma => {
-                    return Err("bgnbd_gamma_gamma is not a rule-based model".into());
+                    return Err(Error::Internal(
+                        "bgnbd_gamma_gamma is not a rule-based model".into(),
+                    ));
                 }
             };
             total_clv += clv.iter().sum::<f64>();
             cols.push(Arc::new(Float64Array::from(clv)));
-            batches.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())?);
+            batches.push(
+                RecordBatch::try_new(schema.clone(), cols)
+                    .map_err(|e| Error::arrow("build the rule model's result", e))?,
+            );
         }
         parts.push(batches);
     }
@@ -423,319 +445,113 @@ pub fn compute(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    //! Each model against values worked out by hand from its definition.
-    use std::sync::Arc;
-
-    use datafusion::arrow::array::{
-        AsArray, Float64Array, Int64Array, RecordBatch, TimestampMicrosecondArray,
-    };
-    use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, TimeUnit};
-    use datafusion::prelude::SessionContext;
-
-    use crate::config::{ClvModel, ClvSpec};
-    use crate::steps::clv::rules::YEAR_SECONDS;
-    use crate::steps::clv::step;
-
-    const DAY: i64 = 86_400_000_000;
-
-    fn date() -> chrono::NaiveDate {
-        chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap_or_default()
-    }
-
-    fn micros(days_before_run: f64) -> i64 {
-        let run = date()
-            .and_hms_opt(0, 0, 0)
-            .unwrap_or_default()
-            .and_utc()
-            .timestamp_micros();
-        run - (days_before_run * DAY as f64) as i64
-    }
-
-    fn spec(model: ClvModel) -> ClvSpec {
-        ClvSpec {
-            from: "orders".into(),
-            model,
-            horizon_months: 12,
-            discount_rate: 0.10,
-            margin: Some(1.0),
-            expected_years: None,
-            purchases_per_year: None,
-            retention_rate: None,
-            acquisition_costs: None,
-            years: None,
-            backtest: None,
-        }
-    }
-
-    /// Registers `orders` (customer_id, order_ts, net_amount) and `costs`.
-    fn ctx(orders: &[(i64, f64, f64)], costs: &[(i64, f64)]) -> SessionContext {
-        let ctx = SessionContext::new();
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("customer_id", DataType::Int64, true),
-            Field::new(
-                "order_ts",
-                DataType::Timestamp(TimeUnit::Microsecond, None),
-                false,
-            ),
-            Field::new("net_amount", DataType::Float64, false),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(Int64Array::from_iter_values(orders.iter().map(|o| o.0))),
-                Arc::new(TimestampMicrosecondArray::from_iter_values(
-                    orders.iter().map(|o| micros(o.1)),
-                )),
-                Arc::new(Float64Array::from_iter_values(orders.iter().map(|o| o.2))),
-            ],
+/// For `validate`: checks the order (and cost) tables and that the model's queries plan.
+pub(super) async fn declare(
+    cx: &StepContext<'_>,
+    spec: &ClvSpec,
+) -> std::result::Result<Vec<(String, SchemaRef)>, String> {
+    require_columns(
+        cx.session,
+        &spec.from,
+        &ORDER_COLUMNS,
+        "an order table such as sql/orders_clean.sql has them",
+    )
+    .await?;
+    if let Some(costs) = &spec.acquisition_costs {
+        require_columns(
+            cx.session,
+            costs,
+            &["customer_id", "acquisition_cost"],
+            "acquisition_costs names a table such as the customers export",
         )
-        .unwrap();
-        crate::steps::register(&ctx, "orders", schema, vec![vec![batch]]).unwrap();
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("customer_id", DataType::Int64, false),
-            Field::new("acquisition_cost", DataType::Float64, true),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(Int64Array::from_iter_values(costs.iter().map(|c| c.0))),
-                Arc::new(Float64Array::from_iter_values(costs.iter().map(|c| c.1))),
-            ],
-        )
-        .unwrap();
-        crate::steps::register(&ctx, "costs", schema, vec![vec![batch]]).unwrap();
-        ctx
+        .await?;
     }
-
-    /// (customer_id, clv) of the step's result, by id; and the fit report as (name, value).
-    async fn run(ctx: &SessionContext, spec: &ClvSpec) -> (Vec<(i64, f64)>, Vec<(String, f64)>) {
-        step::run(ctx, "j", "m", spec, date()).await.unwrap();
-        let b = ctx
-            .sql("SELECT customer_id, clv FROM m ORDER BY customer_id")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let mut rows = Vec::new();
-        for b in &b {
-            let id = b
-                .column(0)
-                .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
-            let v = b.column(1).as_primitive::<Float64Type>();
-            for i in 0..b.num_rows() {
-                rows.push((id.value(i), v.value(i)));
-            }
-        }
-        let f = ctx
-            .sql("SELECT name, value FROM m_fit")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let mut fit = Vec::new();
-        for b in &f {
-            let n = b.column(0).as_string::<i32>();
-            let v = b.column(1).as_primitive::<Float64Type>();
-            for i in 0..b.num_rows() {
-                fit.push((n.value(i).to_string(), v.value(i)));
-            }
-        }
-        (rows, fit)
+    let mut queries = vec![(spec.from.as_str(), orders_sql(spec, cx.run_date))];
+    queries.extend(spec.acquisition_costs.as_deref().map(|t| (t, costs_sql(t))));
+    for (table, sql) in queries {
+        cx.session.sql(&sql).await.map_err(|e| {
+            format!(
+                "the `{}` model does not plan on `{table}`: {e}",
+                spec.model.name()
+            )
+        })?;
     }
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() < 1e-9 * b.abs().max(1.0)
-    }
-
-    #[tokio::test]
-    async fn formula_is_aov_times_purchases_per_year_times_years() {
-        // The textbook example: 500 a purchase, 12 purchases a year, 4 years: 24,000.
-        let c = ctx(
-            &[
-                (1, 10.0, 400.0),
-                (1, 5.0, 600.0),
-                (2, 800.0, 100.0),
-                (2, 30.0, 300.0),
-                (2, 1.0, 200.0),
-            ],
-            &[],
-        );
-        let mut s = spec(ClvModel::Formula);
-        s.expected_years = Some(4.0);
-        s.purchases_per_year = Some(12.0);
-        let (rows, _) = run(&c, &s).await;
-        assert!(close(rows[0].1, 24_000.0), "{rows:?}");
-        assert!(close(rows[1].1, 200.0 * 12.0 * 4.0), "{rows:?}");
-        // Own rate: customer 2 has 3 orders over 800 days = 2.19 years -> 3 / 2.19 a year;
-        // customer 1's 10 days count as one year (the rate is not extrapolated from days).
-        s.purchases_per_year = None;
-        s.margin = Some(0.5);
-        let (rows, _) = run(&c, &s).await;
-        assert!(close(rows[0].1, 500.0 * 2.0 * 4.0 * 0.5), "{rows:?}");
-        let years = 800.0 / 365.25;
-        assert!(
-            close(rows[1].1, 200.0 * (3.0 / years) * 4.0 * 0.5),
-            "{rows:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn retention_is_estimated_from_the_two_last_years() {
-        // Ordered in the year before last: 1, 2, 3, 4; of those 1, 2, 3 ordered in the last
-        // year: retention 3/4. Customer 5 only ordered last year (not in the base).
-        let c = ctx(
-            &[
-                (1, 500.0, 100.0),
-                (1, 100.0, 100.0),
-                (2, 400.0, 100.0),
-                (2, 50.0, 100.0),
-                (3, 700.0, 100.0),
-                (3, 300.0, 100.0),
-                (4, 600.0, 100.0),
-                (5, 20.0, 100.0),
-            ],
-            &[],
-        );
-        let mut s = spec(ClvModel::FormulaRetention);
-        s.purchases_per_year = Some(2.0);
-        let (rows, fit) = run(&c, &s).await;
-        let rate = fit.iter().find(|f| f.0 == "retention_rate").unwrap().1;
-        assert!(close(rate, 0.75), "{fit:?}");
-        assert!(close(rows[0].1, 100.0 * 2.0 * 0.75), "{rows:?}");
-        // Given rate wins; history shorter than two years without a rate is a clear error.
-        s.retention_rate = Some(0.5);
-        let (rows, _) = run(&c, &s).await;
-        assert!(close(rows[0].1, 100.0), "{rows:?}");
-        let short = ctx(&[(1, 30.0, 10.0), (1, 20.0, 10.0)], &[]);
-        s.retention_rate = None;
-        let err = step::run(&short, "j", "m", &s, date())
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cannot estimate the retention rate"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn historical_is_realized_gross_profit() {
-        let c = ctx(&[(1, 10.0, 100.0), (1, 5.0, 60.0), (2, 3.0, 40.0)], &[]);
-        let mut s = spec(ClvModel::Historical);
-        s.margin = Some(0.3);
-        let (rows, fit) = run(&c, &s).await;
-        assert!(close(rows[0].1, 48.0) && close(rows[1].1, 12.0), "{rows:?}");
-        assert!(
-            fit.iter().any(|f| f.0 == "total_clv" && close(f.1, 60.0)),
-            "{fit:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn discounted_sums_yearly_profit_over_one_plus_d_to_the_t_net_of_cac() {
-        // Customer 1: first order 800 days ago. Year 1 (days 800..435 ago): 100 + 50; year 2
-        // (435..70 ago): 200; year 3: 40. Margin 0.5, d = 10 %, CAC 30.
-        let c = ctx(
-            &[
-                (1, 800.0, 100.0),
-                (1, 500.0, 50.0),
-                (1, 300.0, 200.0),
-                (1, 10.0, 40.0),
-                (2, 100.0, 80.0),
-            ],
-            &[(1, 30.0), (3, 99.0)],
-        );
-        let mut s = spec(ClvModel::Discounted);
-        s.margin = Some(0.5);
-        s.acquisition_costs = Some("costs".into());
-        let (rows, _) = run(&c, &s).await;
-        let one = 75.0 / 1.1 + 100.0 / 1.1_f64.powi(2) + 20.0 / 1.1_f64.powi(3) - 30.0;
-        assert!(close(rows[0].1, one), "{rows:?} want {one}");
-        assert!(close(rows[1].1, 40.0 / 1.1), "{rows:?}"); // no cost row: CAC 0
-        s.years = Some(1);
-        let (rows, _) = run(&c, &s).await;
-        assert!(close(rows[0].1, 75.0 / 1.1 - 30.0), "{rows:?}");
-    }
-
-    /// (customer_id, orders, revenue, years, clv) of every row, from the columns at `cols`.
-    fn per_customer(batches: &[RecordBatch], cols: [usize; 5]) -> Vec<(i64, i64, f64, i64, f64)> {
-        use datafusion::arrow::datatypes::Int64Type;
-        let mut rows = Vec::new();
-        for b in batches {
-            let int = |c: usize| b.column(cols[c]).as_primitive::<Int64Type>();
-            let float = |c: usize| b.column(cols[c]).as_primitive::<Float64Type>();
-            for i in 0..b.num_rows() {
-                rows.push((
-                    int(0).value(i),
-                    int(1).value(i),
-                    float(2).value(i),
-                    int(3).value(i),
-                    float(4).value(i),
-                ));
-            }
-        }
-        rows
-    }
-
-    /// The same models written as SQL and run by DataFusion (an aggregation joined back to every
-    /// order for the relationship year), on random orders: every customer's numbers agree, and
-    /// do not depend on how many threads share the customers.
-    #[tokio::test]
-    async fn rust_passes_equal_the_sql_formulation_on_random_orders() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let orders: Vec<(i64, f64, f64)> = (0..5000)
-            .map(|_| {
-                (
-                    rng.random_range(1..700),
-                    rng.random_range(0.0..1500.0),
-                    rng.random_range(-20.0..400.0),
-                )
-            })
-            .collect();
-        let costs: Vec<(i64, f64)> = (1..500).map(|c| (c, f64::from(c as u32 % 50))).collect();
-        let c = ctx(&orders, &costs);
-        let run_date = date();
-        let sql = format!(
-            "WITH o AS (SELECT customer_id, date_part('epoch', order_ts) AS e, net_amount AS amount FROM orders), \
-             c AS (SELECT customer_id, COUNT(*) AS orders, SUM(amount) AS revenue, MIN(e) AS first_e FROM o GROUP BY customer_id), \
-             y AS (SELECT o.customer_id, CAST(FLOOR((o.e - c.first_e) / {YEAR_SECONDS:?}) AS BIGINT) + 1 AS t, SUM(o.amount) AS revenue \
-                   FROM o JOIN c ON o.customer_id = c.customer_id GROUP BY 1, 2), \
-             d AS (SELECT customer_id, SUM(revenue * 0.3 / POWER(1.1, CAST(t AS DOUBLE))) AS disc, MAX(t) AS years FROM y GROUP BY 1), \
-             a AS (SELECT customer_id, MAX(acquisition_cost) AS cost FROM costs GROUP BY 1) \
-             SELECT c.customer_id, c.orders, c.revenue, d.years, d.disc - COALESCE(a.cost, 0.0) AS clv \
-             FROM c JOIN d ON c.customer_id = d.customer_id LEFT JOIN a ON a.customer_id = c.customer_id \
-             ORDER BY c.customer_id"
-        );
-        let want = c.sql(&sql).await.unwrap().collect().await.unwrap();
-        let expected = per_customer(&want, [0, 1, 2, 3, 4]);
-        assert!(expected.len() > 600, "{}", expected.len());
-        let mut s = spec(ClvModel::Discounted);
-        s.margin = Some(0.3);
-        s.acquisition_costs = Some("costs".into());
-        let read = |q: String| {
-            let c = &c;
-            async move { c.sql(&q).await.unwrap().collect().await.unwrap() }
-        };
-        let o = read(super::orders_sql(&s, run_date)).await;
-        let k = read(super::costs_sql("costs")).await;
-        for shards in [1, 3] {
-            let got = super::compute(&s, run_date, &o, &k, shards, 100).unwrap();
-            assert_eq!(got.parts.len(), shards);
-            assert!(got.parts.iter().flatten().all(|b| b.num_rows() <= 100));
-            let batches: Vec<RecordBatch> = got.parts.into_iter().flatten().collect();
-            // run_date, customer_id, orders, revenue, years_counted, ..., clv
-            let mut rows = per_customer(&batches, [1, 2, 3, 4, 7]);
-            rows.sort_by_key(|r| r.0);
-            assert_eq!(rows.len(), expected.len(), "shards {shards}");
-            for (g, w) in rows.iter().zip(&expected) {
-                assert_eq!((g.0, g.1, g.3), (w.0, w.1, w.3), "shards {shards}");
-                assert!(
-                    close(g.2, w.2) && close(g.4, w.4),
-                    "shards {shards}: {g:?} vs {w:?}"
-                );
-            }
-        }
-    }
+    Ok(vec![(cx.step.name.clone(), schema(spec.model))])
 }
+
+/// Runs the rule-based model of `step` and registers `<step>` and `<step>_fit`.
+pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutcome> {
+    let spec = &step.spec;
+    let started = Instant::now();
+    let model = spec.model.name();
+    let orders = collect(cx, &orders_sql(spec, cx.run_date)).await?;
+    let costs = match &spec.acquisition_costs {
+        Some(table) if spec.model == ClvModel::Discounted => collect(cx, &costs_sql(table)).await?,
+        _ => Vec::new(),
+    };
+    let config = cx.session.state().config().clone();
+    let rows: usize = orders.iter().map(|b| b.num_rows()).sum();
+    // The orders just read and, per customer, the sums and the result (about three orders a
+    // customer on the generator's data; the discounted model keeps one index per order).
+    let bytes_needed = rows * (24 + 4) + (rows / 2) * 64;
+    let _memory = crate::engine::memory::reserve(
+        cx.session,
+        format!("clv step `{}`: orders and sums", cx.step.name),
+        bytes_needed,
+    )
+    .map_err(|e| cx.df_err(e))?;
+    let computed = compute(
+        spec,
+        step.margin(),
+        cx.run_date,
+        &orders,
+        &costs,
+        config.target_partitions(),
+        config.batch_size(),
+    )?;
+    drop((orders, costs));
+    let mut report: Vec<(&str, &str, f64)> = Vec::new();
+    if let Some((rate, base)) = computed.retention {
+        let rate = rate.ok_or_else(|| {
+            cx.model_err(format!(
+                "cannot estimate the retention rate: no customer in `{}` ordered in the year before last (the history is shorter than two years); set `retention_rate`",
+                spec.from
+            ))
+        })?;
+        report.push((model, "retention_base_customers", base as f64));
+        report.push((model, "retention_rate", rate));
+    } else if let Some(rate) = spec
+        .retention_rate
+        .filter(|_| spec.model == ClvModel::FormulaRetention)
+    {
+        report.push((model, "retention_rate", rate));
+    }
+    let n = computed.customers;
+    let bytes = crate::engine::memory::batches_bytes(computed.parts.iter().flatten()) as usize;
+    report.push((model, "customers", n as f64));
+    report.push((model, "total_clv", computed.total_clv));
+    report.push((model, "margin", step.margin()));
+    match spec.model {
+        ClvModel::Formula => {
+            report.push((model, "expected_years", spec.expected_years.unwrap_or(0.0)))
+        }
+        ClvModel::Discounted => report.push((model, "discount_rate", spec.discount_rate)),
+        _ => {}
+    }
+    register(
+        cx.session,
+        &cx.step.name,
+        schema(spec.model),
+        computed.parts,
+    )?;
+    register_fit(cx, &report)?;
+    Ok(StepOutcome {
+        rows: n,
+        bytes,
+        elapsed: started.elapsed(),
+        timings: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

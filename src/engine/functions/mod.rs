@@ -1,0 +1,35 @@
+//! SQL functions clvflow adds to DataFusion: [`arg_extreme`] (`arg_min` / `arg_max`, so the SQL
+//! library runs unchanged on DuckDB) and [`partition_value`] (the output writer's check of Hive
+//! partition values). Registered on every session the engine makes, and, on a cluster, on the
+//! scheduler and executors too.
+
+mod arg_extreme;
+mod partition_value;
+
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
+use datafusion::prelude::SessionContext;
+
+pub use partition_value::{PARTITION_VALUE, date_folder_type};
+
+/// Registers every clvflow SQL function on `ctx`.
+pub fn register(ctx: &SessionContext) {
+    for f in aggregate_functions() {
+        ctx.register_udaf(f);
+    }
+    for f in scalar_functions() {
+        ctx.register_udf(f);
+    }
+}
+
+/// clvflow's aggregate functions.
+pub fn aggregate_functions() -> Vec<AggregateUDF> {
+    vec![
+        AggregateUDF::from(arg_extreme::ArgExtreme::new(arg_extreme::Extreme::Min)),
+        AggregateUDF::from(arg_extreme::ArgExtreme::new(arg_extreme::Extreme::Max)),
+    ]
+}
+
+/// clvflow's scalar functions.
+pub fn scalar_functions() -> Vec<ScalarUDF> {
+    vec![ScalarUDF::from(partition_value::PartitionValue::new())]
+}

@@ -1,0 +1,193 @@
+//! Memory: what the process holds, what it gives back, and what runs may take.
+//!
+//! - Figures for run logs and benchmarks: resident set size (RSS) now, its peak since the last
+//!   reset (per step), and its peak over the whole process, from Linux's `/proc/self`.
+//!   Elsewhere (or if /proc is unreadable) every figure is `None` and nothing else changes.
+//! - [`release`] returns freed memory to the OS between steps; [`set_huge_pages`] switches
+//!   transparent huge pages for the process.
+//! - [`reserve`]: a model step's large buffers, taken from the same memory pool as DataFusion's
+//!   operators (one pool per process, shared by every run: see `crate::engine`), so that
+//!   `engine.memory_limit` counts them too.
+//!
+//! Resetting the kernel's peak (to measure one step) also resets what `getrusage` and
+//! `/usr/bin/time` report for the process, so every reset first folds the peak so far into
+//! [`max_rss`]: that is the process's true peak. Benchmarks also sample RSS from outside.
+//!
+//! Also the real in-memory size of step results: batches that DataFusion emits are often slices
+//! of one large buffer, and Arrow's `get_array_memory_size` counts a shared buffer once per
+//! slice; [`batches_bytes`] counts each buffer once.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use datafusion::arrow::array::{Array, ArrayData, RecordBatch};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::prelude::SessionContext;
+
+fn status_value(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Returns memory the allocator holds free to the operating system (mimalloc's `mi_collect`
+/// with force: the calling thread's free pages, and purges of free memory program-wide). Called
+/// between steps, when a step's working memory (hash tables, sort buffers) has just been freed:
+/// otherwise it stays resident until reused, and the next step's allocations, of other sizes,
+/// reuse only part of it while adding their own.
+pub fn release() {
+    // SAFETY: mi_collect has no preconditions; it only frees memory nothing refers to.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
+/// Allows or forbids transparent huge pages for the whole process (Linux `prctl`
+/// `PR_SET_THP_DISABLE`; it applies to memory mapped before the call too, the next time a page
+/// is first touched). mimalloc asks for huge pages for its arenas; forbidding them means each
+/// fresh 4 KiB page is cleared when first touched instead of 2 MiB at once. Returns whether the
+/// kernel took the setting (`false` elsewhere than Linux, or on kernels without it).
+pub fn set_huge_pages(on: bool) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_THP_DISABLE takes one integer flag and touches no memory of ours.
+        let disable = libc::c_ulong::from(!on);
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, disable, 0, 0, 0) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = on;
+        false
+    }
+}
+
+/// Resident memory now, in bytes.
+pub fn rss() -> Option<u64> {
+    status_value("VmRSS:").map(|k| k * 1024)
+}
+
+/// Peak resident memory since the process started or since [`reset_peak`], in bytes.
+pub fn peak_rss() -> Option<u64> {
+    status_value("VmHWM:").map(|k| k * 1024)
+}
+
+/// The highest peak seen before the last reset.
+static FOLDED: AtomicU64 = AtomicU64::new(0);
+
+/// Starts a new peak measurement (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), after
+/// folding the peak so far into [`max_rss`]. Returns whether it could.
+pub fn reset_peak() -> bool {
+    if let Some(p) = peak_rss() {
+        FOLDED.fetch_max(p, Ordering::Relaxed);
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak resident memory of the whole process so far, in bytes, resets notwithstanding.
+pub fn max_rss() -> Option<u64> {
+    peak_rss().map(|p| p.max(FOLDED.load(Ordering::Relaxed)))
+}
+
+/// Takes `bytes` from the session's memory pool for `what` (e.g. "clv step `clv`: model
+/// buffers"), held until the reservation is dropped. Fails with DataFusion's "resources
+/// exhausted" error, which names the pool's largest consumers, when the pool is full.
+pub fn reserve(
+    ctx: &SessionContext,
+    what: String,
+    bytes: usize,
+) -> datafusion::error::Result<MemoryReservation> {
+    let pool = &ctx.runtime_env().memory_pool;
+    let reservation = MemoryConsumer::new(what).register(pool);
+    reservation.try_grow(bytes)?;
+    Ok(reservation)
+}
+
+fn add_buffers(data: &ArrayData, seen: &mut HashSet<usize>, total: &mut u64) {
+    for buffer in data.buffers() {
+        if seen.insert(buffer.data_ptr().as_ptr() as usize) {
+            *total += buffer.capacity() as u64;
+        }
+    }
+    if let Some(nulls) = data.nulls() {
+        let b = nulls.buffer();
+        if seen.insert(b.data_ptr().as_ptr() as usize) {
+            *total += b.capacity() as u64;
+        }
+    }
+    for child in data.child_data() {
+        add_buffers(child, seen, total);
+    }
+}
+
+/// Memory held by `batches`, each underlying buffer counted once.
+pub fn batches_bytes<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> u64 {
+    let (mut seen, mut total) = (HashSet::new(), 0);
+    for batch in batches {
+        for column in batch.columns() {
+            add_buffers(&column.to_data(), &mut seen, &mut total);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use std::sync::Arc;
+
+    /// Whether transparent huge pages are allowed for this process (`THP_enabled` in
+    /// /proc/self/status; `None` where the kernel does not report it).
+    #[cfg(target_os = "linux")]
+    fn huge_pages() -> Option<bool> {
+        status_value("THP_enabled:").map(|v| v != 0)
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn huge_pages_are_turned_off_and_on_for_the_process() {
+        // Kernels before 5.0 do not report the flag; every kernel we run on does.
+        if huge_pages().is_none() {
+            eprintln!("skipped: /proc/self/status has no THP_enabled");
+            return;
+        }
+        assert!(set_huge_pages(false));
+        assert_eq!(huge_pages(), Some(false));
+        assert!(set_huge_pages(true));
+        assert_eq!(huge_pages(), Some(true));
+    }
+
+    #[test]
+    fn slices_of_one_buffer_count_once() {
+        let a = Int64Array::from_iter_values(0..100_000);
+        let batch = RecordBatch::try_from_iter([("v", Arc::new(a) as _)]).unwrap();
+        let slices: Vec<RecordBatch> = (0..10).map(|i| batch.slice(i * 10_000, 10_000)).collect();
+        let naive: usize = slices.iter().map(|b| b.get_array_memory_size()).sum();
+        assert_eq!(batches_bytes(&slices), 800_000);
+        assert!(naive >= 10 * 800_000, "{naive}");
+    }
+
+    #[test]
+    fn peak_is_measured_where_proc_exists() {
+        if rss().is_none() {
+            return; // not Linux
+        }
+        assert!(reset_peak());
+        let before = peak_rss().unwrap();
+        let big = vec![1u8; 64 << 20];
+        std::hint::black_box(&big);
+        let high = peak_rss().unwrap();
+        assert!(high >= before + (60 << 20));
+        drop(big);
+        // A new measurement starts low; the process maximum keeps the earlier peak.
+        // (The kernel updates its high-water mark lazily: it may read a little lower later.)
+        assert!(reset_peak());
+        assert!(
+            max_rss().unwrap() + (4 << 20) >= high,
+            "{high} {:?}",
+            max_rss()
+        );
+        assert!(
+            peak_rss().unwrap() + (32 << 20) < high,
+            "the new measurement starts low"
+        );
+    }
+}

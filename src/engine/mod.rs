@@ -1,0 +1,273 @@
+//! The engine seam: where SQL runs. One [`Engine`] per process, built from the validated
+//! `engine:` of `config.yaml`; every run (and `validate`, `explain`) takes a fresh session from
+//! it. Today the engine is in-process DataFusion; another one (a Ballista cluster) is a new arm
+//! of [`EngineConfig`] and a file next to this one.
+//!
+//! Invariants:
+//! - the process has ONE memory pool and one spill folder, shared by every session: runs that
+//!   execute at once (`scheduler.max_active_runs`) share `memory_limit`, they do not get one
+//!   each; model steps take their large buffers from the same pool ([`memory::reserve`]);
+//! - every session has clvflow's SQL functions ([`functions`]) and every configured object
+//!   store, and the DataFusion settings of `engine.settings` (a step's own `settings` are
+//!   applied on a copy of the session, [`session_for_settings`]).
+
+pub mod functions;
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{
+    FairSpillPool, GreedyMemoryPool, MemoryPool, TrackConsumersPool,
+};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::config::Problem;
+use crate::config::project::{EngineSpec, MemoryPoolKind};
+use crate::error::{Error, Result};
+use crate::storage::Stores;
+
+/// The checked `engine:` of `config.yaml`.
+#[derive(Debug, Clone)]
+pub enum EngineConfig {
+    /// In-process DataFusion.
+    Local(LocalEngine),
+}
+
+/// The in-process engine's settings.
+#[derive(Debug, Clone)]
+pub struct LocalEngine {
+    pub target_partitions: Option<usize>,
+    /// Bytes of the process's memory pool; `None`: unlimited.
+    pub memory_limit: Option<u64>,
+    pub memory_pool: MemoryPoolKind,
+    /// Absolute folder for spill files; `None`: the OS temp folder.
+    pub spill_dir: Option<PathBuf>,
+    pub batch_size: Option<usize>,
+    /// DataFusion options by full key, each checked.
+    pub settings: BTreeMap<String, String>,
+    pub transparent_huge_pages: bool,
+}
+
+impl EngineConfig {
+    /// Checks `spec`; relative folders are taken from `root` (the folder of config.yaml).
+    /// Problems are at fields under `engine`.
+    pub fn from_spec(spec: &EngineSpec, root: &Path) -> std::result::Result<Self, Vec<Problem>> {
+        match spec {
+            EngineSpec::Local {
+                target_partitions,
+                memory_limit,
+                spill_dir,
+                batch_size,
+                memory_pool,
+                settings,
+                transparent_huge_pages,
+            } => {
+                let problems: Vec<Problem> = settings
+                    .iter()
+                    .filter_map(|(k, v)| setting_problem(k, v))
+                    .map(|m| Problem::new("settings", m))
+                    .collect();
+                if !problems.is_empty() {
+                    return Err(problems);
+                }
+                Ok(Self::Local(LocalEngine {
+                    target_partitions: *target_partitions,
+                    memory_limit: memory_limit.map(|b| b.0),
+                    memory_pool: *memory_pool,
+                    spill_dir: spill_dir.as_ref().map(|d| root.join(d)),
+                    batch_size: *batch_size,
+                    settings: settings.clone(),
+                    transparent_huge_pages: *transparent_huge_pages,
+                }))
+            }
+            EngineSpec::Ballista { .. } => Err(vec![Problem::new(
+                "kind",
+                "this build runs SQL in-process only; set `kind: local` (Ballista support is not built in yet)",
+            )]),
+        }
+    }
+}
+
+/// `ident` as a quoted SQL identifier (a table or column name clvflow puts into SQL it writes):
+/// any name works, including ones with spaces, capitals or quotes.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// The process's engine: session settings and the runtime (memory pool, spill folder, object
+/// stores) that every session shares.
+#[derive(Debug)]
+pub struct Engine {
+    config: SessionConfig,
+    runtime: Arc<RuntimeEnv>,
+    description: String,
+}
+
+impl Engine {
+    /// Builds the engine from the checked config, with `stores` registered. Call once per
+    /// process (`crate::project::Project::engine` does): each call makes a new memory pool.
+    pub fn new(config: &EngineConfig, stores: &Stores) -> Result<Arc<Self>> {
+        match config {
+            EngineConfig::Local(local) => Self::local(local, stores),
+        }
+    }
+
+    fn local(local: &LocalEngine, stores: &Stores) -> Result<Arc<Self>> {
+        // Process-wide, like the engine.
+        if !memory::set_huge_pages(local.transparent_huge_pages) && cfg!(target_os = "linux") {
+            tracing::warn!(
+                on = local.transparent_huge_pages,
+                "the kernel did not take engine.transparent_huge_pages (prctl PR_SET_THP_DISABLE); memory uses its default"
+            );
+        }
+        let mut config = SessionConfig::new()
+            .with_information_schema(true)
+            // Writes: one file per partition folder and output stream, not one per core.
+            .set_usize("datafusion.execution.minimum_parallel_output_files", 1);
+        if let Some(n) = local.target_partitions {
+            config = config.with_target_partitions(n.max(1));
+        }
+        if let Some(n) = local.batch_size {
+            config = config.with_batch_size(n.max(1));
+        }
+        apply_settings(&mut config, &local.settings, "engine.settings")?;
+        let mut runtime = RuntimeEnvBuilder::new();
+        if let Some(limit) = local.memory_limit {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            // Tracked: an error names the consumers that hold the most memory.
+            let top = NonZeroUsize::MIN.saturating_add(4);
+            let pool: Arc<dyn MemoryPool> = match local.memory_pool {
+                MemoryPoolKind::Greedy => {
+                    Arc::new(TrackConsumersPool::new(GreedyMemoryPool::new(limit), top))
+                }
+                MemoryPoolKind::Fair => {
+                    Arc::new(TrackConsumersPool::new(FairSpillPool::new(limit), top))
+                }
+            };
+            runtime = runtime.with_memory_pool(pool);
+        }
+        if let Some(dir) = &local.spill_dir {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create spill folder", e))?;
+            runtime = runtime.with_disk_manager_builder(
+                DiskManagerBuilder::default()
+                    .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
+            );
+        }
+        let runtime = runtime
+            .build_arc()
+            .map_err(|e| Error::df("build the DataFusion runtime", e))?;
+        for store in &stores.stores {
+            runtime.register_object_store(&store.registry_url, store.object_store.clone());
+        }
+        let description = format!(
+            "local ({} partitions, memory {})",
+            config.target_partitions(),
+            local
+                .memory_limit
+                .map_or("unlimited".to_string(), |l| format!("{} MiB", l >> 20))
+        );
+        Ok(Arc::new(Self {
+            config,
+            runtime,
+            description,
+        }))
+    }
+
+    /// A new session on the process's runtime, with clvflow's SQL functions.
+    pub fn session(&self) -> SessionContext {
+        let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+        functions::register(&ctx);
+        ctx
+    }
+
+    /// What the engine is, for logs and reports (`local (2 partitions, memory 2048 MiB)`).
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+}
+
+fn apply_settings(
+    config: &mut SessionConfig,
+    settings: &BTreeMap<String, String>,
+    field: &str,
+) -> Result<()> {
+    for (key, value) in settings {
+        // Checked when the config was loaded.
+        config
+            .options_mut()
+            .set(key, value)
+            .map_err(|e| Error::df(format!("{field}: {key}"), e))?;
+    }
+    Ok(())
+}
+
+/// The session a step with its own `settings` runs on: `ctx` itself when there are none, else a
+/// session over the same tables, functions, object stores and memory pool (DataFusion shares
+/// them between copies of a session state) whose options are changed for this step only.
+pub fn session_for_settings(
+    ctx: &SessionContext,
+    settings: &BTreeMap<String, String>,
+    field: &str,
+) -> Result<SessionContext> {
+    if settings.is_empty() {
+        return Ok(ctx.clone());
+    }
+    let mut state = ctx.state();
+    apply_settings(state.config_mut(), settings, field)?;
+    Ok(SessionContext::new_with_state(state))
+}
+
+/// What is wrong with the DataFusion setting `key: value` (`engine.settings`, a step's
+/// `settings`), if anything: DataFusion's message and its first cause.
+pub fn setting_problem(key: &str, value: &str) -> Option<String> {
+    let mut options = datafusion::config::ConfigOptions::new();
+    let e = options.set(key, value).err()?;
+    let message = e.strip_backtrace();
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "caused by")
+        .take(2)
+        .collect();
+    Some(format!(
+        "`{key}: {value}`: {} (keys are DataFusion configuration keys such as datafusion.execution.batch_size)",
+        lines.join(": ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(limit: u64) -> Arc<Engine> {
+        let config = EngineConfig::Local(LocalEngine {
+            target_partitions: Some(2),
+            memory_limit: Some(limit),
+            memory_pool: MemoryPoolKind::Greedy,
+            spill_dir: None,
+            batch_size: None,
+            settings: BTreeMap::new(),
+            transparent_huge_pages: false,
+        });
+        Engine::new(&config, &Stores::default()).unwrap()
+    }
+
+    /// Before, each run built its own pool: two runs at once could use twice `memory_limit`.
+    #[test]
+    fn sessions_of_one_engine_share_one_memory_limit() {
+        let engine = engine(64 << 20);
+        let (a, b) = (engine.session(), engine.session());
+        let held = memory::reserve(&a, "run a".into(), 40 << 20).unwrap();
+        assert!(b.runtime_env().memory_pool.reserved() >= 40 << 20);
+        let err = memory::reserve(&b, "run b".into(), 40 << 20).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("run b") && text.contains("run a"), "{text}");
+        drop(held);
+        memory::reserve(&b, "run b".into(), 40 << 20).unwrap();
+    }
+}

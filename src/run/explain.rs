@@ -1,0 +1,59 @@
+//! `clvflow explain JOB STEP`: runs the job's steps before STEP (nothing is written), then shows
+//! the physical plan of SQL step STEP; with `--analyze` it runs the step and shows each
+//! operator's rows, time and memory (for tuning SQL).
+
+use chrono::NaiveDate;
+
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::job::JobPlan;
+use crate::project::Project;
+use crate::steps::{StepContext, StepKind};
+
+/// The physical plan of SQL step `step` of `job` for `run_date`, as a table of text.
+pub async fn explain_step(
+    project: &Project,
+    job: &JobPlan,
+    step: &str,
+    run_date: NaiveDate,
+    analyze: bool,
+) -> Result<String> {
+    let Some(pos) = job.steps.iter().position(|s| s.name == step) else {
+        let names: Vec<&str> = job.steps.iter().map(|s| s.name.as_str()).collect();
+        return Err(Error::Usage(format!(
+            "job `{}` has no step `{step}`; its steps: {}",
+            job.name,
+            names.join(", ")
+        )));
+    };
+    let plan = &job.steps[pos];
+    let StepKind::Sql(sql) = &plan.kind else {
+        return Err(Error::Usage(format!(
+            "step `{step}` is not a SQL step; only SQL steps have a query plan"
+        )));
+    };
+    let ctx = project.engine()?.session();
+    // The inputs and the steps before `step`; `step` and the ones after it are skipped.
+    let later: Vec<&str> = job.steps[pos..].iter().map(|s| s.name.as_str()).collect();
+    super::run_steps_on(&ctx, job, run_date, None, &later).await?;
+    let step_ctx = engine::session_for_settings(&ctx, &plan.settings, &plan.field)?;
+    let vars = job.vars(run_date);
+    let cx = StepContext {
+        session: &step_ctx,
+        job: &job.name,
+        step: plan,
+        run_date,
+        vars: &vars,
+    };
+    let batches = sql
+        .dataframe(&cx)
+        .await?
+        .explain(false, analyze)
+        .map_err(|e| cx.df_err(e))?
+        .collect()
+        .await
+        .map_err(|e| cx.df_err(e))?;
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+        .map_err(|e| Error::arrow("format the plan", e))?;
+    Ok(format!("{text}\n"))
+}

@@ -1,0 +1,107 @@
+//! The outputs of a run, staged while its steps go on: after each step, what no later step
+//! reads is dropped, the outputs the step produced are written to staging, and a streamed step
+//! (a view until then) is computed by that write. Nothing here touches a table folder; the
+//! commit comes once every output is staged (`super`).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use datafusion::prelude::SessionContext;
+use tracing::info;
+
+use super::results::ResultLifetimes;
+use crate::engine::memory;
+use crate::error::{Error, Result};
+use crate::job::JobPlan;
+use crate::sink::{self, RunInfo, Staged};
+
+/// Outputs staged by a run while its steps go on.
+pub(super) struct Staging<'a> {
+    pub run: &'a RunInfo,
+    pub lifetimes: ResultLifetimes,
+    /// (output index, time staging took, staged output).
+    staged: Mutex<Vec<(usize, Duration, Staged)>>,
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
+}
+
+impl<'a> Staging<'a> {
+    pub fn new(run: &'a RunInfo, lifetimes: ResultLifetimes) -> Self {
+        Self {
+            run,
+            lifetimes,
+            staged: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn take(&self) -> Vec<(usize, Duration, Staged)> {
+        std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn streamed(&self, step: usize) -> bool {
+        self.lifetimes.streamed.get(step) == Some(&true)
+    }
+
+    /// After step `i`: drops what no later step reads (tables being staged now excepted), then
+    /// stages the outputs the step produced, then drops those too if nothing else reads them.
+    /// A streamed step (a view until now) is computed by its staging; if later steps read it,
+    /// they read its staged files. Returns the rows staged from step `i` itself.
+    pub async fn after_step(&self, ctx: &SessionContext, job: &JobPlan, i: usize) -> Result<u64> {
+        let step = &job.steps[i];
+        let streamed = self.streamed(i);
+        let mut written = 0;
+        let stage_now: &[usize] = self.lifetimes.stage_after.get(i).map_or(&[], Vec::as_slice);
+        let staging: Vec<&str> = stage_now
+            .iter()
+            .map(|&o| job.outputs[o].from.as_str())
+            .collect();
+        let done: Vec<&String> = self
+            .lifetimes
+            .drop_after
+            .get(i)
+            .into_iter()
+            .flatten()
+            .collect();
+        let (later, now): (Vec<&String>, Vec<&String>) = done
+            .into_iter()
+            .partition(|t| staging.iter().any(|s| s.eq_ignore_ascii_case(t)));
+        drop_tables(ctx, &now)?;
+        for &o in stage_now {
+            let out = &job.outputs[o];
+            let t = Instant::now();
+            memory::reset_peak();
+            let staged = sink::stage(ctx, out, self.run).await?;
+            let took = t.elapsed();
+            info!(job = %job.name, output = %out.from, ms = took.as_millis() as u64,
+                  rows = staged.rows(), bytes = staged.bytes(),
+                  peak_rss_mb = memory::peak_rss().map(mib), "output staged");
+            if out.from.eq_ignore_ascii_case(&step.name) {
+                written = staged.rows();
+                let read_later = !later.iter().any(|t| t.eq_ignore_ascii_case(&step.name));
+                if streamed && read_later {
+                    ctx.deregister_table(step.name.as_str())
+                        .map_err(|e| Error::df(format!("replace `{}`", step.name), e))?;
+                    ctx.register_table(step.name.as_str(), staged.as_table(ctx).await?)
+                        .map_err(|e| Error::df(format!("read back `{}`", step.name), e))?;
+                }
+            }
+            self.staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((o, took, staged));
+        }
+        drop_tables(ctx, &later)?;
+        memory::release();
+        Ok(written)
+    }
+}
+
+fn drop_tables(ctx: &SessionContext, tables: &[&String]) -> Result<()> {
+    for table in tables {
+        ctx.deregister_table(table.as_str())
+            .map_err(|e| Error::df(format!("drop step result `{table}`"), e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! SQL steps: a file with one query, templated (`{{ run_date }}`, `{{ params.x }}`,
+//! [`template`]), planned by DataFusion against the inputs and earlier steps, and materialised
+//! once so outputs and later steps do not recompute it — or, when its result goes to one output
+//! only, registered as a view that the output's write computes while it streams.
+
+pub mod template;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{DataFrame, SessionContext};
+
+use super::{CheckContext, StepContext, StepOutcome};
+use crate::config::Diagnostic;
+use crate::error::{Error, Result};
+use template::{Rendered, Template, TemplateError};
+
+/// A checked SQL step.
+#[derive(Debug, Clone)]
+pub struct SqlStep {
+    /// The SQL file (absolute), for diagnostics.
+    pub file: PathBuf,
+    pub template: Template,
+}
+
+fn template_diags(
+    file: &std::path::Path,
+    field: &str,
+    errors: Vec<TemplateError>,
+) -> Vec<Diagnostic> {
+    errors
+        .into_iter()
+        .map(|e| Diagnostic {
+            file: file.to_path_buf(),
+            line: e.line,
+            col: e.col,
+            field: field.to_string(),
+            message: e.message,
+        })
+        .collect()
+}
+
+impl SqlStep {
+    /// Reads and parses the SQL file `path` (relative to the project folder); every template
+    /// name must be defined.
+    pub fn check(path: &str, cx: &CheckContext) -> std::result::Result<Self, Vec<Diagnostic>> {
+        let file = cx.root.join(path);
+        let field = format!("{}.sql", cx.field);
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            vec![cx.diag(
+                "sql",
+                format!(
+                    "cannot read SQL file `{path}`: {e}; the path is relative to {}",
+                    cx.root.display()
+                ),
+            )]
+        })?;
+        let template =
+            Template::parse(&text).map_err(|e| template_diags(&file, &field, vec![e]))?;
+        let undefined = template.undefined(cx.template_names);
+        if !undefined.is_empty() {
+            return Err(template_diags(&file, &field, undefined));
+        }
+        Ok(Self { file, template })
+    }
+
+    fn render(&self, vars: &BTreeMap<String, String>, field: &str) -> Result<Rendered> {
+        self.template.render(vars).map_err(|errs| {
+            Error::Config(template_diags(&self.file, &format!("{field}.sql"), errs))
+        })
+    }
+
+    /// The step's query planned on `cx.session`.
+    pub async fn dataframe(&self, cx: &StepContext<'_>) -> Result<DataFrame> {
+        let sql = self.render(cx.vars, &cx.step.field)?;
+        cx.session.sql(&sql.sql).await.map_err(|e| cx.df_err(e))
+    }
+
+    /// The tables the query reads (CTE names excluded), lower-cased, from DataFusion's parser.
+    pub fn reads(
+        &self,
+        session: &SessionContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Option<BTreeSet<String>> {
+        let sql = self.template.render(vars).ok()?.sql;
+        let state = session.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state.sql_to_statement(&sql, &dialect).ok()?;
+        let refs = state.resolve_table_references(&statement).ok()?;
+        Some(refs.iter().map(|r| r.table().to_lowercase()).collect())
+    }
+
+    /// Runs the query and registers its (materialised) result under the step's name.
+    pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
+        let started = Instant::now();
+        let df = self.dataframe(cx).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        // Kept in the plan's output partitions: later steps scan them in parallel as they are.
+        let partitions = df.collect_partitioned().await.map_err(|e| cx.df_err(e))?;
+        let partitions = super::rows::compact(partitions)?;
+        let rows = partitions.iter().flatten().map(|b| b.num_rows()).sum();
+        let bytes = crate::engine::memory::batches_bytes(partitions.iter().flatten()) as usize;
+        super::rows::register(cx.session, &cx.step.name, schema, partitions)?;
+        Ok(StepOutcome {
+            rows,
+            bytes,
+            elapsed: started.elapsed(),
+            timings: Vec::new(),
+        })
+    }
+
+    /// Registers the query as a view (planned now, run when read): for a step whose result
+    /// streams straight into its output's files.
+    pub async fn register_view(&self, cx: &StepContext<'_>) -> Result<()> {
+        let df = self.dataframe(cx).await?;
+        cx.session
+            .register_table(&cx.step.name, df.into_view())
+            .map_err(|e| cx.df_err(e))?;
+        Ok(())
+    }
+
+    /// Plans the query without reading data and registers an empty table of its result schema,
+    /// so later steps can be planned too. Problems point into the SQL file as written.
+    pub async fn declare(
+        &self,
+        cx: &StepContext<'_>,
+    ) -> std::result::Result<Vec<(String, SchemaRef)>, Vec<Diagnostic>> {
+        let field = format!("{}.sql", cx.step.field);
+        let rendered = self
+            .template
+            .render(cx.vars)
+            .map_err(|errs| template_diags(&self.file, &field, errs))?;
+        let diag = |e: DataFusionError| vec![self.plan_diagnostic(&rendered, &field, &e)];
+        let df = cx.session.sql(&rendered.sql).await.map_err(diag)?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let table = MemTable::try_new(schema.clone(), vec![vec![]]).map_err(diag)?;
+        cx.session
+            .register_table(&cx.step.name, Arc::new(table))
+            .map_err(diag)?;
+        Ok(vec![(cx.step.name.clone(), schema)])
+    }
+
+    /// "SQL does not plan" at the place in the file the error is about (1:1 when DataFusion
+    /// gives no place). The parser's own " at Line: l, Column: c" (of the rendered text) is
+    /// dropped from the message: the position in front is the right one.
+    fn plan_diagnostic(&self, rendered: &Rendered, field: &str, e: &DataFusionError) -> Diagnostic {
+        let (line, col) = e
+            .diagnostic()
+            .and_then(|d| d.span)
+            .map(|s| rendered.original(s.start.line as usize, s.start.column as usize))
+            .unwrap_or((1, 1));
+        let message = e.strip_backtrace();
+        let mut first = message.lines().next().unwrap_or_default().to_string();
+        if let Some(i) = first.find(" at Line: ") {
+            first.truncate(i);
+        }
+        Diagnostic {
+            file: self.file.clone(),
+            line: line.max(1),
+            col: col.max(1),
+            field: field.to_string(),
+            message: format!("SQL does not plan: {first}"),
+        }
+    }
+}
