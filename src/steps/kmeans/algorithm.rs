@@ -1,9 +1,38 @@
 //! K-means on standardised points: k-means++ seeding from a seed (same input and seed, same
 //! clusters), Lloyd iterations, best of several starts, the mean silhouette, and the
 //! log-transform + z-score of raw features. Pure functions on flat vectors, no I/O.
+//!
+//! Nothing here depends on the order of the points: sums over all points are exact
+//! ([`ExactSum`]), and the sample is chosen by the points' ids ([`sample_by_id`]).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::steps::exact::ExactSum;
+
+/// The positions of `n` of the ids, chosen by a seeded hash of each id (the same customers are
+/// chosen whatever the order of the rows), in the order of their ids. All when there are no
+/// more than `n`.
+pub fn sample_by_id(ids: &[i64], n: usize, seed: u64) -> Vec<usize> {
+    let hash = |id: i64| {
+        // splitmix64 of the id and the seed.
+        let mut z = (id as u64) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut keyed: Vec<(u64, i64, usize)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (hash(*id), *id, i))
+        .collect();
+    if keyed.len() > n {
+        keyed.select_nth_unstable(n);
+        keyed.truncate(n);
+    }
+    keyed.sort_unstable_by_key(|(_, id, i)| (*id, *i));
+    keyed.into_iter().map(|(_, _, i)| i).collect()
+}
 
 /// Points in d dimensions, row-major in one flat vector (no allocation per point).
 #[derive(Debug, Clone, PartialEq)]
@@ -127,18 +156,18 @@ pub fn lloyd(points: &Points, mut centroids: Vec<Vec<f64>>) -> Clustering {
                 changed += 1;
             }
         }
-        let mut sums = vec![vec![0.0; dims]; centroids.len()];
+        let mut sums = vec![vec![ExactSum::default(); dims]; centroids.len()];
         let mut counts = vec![0usize; centroids.len()];
         for (a, p) in assignment.iter().zip(points.rows()) {
             counts[*a] += 1;
             for (s, v) in sums[*a].iter_mut().zip(p) {
-                *s += v;
+                s.add(*v);
             }
         }
         for (j, c) in centroids.iter_mut().enumerate() {
             if counts[j] > 0 {
                 for (cv, s) in c.iter_mut().zip(&sums[j]) {
-                    *cv = s / counts[j] as f64;
+                    *cv = s.value() / counts[j] as f64;
                 }
             }
         }
@@ -193,20 +222,22 @@ pub fn silhouette(points: &Points, assignment: &[usize], k: usize) -> f64 {
 pub fn prepare(raw: &Points) -> Points {
     let (n, dims) = (raw.len().max(1) as f64, raw.dims);
     let mut data: Vec<f64> = raw.data.iter().map(|v| v.ln_1p()).collect();
-    let mut mean = vec![0.0; dims];
+    let mut sums = vec![ExactSum::default(); dims];
     for r in data.chunks_exact(dims) {
-        for (m, v) in mean.iter_mut().zip(r) {
-            *m += v / n;
+        for (m, v) in sums.iter_mut().zip(r) {
+            m.add(*v);
         }
     }
-    let mut sd = vec![0.0; dims];
+    let mean: Vec<f64> = sums.iter().map(|s| s.value() / n).collect();
+    let mut squares = vec![ExactSum::default(); dims];
     for r in data.chunks_exact(dims) {
-        for ((s, v), m) in sd.iter_mut().zip(r).zip(&mean) {
-            *s += (v - m) * (v - m) / n;
+        for ((s, v), m) in squares.iter_mut().zip(r).zip(&mean) {
+            s.add((v - m) * (v - m));
         }
     }
-    let sd: Vec<f64> = sd
-        .into_iter()
+    let sd: Vec<f64> = squares
+        .iter()
+        .map(|s| s.value() / n)
         .map(|v| if v > 0.0 { v.sqrt() } else { 1.0 })
         .collect();
     for r in data.chunks_exact_mut(dims) {
@@ -252,6 +283,35 @@ mod tests {
             sa.partial_cmp(&sb).unwrap()
         });
         assert_eq!(best, Some(3));
+    }
+
+    /// The sample and the clustering are the same whatever the order of the rows.
+    #[test]
+    fn row_order_does_not_change_the_sample_or_the_clusters() {
+        use rand::seq::SliceRandom;
+        let ids: Vec<i64> = (0..5000).map(|i| i * 13 + 7).collect();
+        let chosen: Vec<i64> = sample_by_id(&ids, 300, 9).iter().map(|i| ids[*i]).collect();
+        assert_eq!(chosen.len(), 300);
+        assert!(chosen.windows(2).all(|w| w[0] < w[1]));
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut shuffled = ids.clone();
+        shuffled.shuffle(&mut rng);
+        let again: Vec<i64> = sample_by_id(&shuffled, 300, 9)
+            .iter()
+            .map(|i| shuffled[*i])
+            .collect();
+        assert_eq!(chosen, again);
+        // prepare + lloyd on shuffled points: the same centroids to the bit.
+        let (blobs, _) = blobs(3);
+        // Features are ≥ 0 (they are log-transformed).
+        let pts = Points::new(blobs.data.iter().map(|v| v + 20.0).collect(), 2);
+        let mut order: Vec<usize> = (0..pts.len()).collect();
+        order.shuffle(&mut rng);
+        let (a, b) = (prepare(&pts), prepare(&pts.select(&order)));
+        let seeds = kmeans(&a, 3, 1, 1).centroids;
+        let (ca, cb) = (lloyd(&a, seeds.clone()), lloyd(&b, seeds));
+        assert!(ca.centroids.iter().flatten().all(|v| v.is_finite()));
+        assert_eq!(ca.centroids, cb.centroids);
     }
 
     #[test]

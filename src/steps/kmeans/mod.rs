@@ -15,17 +15,14 @@ pub mod algorithm;
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
 use super::rows::{Rows, append_columns, appended_schema, date32, register};
 use super::{CheckContext, StepContext, StepOutcome};
 use crate::config::Diagnostic;
 use crate::config::steps::{KmeansK, KmeansSpec};
 use crate::error::{Error, Result};
 use algorithm::{Points, kmeans, lloyd, prepare, silhouette};
+use datafusion::arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 /// A checked K-means step (`value` filled in: the last feature when not given).
 #[derive(Debug, Clone, PartialEq)]
@@ -117,23 +114,14 @@ impl KmeansStep {
         Ok(tables)
     }
 
-    /// The features of `rows` as raw points (row-major) in the order of their ids, each checked
-    /// to be ≥ 0 and finite, and for each point its row. Rows come in an order that changes
-    /// from run to run (DataFusion's partitions); the sample and every sum follow the ids, so
-    /// the same customers give the same clusters.
-    fn raw_points(&self, cx: &StepContext<'_>, rows: &Rows) -> Result<(Points, Vec<u32>)> {
+    /// The features of `rows` as raw points (row-major, in the rows' order), each checked to be
+    /// ≥ 0 and finite, and the ids.
+    fn raw_points(&self, cx: &StepContext<'_>, rows: &Rows) -> Result<(Points, Vec<i64>)> {
         let spec = &self.spec;
         let input_err = |e: super::rows::ColumnError| {
             cx.model_err(format!("`{}`: {e}; fill or filter them first", spec.from))
         };
         let ids = rows.integers(&spec.id).map_err(input_err)?;
-        let mut order: Vec<u32> = (0..ids.len() as u32).collect();
-        order.sort_unstable_by_key(|i| (ids[*i as usize], *i));
-        drop(ids);
-        let mut at = vec![0u32; order.len()];
-        for (pos, row) in order.iter().enumerate() {
-            at[*row as usize] = pos as u32;
-        }
         let dims = spec.features.len();
         let mut data = vec![0.0; rows.len() * dims];
         for (j, f) in spec.features.iter().enumerate() {
@@ -148,10 +136,10 @@ impl KmeansStep {
                         "feature `{f}` has the value {v}; the log transform needs values ≥ 0"
                     )));
                 }
-                data[at[i] as usize * dims + j] = v;
+                data[i * dims + j] = v;
             }
         }
-        Ok((Points::new(data, dims), order))
+        Ok((Points::new(data, dims), ids))
     }
 
     /// Runs the step.
@@ -161,16 +149,16 @@ impl KmeansStep {
         let rows = Rows::read(cx.session, &spec.from)
             .await
             .map_err(|e| cx.df_err(e))?;
-        // The raw and the standardised points, the id order and the assignment: the step's
-        // large buffers.
-        let buffers = rows.len() * (2 * spec.features.len() * size_of::<f64>() + 8 + 16 + 8);
+        // The raw and the standardised points, the ids and the assignment: the step's large
+        // buffers.
+        let buffers = rows.len() * (2 * spec.features.len() * size_of::<f64>() + 8 + 8 + 8);
         let _memory = crate::engine::memory::reserve(
             cx.session,
             format!("kmeans step `{}`", cx.step.name),
             buffers,
         )
         .map_err(|e| cx.df_err(e))?;
-        let (raw, order) = self.raw_points(cx, &rows)?;
+        let (raw, ids) = self.raw_points(cx, &rows)?;
         let k_max = match spec.k {
             KmeansK::Fixed(k) => k,
             KmeansK::Auto(_) => spec.k_max,
@@ -183,20 +171,10 @@ impl KmeansStep {
             )));
         }
         let points = prepare(&raw);
-        // A seeded sample for choosing k and scoring the silhouette.
-        let mut rng = StdRng::seed_from_u64(spec.seed ^ 0x5eed);
-        let sample_idx: Vec<usize> = if points.len() <= spec.sample {
-            (0..points.len()).collect()
-        } else {
-            let mut idx: Vec<usize> = (0..points.len()).collect();
-            for i in 0..spec.sample {
-                let j = rng.random_range(i..idx.len());
-                idx.swap(i, j);
-            }
-            idx.truncate(spec.sample);
-            idx.sort_unstable();
-            idx
-        };
+        // A seeded sample for choosing k and scoring the silhouette, chosen by the ids (not the
+        // rows' order, which changes from run to run) and taken in id order.
+        let sample_idx = algorithm::sample_by_id(&ids, spec.sample, spec.seed);
+        drop(ids);
         let sample = points.select(&sample_idx);
         let k = match spec.k {
             KmeansK::Fixed(k) => k,
@@ -229,18 +207,18 @@ impl KmeansStep {
             .iter()
             .position(|f| *f == spec.value)
             .unwrap_or(0);
-        let mut sums = vec![vec![0.0; spec.features.len()]; k];
+        let mut sums = vec![vec![crate::steps::exact::ExactSum::default(); spec.features.len()]; k];
         let mut sizes = vec![0usize; k];
         for (a, r) in clustering.assignment.iter().zip(raw.rows()) {
             sizes[*a] += 1;
             for (s, v) in sums[*a].iter_mut().zip(r) {
-                *s += v;
+                s.add(*v);
             }
         }
         let means: Vec<Vec<f64>> = sums
             .iter()
             .zip(&sizes)
-            .map(|(s, n)| s.iter().map(|v| v / (*n).max(1) as f64).collect())
+            .map(|(s, n)| s.iter().map(|v| v.value() / (*n).max(1) as f64).collect())
             .collect();
         let mut by_value: Vec<usize> = (0..k).collect();
         by_value.sort_by(|a, b| {
@@ -256,12 +234,9 @@ impl KmeansStep {
 
         let day = date32(cx.run_date);
         let n = raw.len();
-        // Back from id order to the rows' order.
-        let mut cluster_of_row = vec![0i64; n];
-        for (point, row) in order.iter().enumerate() {
-            cluster_of_row[*row as usize] = rank[clustering.assignment[point]];
-        }
-        let cluster: ArrayRef = Arc::new(Int64Array::from(cluster_of_row));
+        let cluster: ArrayRef = Arc::new(Int64Array::from_iter_values(
+            clustering.assignment.iter().map(|a| rank[*a]),
+        ));
         let (schema, parts) = append_columns(&rows, day, vec![(cluster_field(), cluster)])?;
         let bytes = crate::engine::memory::batches_bytes(parts.iter().flatten()) as usize;
         register(cx.session, &cx.step.name, schema, parts)?;

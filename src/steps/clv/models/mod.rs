@@ -4,6 +4,8 @@
 //! on millions of customers: grouping identical rows ([`group`]) and deterministic parallel
 //! sums and maps ([`par_sum`], [`par_map`]).
 
+pub use crate::steps::exact::ExactSum;
+
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -63,29 +65,6 @@ pub fn par_map<T: Sync, U: Send>(data: &[T], f: impl Fn(&T) -> U + Sync) -> Opti
         out.extend(part?);
     }
     Some(out)
-}
-
-/// A sum of floats that does not depend on the order of its terms: each term is taken exactly
-/// as a fixed-point number of 2^-50 units (amounts up to 2^77 are exact to 2^-50, far below a
-/// cent) and the integers are added. Rows reach the models in an order that changes from run
-/// to run (DataFusion's partitions), and a float sum in that order could round a value such as
-/// 52.755 either way; this one gives the same bits every run. Not for the likelihoods, whose
-/// chunked sums are already in a fixed order ([`par_sum`]).
-#[derive(Clone, Copy, Default)]
-pub struct ExactSum(i128);
-
-impl ExactSum {
-    const SCALE: f64 = (1u64 << 50) as f64;
-
-    pub fn add(&mut self, v: f64) {
-        // Multiplying by a power of two is exact; the cast truncates (and saturates) the same
-        // way for the same value.
-        self.0 = self.0.saturating_add((v * Self::SCALE) as i128);
-    }
-
-    pub fn value(self) -> f64 {
-        self.0 as f64 / Self::SCALE
-    }
 }
 
 /// A fast hasher for grouping rows of floats by their bit patterns (the standard SipHash costs

@@ -247,37 +247,6 @@ async fn discounted_sums_yearly_profit_over_one_plus_d_to_the_t_net_of_cac() {
     assert!(close(rows[0].1, 75.0 / 1.1 - 30.0), "{rows:?}");
 }
 
-/// The same orders in another order give the same bits (DataFusion hands rows over in an
-/// order that changes from run to run; a float sum in row order rounded 0.755-cent values
-/// either way).
-#[test]
-fn sums_do_not_depend_on_the_order_of_the_rows() {
-    use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let mut amounts: Vec<f64> = (0..10_000)
-        .map(|_| (rng.random_range(1..100_000) as f64) / 100.0)
-        .collect();
-    let sum = |v: &[f64]| {
-        let mut s = super::ExactSum::default();
-        v.iter().for_each(|a| s.add(*a));
-        s.value()
-    };
-    let once = sum(&amounts);
-    let plain: f64 = amounts.iter().sum();
-    let mut plain_differs = false;
-    for _ in 0..20 {
-        amounts.shuffle(&mut rng);
-        assert_eq!(sum(&amounts).to_bits(), once.to_bits());
-        plain_differs |= amounts.iter().sum::<f64>().to_bits() != plain.to_bits();
-    }
-    assert!(
-        plain_differs,
-        "the plain float sum should depend on the order"
-    );
-    assert!((once - plain).abs() < 1e-6, "{once} vs {plain}");
-}
-
 /// (customer_id, orders, revenue, years, clv) of every row, from the columns at `cols`.
 fn per_customer(batches: &[RecordBatch], cols: [usize; 5]) -> Vec<(i64, i64, f64, i64, f64)> {
     use datafusion::arrow::datatypes::Int64Type;
