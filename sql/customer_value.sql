@@ -46,11 +46,12 @@ extras as (
         q.customer_id,
         coalesce(c.acquisition_channel, 'unknown') as acquisition_channel,
         c.acquisition_cost,
-        h.clv as historical_clv,
+        -- The historical model (realized gross profit) is the discounted step's exact revenue
+        -- times the margin: the same value as a `model: historical` step, without its own pass.
+        d.revenue * {{ params.gross_margin }} as historical_clv,
         d.clv as discounted_clv
     from (select customer_id from clv) as q
     left join customers as c on c.customer_id = q.customer_id
-    left join clv_historical as h on h.customer_id = q.customer_id
     left join clv_discounted as d on d.customer_id = q.customer_id
 ),
 

@@ -274,8 +274,11 @@ ours_value = mart('customer_value')
 # The model steps append their columns to the rows they read: clusters = rfm + cluster,
 # clv = clusters + the BG/NBD / Gamma-Gamma predictions and the rank by CLV.
 con.execute(f"create table clv as select r.*, o.cluster, o.p_alive, o.expected_purchases, o.expected_spend, o.predicted_clv as clv, o.value_rank as clv_rank from rfm as r join {ours_value} as o using (customer_id)")
-con.execute(f"create table clv_historical as select customer_id, historical_clv as clv from {ours_value}")
-con.execute(f"create table clv_discounted as select customer_id, discounted_clv as clv from {ours_value}")
+# The discounted step's revenue gives historical_clv (revenue x margin, checked against DuckDB's
+# own sum below); a half cent rounds either way with the order of a float sum, so the views
+# read ours. Its clv is checked against the closed form in the unit tests.
+margin = float(params['gross_margin'])
+con.execute(f"create table clv_discounted as select customer_id, historical_clv / {margin} as revenue, discounted_clv as clv from {ours_value}")
 for name in ['customer_value', 'channel_summary', 'value_tiers', 'ltv_cac']:
     con.execute(f"create table {name} as " + sql(name))
 def compare(theirs_sql, ours_sql):
@@ -290,6 +293,8 @@ out = {
   "cohorts": compare("select cohort_month, month_number, cohort_customers, active_customers, retention_rate, repeat_purchase_rate from cohort_retention order by 1, 2", f"select cohort_month, month_number, cohort_customers, active_customers, retention_rate, repeat_purchase_rate from {mart('cohort_retention')} order by 1, 2"),
   "backtest": compare("select customer_id, x, round(t, 9), x_holdout from btyd_backtest order by 1", f"select customer_id, x, round(t, 9), actual_purchases from {mart('clv_backtest')} order by 1"),
   "totals": con.execute(f"select sum(actual_purchases), sum(predicted_purchases) from {mart('clv_backtest')}").fetchone(),
+  # Realized gross profit: DuckDB sums the floats in another order, so a cent may differ.
+  "historical": con.execute(f"select count(*), count(*) filter (where abs(o.historical_clv - round(t.revenue * {margin}, 2)) > 0.0100001) from {ours_value} as o join (select customer_id, sum(net_amount) as revenue from orders_clean group by 1) as t using (customer_id)").fetchone(),
   "tiers": con.execute(f"select value_tier, customer_share, predicted_value_share from {mart('value_tiers')} order by 1").fetchall(),
   "stages": con.execute(f"select count(distinct lifecycle_stage), count(distinct value_quadrant) from {ours_value}").fetchone(),
   # The rank is 1..n without gaps, and never puts a smaller predicted CLV before a larger one.
@@ -317,6 +322,12 @@ print(json.dumps(out, default=str))
     assert_eq!(
         r["customer_value"]["ours"].as_i64().unwrap(),
         expected_totals(&p, RUN_DATE).0
+    );
+    let historical = r["historical"].as_array().unwrap();
+    assert_eq!(historical[0], r["customer_value"]["ours"], "{r}");
+    assert_eq!(
+        historical[1], 0,
+        "historical_clv off by more than a cent: {r}"
     );
     // The backtest predicts what happened in the 26 holdout weeks: totals within 10 %.
     let (actual, predicted) = (f64_of(&r["totals"][0]), f64_of(&r["totals"][1]));

@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:52:")
-            && l.contains("steps[9].sql: cannot read SQL file `sql/channel_sumary.sql`")),
+        lines.iter().any(|l| l.contains("customer_value.yaml:51:")
+            && l.contains("steps[8].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:58:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:57:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -79,8 +79,8 @@ fn clv_model_options_are_checked_per_model() {
     // historical takes no backtest; formula needs expected_years; a costs table must exist.
     p.edit(
         "jobs/customer_value.yaml",
-        "clv: { from: orders_clean, model: historical }",
-        "clv: { from: orders_clean, model: historical, backtest: btyd_backtest }",
+        "  - name: clv_discounted ",
+        "  - { name: clv_historical, clv: { from: orders_clean, model: historical, backtest: btyd_backtest } }\n  - name: clv_discounted ",
     );
     p.edit(
         "jobs/customer_value.yaml",
@@ -94,7 +94,7 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:42:")
+        err.contains("customer_value.yaml:41:")
             && err.contains("steps[2].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
@@ -269,8 +269,8 @@ fn clv_steps_without_a_margin_use_the_jobs_gross_margin() {
     );
     p.edit(
         "jobs/customer_value.yaml",
-        "clv: { from: orders_clean, model: historical }",
-        "clv: { from: orders_clean, model: historical, margin: 0.25 }",
+        "discount_rate: 0.10, acquisition_costs: customers }",
+        "discount_rate: 0.10, acquisition_costs: customers, margin: 0.25 }",
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let margins = |job: &str| {
@@ -291,14 +291,15 @@ fn clv_steps_without_a_margin_use_the_jobs_gross_margin() {
     };
     assert_eq!(
         margins("customer_value"),
-        named(&[
-            ("clv_historical", 0.25),
-            ("clv_discounted", 0.42),
-            ("clv", 0.42)
-        ])
+        named(&[("clv_discounted", 0.25), ("clv", 0.42)])
     );
     // customer_clv has no params.gross_margin and sets its margin.
     assert_eq!(margins("customer_clv"), named(&[("clv", 0.30)]));
+    p.edit(
+        "jobs/customer_value.yaml",
+        "acquisition_costs: customers, margin: 0.25 }",
+        "acquisition_costs: customers }",
+    );
     p.edit(
         "jobs/customer_value.yaml",
         "  gross_margin: 0.42 ",
@@ -338,7 +339,7 @@ fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].contains("jobs/customer_value.yaml:64:5: outputs[2].url: job `customer_clv`")
+        lines[0].contains("jobs/customer_value.yaml:63:5: outputs[2].url: job `customer_clv`")
             && lines[0].contains("jobs/customer_clv.yaml:28:")
             && lines[0].contains("outputs[1] `file://./data/marts/clv_fit/`"),
         "{err}"
