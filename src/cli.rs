@@ -154,6 +154,10 @@ pub struct GenerateArgs {
     pub null_id_rate: f64,
     #[arg(long, default_value_t = 1_000_000)]
     pub rows_per_file: usize,
+    /// Order rows held in memory before they are written (about 45 bytes each): the
+    /// generator's memory, whatever `--customers` is.
+    #[arg(long, default_value_t = 4_000_000)]
+    pub buffer_rows: usize,
 }
 
 impl GenerateArgs {
@@ -167,6 +171,7 @@ impl GenerateArgs {
             duplicate_rate: self.duplicate_rate,
             null_id_rate: self.null_id_rate,
             rows_per_file: self.rows_per_file,
+            buffer_rows: self.buffer_rows,
             ..generate::Options::default()
         }
     }

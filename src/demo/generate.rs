@@ -6,6 +6,10 @@
 //! A small, controllable share of rows are returns (a negative line for an earlier order),
 //! exact duplicates, or rows with a NULL customer id. Same options and seed: same bytes.
 //!
+//! It streams: customers are written as they are drawn, and a month's orders are written (as
+//! files of at most `rows_per_file` rows) whenever the orders held reach `buffer_rows`, so its
+//! memory does not grow with `--customers` (about 45 bytes a held row).
+//!
 //! Layout written under the target URL:
 //! `orders/order_month=YYYY-MM/part-NNNNN.parquet` and `customers/part-NNNNN.parquet`.
 
@@ -48,6 +52,8 @@ pub struct Options {
     pub duplicate_rate: f64,
     pub null_id_rate: f64,
     pub rows_per_file: usize,
+    /// Order rows held in memory before they are written.
+    pub buffer_rows: usize,
 }
 
 impl Default for Options {
@@ -65,6 +71,7 @@ impl Default for Options {
             duplicate_rate: 0.005,
             null_id_rate: 0.001,
             rows_per_file: 1_000_000,
+            buffer_rows: 4_000_000,
         }
     }
 }
@@ -114,19 +121,22 @@ fn customers_schema() -> SchemaRef {
     ]))
 }
 
+/// One month's orders not written yet, and how many files of it were written.
 #[derive(Default)]
 struct Orders {
     customer_id: Vec<Option<i64>>,
-    order_id: Vec<String>,
+    /// `o` and ten digits: formatted when written.
+    order_seq: Vec<u64>,
     ts: Vec<i64>,
     amount: Vec<f64>,
-    channel: Vec<&'static str>,
+    channel: Vec<u8>,
+    files: usize,
 }
 
 impl Orders {
-    fn push(&mut self, c: Option<i64>, id: &str, ts: i64, amount: f64, ch: &'static str) {
+    fn push(&mut self, c: Option<i64>, seq: u64, ts: i64, amount: f64, ch: u8) {
         self.customer_id.push(c);
-        self.order_id.push(id.to_string());
+        self.order_seq.push(seq);
         self.ts.push(ts);
         self.amount.push(amount);
         self.channel.push(ch);
@@ -138,14 +148,109 @@ impl Orders {
         let cols: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from(self.customer_id[from..to].to_vec())),
             Arc::new(StringArray::from_iter_values(
-                self.order_id[from..to].iter(),
+                self.order_seq[from..to].iter().map(|s| format!("o{s:010}")),
             )),
             Arc::new(TimestampMicrosecondArray::from(self.ts[from..to].to_vec())),
             Arc::new(Float64Array::from(self.amount[from..to].to_vec())),
-            Arc::new(StringArray::from_iter_values(self.channel[from..to].iter())),
+            Arc::new(StringArray::from_iter_values(
+                self.channel[from..to]
+                    .iter()
+                    .map(|&c| ORDER_CHANNELS[usize::from(c)].0),
+            )),
         ];
         RecordBatch::try_new(orders_schema(), cols).map_err(|e| Error::arrow("build orders", e))
     }
+    /// Writes the first `n` rows held, in files of at most `per_file` rows, and drops them.
+    async fn write(
+        &mut self,
+        (y, mo): (i32, u32),
+        n: usize,
+        per_file: usize,
+        target: &Location,
+        summary: &mut Summary,
+    ) -> Result<()> {
+        let mut from = 0;
+        while from < n {
+            let to = (from + per_file).min(n);
+            let batch = self.batch(from, to)?;
+            let rel = format!(
+                "orders/order_month={y:04}-{mo:02}/part-{:05}.parquet",
+                self.files
+            );
+            summary.bytes += put_parquet(target, &rel, &batch).await?;
+            summary.files += 1;
+            summary.order_rows += (to - from) as u64;
+            self.files += 1;
+            from = to;
+        }
+        self.customer_id.drain(..n);
+        self.order_seq.drain(..n);
+        self.ts.drain(..n);
+        self.amount.drain(..n);
+        self.channel.drain(..n);
+        Ok(())
+    }
+}
+
+/// The customers drawn and not written yet, and how many files of them were written.
+#[derive(Default)]
+struct Customers {
+    id: Vec<i64>,
+    signup: Vec<i64>,
+    channel: Vec<&'static str>,
+    cost: Vec<f64>,
+    files: usize,
+}
+
+impl Customers {
+    async fn write(&mut self, target: &Location, summary: &mut Summary) -> Result<()> {
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(std::mem::take(&mut self.id))),
+            Arc::new(TimestampMicrosecondArray::from(std::mem::take(
+                &mut self.signup,
+            ))),
+            Arc::new(StringArray::from_iter_values(self.channel.drain(..))),
+            Arc::new(Float64Array::from(std::mem::take(&mut self.cost))),
+        ];
+        let batch = RecordBatch::try_new(customers_schema(), cols)
+            .map_err(|e| Error::arrow("build customers", e))?;
+        let rel = format!("customers/part-{:05}.parquet", self.files);
+        summary.bytes += put_parquet(target, &rel, &batch).await?;
+        summary.files += 1;
+        self.files += 1;
+        Ok(())
+    }
+}
+
+/// Writes held orders once `budget` rows are held: first every month's full files, then, if
+/// more than half the budget is still held, everything.
+async fn flush(
+    by_month: &mut BTreeMap<(i32, u32), Orders>,
+    budget: usize,
+    per_file: usize,
+    target: &Location,
+    summary: &mut Summary,
+) -> Result<()> {
+    let held = |m: &BTreeMap<(i32, u32), Orders>| m.values().map(Orders::len).sum::<usize>();
+    if held(by_month) < budget {
+        return Ok(());
+    }
+    for (month, orders) in by_month.iter_mut() {
+        let full = orders.len() / per_file * per_file;
+        orders
+            .write(*month, full, per_file, target, summary)
+            .await?;
+    }
+    if held(by_month) > budget / 2 {
+        for (month, orders) in by_month.iter_mut() {
+            let n = orders.len();
+            orders.write(*month, n, per_file, target, summary).await?;
+        }
+    }
+    Ok(())
 }
 
 fn pick<'a, T>(rng: &mut StdRng, items: &'a [T], weight: impl Fn(&T) -> f64) -> &'a T {
@@ -157,6 +262,15 @@ fn pick<'a, T>(rng: &mut StdRng, items: &'a [T], weight: impl Fn(&T) -> f64) -> 
         }
     }
     &items[items.len() - 1]
+}
+
+/// [`pick`], as the index of the item picked.
+fn pick_index<T>(rng: &mut StdRng, items: &[T], weight: impl Fn(&T) -> f64) -> u8 {
+    let picked = pick(rng, items, weight);
+    items
+        .iter()
+        .position(|it| std::ptr::eq(it, picked))
+        .unwrap_or(0) as u8
 }
 
 fn micros(t: NaiveDateTime) -> i64 {
@@ -180,21 +294,28 @@ pub async fn generate(opts: &Options, target: &Location) -> Result<Summary> {
     let span_secs = (end - start).num_seconds().max(1) as f64;
     let week = 7.0 * 86_400.0;
 
+    let per_file = opts.rows_per_file.max(1);
+    let budget = opts.buffer_rows.max(1);
+    let mut summary = Summary {
+        customers: opts.customers,
+        ..Default::default()
+    };
     let mut by_month: BTreeMap<(i32, u32), Orders> = BTreeMap::new();
-    let mut cust_id = Vec::new();
-    let mut cust_signup = Vec::new();
-    let mut cust_channel = Vec::new();
-    let mut cust_cost = Vec::new();
+    let mut customers = Customers::default();
     let mut order_seq: u64 = 0;
 
     for id in 1..=opts.customers as i64 {
         let signup = start + ChronoDuration::seconds((rng.random::<f64>() * span_secs) as i64);
-        let (channel, share, cac) = *pick(&mut rng, &ACQUISITION, |a| a.1);
-        let _ = share;
-        cust_id.push(id);
-        cust_signup.push(micros(signup));
-        cust_channel.push(channel);
-        cust_cost.push((cac * cac_noise.sample(&mut rng) * 100.0).round() / 100.0);
+        let (channel, _share, cac) = *pick(&mut rng, &ACQUISITION, |a| a.1);
+        customers.id.push(id);
+        customers.signup.push(micros(signup));
+        customers.channel.push(channel);
+        customers
+            .cost
+            .push((cac * cac_noise.sample(&mut rng) * 100.0).round() / 100.0);
+        if customers.id.len() >= per_file {
+            customers.write(target, &mut summary).await?;
+        }
 
         let lam = lambda.sample(&mut rng).max(1e-9);
         let p = drop.sample(&mut rng);
@@ -211,71 +332,38 @@ pub async fn generate(opts: &Options, target: &Location) -> Result<Summary> {
                 t += ChronoDuration::seconds(gap_secs as i64);
             }
             order_seq += 1;
-            let oid = format!("o{order_seq:010}");
             let amount = ((m * spend_noise.sample(&mut rng)) * 100.0).round() / 100.0;
-            let ch = pick(&mut rng, &ORDER_CHANNELS, |c| c.1).0;
+            let ch = pick_index(&mut rng, &ORDER_CHANNELS, |c| c.1);
             let cid = if rng.random::<f64>() < opts.null_id_rate {
                 None
             } else {
                 Some(id)
             };
             let month = by_month.entry((t.year(), t.month())).or_default();
-            month.push(cid, &oid, micros(t), amount.max(0.01), ch);
+            month.push(cid, order_seq, micros(t), amount.max(0.01), ch);
             if rng.random::<f64>() < opts.duplicate_rate {
-                month.push(cid, &oid, micros(t), amount.max(0.01), ch);
+                month.push(cid, order_seq, micros(t), amount.max(0.01), ch);
             }
             if rng.random::<f64>() < opts.return_rate {
                 let back = t + ChronoDuration::days(rng.random_range(1..30));
                 if back < end {
                     let rm = by_month.entry((back.year(), back.month())).or_default();
-                    rm.push(Some(id), &oid, micros(back), -amount.max(0.01), ch);
+                    rm.push(Some(id), order_seq, micros(back), -amount.max(0.01), ch);
                 }
             }
             if n > 0 && rng.random::<f64>() < p {
                 break;
             }
         }
+        flush(&mut by_month, budget, per_file, target, &mut summary).await?;
     }
-
-    let mut summary = Summary {
-        customers: opts.customers,
-        ..Default::default()
-    };
-    for ((y, mo), orders) in &by_month {
-        let mut part = 0;
-        let mut from = 0;
-        while from < orders.len() {
-            let to = (from + opts.rows_per_file.max(1)).min(orders.len());
-            let batch = orders.batch(from, to)?;
-            let rel = format!("orders/order_month={y:04}-{mo:02}/part-{part:05}.parquet");
-            summary.bytes += put_parquet(target, &rel, &batch).await?;
-            summary.files += 1;
-            summary.order_rows += (to - from) as u64;
-            part += 1;
-            from = to;
-        }
+    for (month, orders) in by_month.iter_mut() {
+        let n = orders.len();
+        orders
+            .write(*month, n, per_file, target, &mut summary)
+            .await?;
     }
-    let n = cust_id.len();
-    let mut from = 0;
-    let mut part = 0;
-    while from < n {
-        let to = (from + opts.rows_per_file.max(1)).min(n);
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(cust_id[from..to].to_vec())),
-            Arc::new(TimestampMicrosecondArray::from(
-                cust_signup[from..to].to_vec(),
-            )),
-            Arc::new(StringArray::from_iter_values(cust_channel[from..to].iter())),
-            Arc::new(Float64Array::from(cust_cost[from..to].to_vec())),
-        ];
-        let batch = RecordBatch::try_new(customers_schema(), cols)
-            .map_err(|e| Error::arrow("build customers", e))?;
-        summary.bytes +=
-            put_parquet(target, &format!("customers/part-{part:05}.parquet"), &batch).await?;
-        summary.files += 1;
-        part += 1;
-        from = to;
-    }
+    customers.write(target, &mut summary).await?;
     Ok(summary)
 }
 
@@ -300,4 +388,91 @@ pub async fn put_parquet(target: &Location, rel: &str, batch: &RecordBatch) -> R
         .await
         .map_err(|e| Error::store(loc.url.clone(), "write generated file", e))?;
     Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::compute::concat_batches;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// Every file under `dir/sub`, in name order (the part numbers keep the rows' order).
+    fn read_all(dir: &std::path::Path, sub: &str) -> Vec<(String, RecordBatch)> {
+        let mut out = Vec::new();
+        let mut folders = vec![dir.join(sub)];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(&folder).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    folders.push(path);
+                    continue;
+                }
+                let file = std::fs::File::open(&path).unwrap();
+                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap()
+                    .build()
+                    .unwrap();
+                let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, concat_batches(&batches[0].schema(), &batches).unwrap()));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Per folder, all rows of its files in order.
+    fn by_folder(files: &[(String, RecordBatch)]) -> BTreeMap<String, RecordBatch> {
+        let mut groups: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
+        for (rel, b) in files {
+            let folder = rel.rsplit_once('/').map_or("", |x| x.0).to_string();
+            groups.entry(folder).or_default().push(b.clone());
+        }
+        groups
+            .into_iter()
+            .map(|(k, v)| (k, concat_batches(&v[0].schema(), &v).unwrap()))
+            .collect()
+    }
+
+    async fn run(opts: &Options) -> (tempfile::TempDir, Summary) {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::local_folder(dir.path()).unwrap();
+        let summary = generate(opts, &loc).await.unwrap();
+        (dir, summary)
+    }
+
+    /// A small buffer writes more, smaller files, but the same rows in the same order: the
+    /// output does not depend on how much the generator holds.
+    #[tokio::test]
+    async fn a_small_buffer_writes_the_same_rows_in_more_files() {
+        let big = Options {
+            customers: 3000,
+            ..Options::default()
+        };
+        let small = Options {
+            buffer_rows: 500,
+            rows_per_file: 300,
+            ..big.clone()
+        };
+        let (a_dir, a) = run(&big).await;
+        let (b_dir, b) = run(&small).await;
+        assert_eq!(a.order_rows, b.order_rows);
+        assert!(a.order_rows > 5000, "{a:?}");
+        assert!(b.files > 3 * a.files, "{a:?} {b:?}");
+        let (fa, fb) = (read_all(a_dir.path(), ""), read_all(b_dir.path(), ""));
+        assert!(fb.iter().all(|(_, x)| x.num_rows() <= 300));
+        let (ga, gb) = (by_folder(&fa), by_folder(&fb));
+        assert_eq!(ga.keys().collect::<Vec<_>>(), gb.keys().collect::<Vec<_>>());
+        for (folder, rows) in &ga {
+            assert_eq!(rows, &gb[folder], "{folder}");
+        }
+        // Order ids are unique per order, returns and duplicates share their order's id.
+        let orders: usize = ga
+            .iter()
+            .filter(|(k, _)| k.starts_with("orders/"))
+            .map(|(_, b)| b.num_rows())
+            .sum();
+        assert_eq!(orders as u64, a.order_rows);
+        assert_eq!(ga["customers"].num_rows(), 3000);
+    }
 }
