@@ -104,6 +104,20 @@ pub enum Error {
         source: datafusion::error::DataFusionError,
     },
 
+    /// A step that ran out of the memory pool (`engine.memory_limit`): says what to set.
+    #[error(
+        "{what} needs more memory than engine.memory_limit ({limit}) gives it: raise \
+         engine.memory_limit, or set engine.memory_pool: fair so that aggregations and sorts \
+         share the limit and spill to engine.spill_dir (slower; DataFusion's hash joins cannot spill)"
+    )]
+    OutOfMemory {
+        /// `job `j`: step `s``, or `write output `o` to URL`.
+        what: String,
+        limit: String,
+        #[source]
+        source: datafusion::error::DataFusionError,
+    },
+
     /// A model step that the data cannot support (no repeat buyers, a feature with NULLs, ...).
     #[error("job `{job}`: step `{step}`: {message}")]
     Model {
@@ -207,6 +221,32 @@ impl Error {
     pub fn df(context: impl Into<String>, source: datafusion::error::DataFusionError) -> Self {
         Error::DataFusion {
             context: context.into(),
+            source,
+        }
+    }
+
+    /// This error as [`Error::OutOfMemory`] when DataFusion ran out of `pool` (it then says
+    /// what to set); otherwise unchanged.
+    pub fn out_of_memory(self, pool: &dyn datafusion::execution::memory_pool::MemoryPool) -> Self {
+        use datafusion::error::DataFusionError;
+        use datafusion::execution::memory_pool::MemoryLimit;
+        let exhausted =
+            |e: &DataFusionError| matches!(e.find_root(), DataFusionError::ResourcesExhausted(_));
+        let (what, source) = match self {
+            Error::Step { job, step, source } if exhausted(&source) => {
+                (format!("job `{job}`: step `{step}`"), source)
+            }
+            Error::DataFusion { context, source } if exhausted(&source) => (context, source),
+            other => return other,
+        };
+        let limit = match pool.memory_limit() {
+            MemoryLimit::Finite(b) => format!("{} MiB", b >> 20),
+            MemoryLimit::Infinite => "no limit".into(),
+            MemoryLimit::Unknown => "unknown".into(),
+        };
+        Error::OutOfMemory {
+            what,
+            limit,
             source,
         }
     }

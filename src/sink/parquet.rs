@@ -54,7 +54,10 @@ pub(super) async fn write(
         let counts = df
             .write_parquet(&staging.dir_url(), write, Some(parquet))
             .await
-            .map_err(|e| Error::df(format!("write output `{}` to {}", out.from, staging.url), e))?;
+            .map_err(|e| {
+                Error::df(format!("write output `{}` to {}", out.from, staging.url), e)
+                    .out_of_memory(ctx.runtime_env().memory_pool.as_ref())
+            })?;
         let written = counts
             .first()
             .and_then(|b| {

@@ -102,6 +102,7 @@ impl StepContext<'_> {
     /// An error of the step's DataFusion work.
     pub fn df_err(&self, source: datafusion::error::DataFusionError) -> Error {
         Error::step(self.job, &self.step.name, source)
+            .out_of_memory(self.session.runtime_env().memory_pool.as_ref())
     }
 
     /// A model step's refusal of its data (it says what to change).

@@ -11,7 +11,12 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::error::ArrowError;
-use datafusion::datasource::MemTable;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{Constraints, Statistics};
+use datafusion::datasource::{MemTable, TableType};
+use datafusion::execution::memory_pool::MemoryReservation;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 
 use crate::error::Error;
@@ -37,7 +42,10 @@ pub enum ColumnError {
 }
 
 /// Registers `parts` (batches per partition) as table `name` on `ctx`, replacing a table of that
-/// name (a re-run on the same session replaces the step's results).
+/// name (a re-run on the same session replaces the step's results). The table's memory is taken
+/// from the session's memory pool until the table is dropped, so that `engine.memory_limit`
+/// counts step results too; a result that does not fit is an [`Error::OutOfMemory`]. (A model
+/// step's result shares its input's buffers: while both are registered they are counted twice.)
 pub fn register(
     ctx: &SessionContext,
     name: &str,
@@ -50,10 +58,69 @@ pub fn register(
     } else {
         parts
     };
-    let table = MemTable::try_new(schema, parts).map_err(err)?;
+    let bytes = crate::engine::memory::batches_bytes(parts.iter().flatten()) as usize;
+    // The table it replaces gives its memory back first.
     ctx.deregister_table(name).map_err(err)?;
+    let reservation = crate::engine::memory::reserve(ctx, format!("step result `{name}`"), bytes)
+        .map_err(|e| {
+        Error::df(
+            format!(
+                "step `{name}`: keeping its result ({} MiB) in memory",
+                bytes >> 20
+            ),
+            e,
+        )
+        .out_of_memory(ctx.runtime_env().memory_pool.as_ref())
+    })?;
+    let table = HeldTable {
+        table: MemTable::try_new(schema, parts).map_err(err)?,
+        _reservation: reservation,
+    };
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
     Ok(())
+}
+
+/// A step result in memory, holding its share of the memory pool until it is dropped.
+#[derive(Debug)]
+pub struct HeldTable {
+    table: MemTable,
+    _reservation: MemoryReservation,
+}
+
+impl HeldTable {
+    /// The rows, as DataFusion's in-memory table.
+    pub fn table(&self) -> &MemTable {
+        &self.table
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for HeldTable {
+    fn schema(&self) -> SchemaRef {
+        self.table.schema()
+    }
+
+    fn constraints(&self) -> Option<&Constraints> {
+        self.table.constraints()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.table.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.table.scan(state, projection, filters, limit).await
+    }
+
+    fn statistics(&self) -> Option<Statistics> {
+        self.table.statistics()
+    }
 }
 
 /// A registered table's rows, batch by batch in its partitions.

@@ -340,3 +340,28 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
             .exists()
     );
 }
+
+/// A run whose memory pool is too small fails (exit 1, outputs intact) with an error that says
+/// which step and which settings to change, not only DataFusion's list of consumers.
+#[test]
+fn a_run_that_does_not_fit_its_memory_limit_says_what_to_set() {
+    let (p, snap, totals) = committed();
+    p.edit("config.yaml", "memory_limit: 2GiB", "memory_limit: 1MiB");
+    fails(
+        &p,
+        &snap,
+        totals,
+        1,
+        &[
+            "needs more memory than engine.memory_limit (1 MiB) gives it: raise engine.memory_limit, or set engine.memory_pool: fair",
+            "Resources exhausted",
+        ],
+    );
+    let err = stderr(&p.run());
+    assert!(
+        err.lines().any(|l| l.starts_with("error: ")
+            && l.contains("step `")
+            && l.contains("needs more memory")),
+        "{err}"
+    );
+}

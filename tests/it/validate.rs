@@ -230,10 +230,10 @@ fn step_settings_apply_to_their_step_only() {
             let ctx = ctx.clone();
             async move {
                 let provider = ctx.table_provider(t).await.unwrap();
-                let mem = provider
-                    .downcast_ref::<datafusion::datasource::MemTable>()
+                let held = provider
+                    .downcast_ref::<clvflow::steps::rows::HeldTable>()
                     .unwrap();
-                mem.batches.len()
+                held.table().batches.len()
             }
         };
         let a = ctx.table("a").await.unwrap();

@@ -390,6 +390,9 @@ mod tests {
         )
         .unwrap();
         crate::steps::rows::register(&ctx, "summary", schema, vec![vec![batch]]).unwrap();
+        // The step result held in memory is counted in the pool too (5 columns x 20,000 rows).
+        let held = ctx.runtime_env().memory_pool.reserved();
+        assert_eq!(held, 5 * 8 * 20_000);
         let spec: crate::config::steps::ClvSpec =
             serde_json::from_str(r#"{"from": "summary", "margin": 0.3}"#).unwrap();
         let step = crate::steps::Step {
@@ -414,8 +417,14 @@ mod tests {
         );
         assert_eq!(
             ctx.runtime_env().memory_pool.reserved(),
+            held,
+            "the model buffers are released on failure"
+        );
+        ctx.deregister_table("summary").unwrap();
+        assert_eq!(
+            ctx.runtime_env().memory_pool.reserved(),
             0,
-            "released on failure"
+            "and the result when dropped"
         );
     }
 }
