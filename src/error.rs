@@ -105,15 +105,13 @@ pub enum Error {
     },
 
     /// A step that ran out of the memory pool (`engine.memory_limit`): says what to set.
-    #[error(
-        "{what} needs more memory than engine.memory_limit ({limit}) gives it: raise \
-         engine.memory_limit, or set engine.memory_pool: fair so that aggregations and sorts \
-         share the limit and spill to engine.spill_dir (slower; DataFusion's hash joins cannot spill)"
-    )]
+    #[error("{what} needs more memory than engine.memory_limit ({limit}) gives it: {hint}")]
     OutOfMemory {
         /// `job `j`: step `s``, or `write output `o` to URL`.
         what: String,
         limit: String,
+        /// What to set.
+        hint: &'static str,
         #[source]
         source: datafusion::error::DataFusionError,
     },
@@ -244,9 +242,19 @@ impl Error {
             MemoryLimit::Infinite => "no limit".into(),
             MemoryLimit::Unknown => "unknown".into(),
         };
+        // The pool's kind is only visible in its debug form (DataFusion's pools are opaque).
+        let hint = if format!("{pool:?}").contains("FairSpillPool") {
+            "raise engine.memory_limit (the pool is already fair: aggregations and sorts spill to \
+             engine.spill_dir, but step results, model buffers and DataFusion's hash joins cannot)"
+        } else {
+            "raise engine.memory_limit, or set engine.memory_pool: fair so that aggregations and \
+             sorts share the limit and spill to engine.spill_dir (slower; DataFusion's hash joins \
+             cannot spill)"
+        };
         Error::OutOfMemory {
             what,
             limit,
+            hint,
             source,
         }
     }

@@ -119,13 +119,69 @@ fn add_buffers(data: &ArrayData, seen: &mut HashSet<usize>, total: &mut u64) {
 
 /// Memory held by `batches`, each underlying buffer counted once.
 pub fn batches_bytes<'a>(batches: impl IntoIterator<Item = &'a RecordBatch>) -> u64 {
-    let (mut seen, mut total) = (HashSet::new(), 0);
+    let mut counter = BufferCounter::default();
     for batch in batches {
-        for column in batch.columns() {
-            add_buffers(&column.to_data(), &mut seen, &mut total);
-        }
+        counter.add(batch);
     }
-    total
+    counter.total
+}
+
+/// [`batches_bytes`] as batches arrive: [`BufferCounter::add`] returns what a batch adds to the
+/// batches before it (0 for a slice of a buffer already counted).
+#[derive(Default)]
+pub struct BufferCounter {
+    seen: HashSet<usize>,
+    total: u64,
+}
+
+impl BufferCounter {
+    pub fn add(&mut self, batch: &RecordBatch) -> u64 {
+        let before = self.total;
+        for column in batch.columns() {
+            add_buffers(&column.to_data(), &mut self.seen, &mut self.total);
+        }
+        self.total - before
+    }
+}
+
+/// Runs `df` and collects its partitions, counting the batches against the session's memory
+/// pool as they arrive (as `what`): a result larger than the pool fails when the pool is full,
+/// not after all of it is held. The count is given back when this returns; the caller counts
+/// what it keeps.
+pub async fn collect_counted(
+    ctx: &SessionContext,
+    what: &str,
+    df: datafusion::prelude::DataFrame,
+) -> datafusion::error::Result<Vec<Vec<RecordBatch>>> {
+    use datafusion::error::DataFusionError;
+    use futures::StreamExt;
+    let pool = &ctx.runtime_env().memory_pool;
+    let streams = df.execute_stream_partitioned().await?;
+    // One task per partition, as DataFusion's own collect: each partition's last operators
+    // run in the task that polls it. The first error ends the others (the set aborts them).
+    let mut tasks = tokio::task::JoinSet::new();
+    let n = streams.len();
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        let reservation = MemoryConsumer::new(what.to_string()).register(pool);
+        tasks.spawn(async move {
+            let (mut counter, mut batches) = (BufferCounter::default(), Vec::new());
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                reservation.try_grow(counter.add(&batch) as usize)?;
+                batches.push(batch);
+            }
+            Ok::<_, DataFusionError>((i, batches, reservation))
+        });
+    }
+    // A finished partition's count is held until every partition is in.
+    let (mut parts, mut held) = (vec![Vec::new(); n], Vec::with_capacity(n));
+    while let Some(done) = tasks.join_next().await {
+        let (i, batches, reservation) =
+            done.map_err(|e| DataFusionError::External(Box::new(e)))??;
+        parts[i] = batches;
+        held.push(reservation);
+    }
+    Ok(parts)
 }
 
 #[cfg(test)]
@@ -163,6 +219,51 @@ mod tests {
         let naive: usize = slices.iter().map(|b| b.get_array_memory_size()).sum();
         assert_eq!(batches_bytes(&slices), 800_000);
         assert!(naive >= 10 * 800_000, "{naive}");
+    }
+
+    /// A session whose pool holds `limit` bytes, with a table `t` of 100,000 integers (800 KB)
+    /// in 4 partitions.
+    fn session_with(limit: usize) -> SessionContext {
+        use datafusion::execution::memory_pool::GreedyMemoryPool;
+        use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(limit)))
+            .build_arc()
+            .unwrap();
+        let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
+        let part = |k: i64| {
+            let a = Int64Array::from_iter_values((0..25_000).map(|i| i * 4 + k));
+            vec![RecordBatch::try_from_iter([("v", Arc::new(a) as _)]).unwrap()]
+        };
+        let parts: Vec<_> = (0..4).map(part).collect();
+        let table = datafusion::datasource::MemTable::try_new(parts[0][0].schema(), parts).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        ctx
+    }
+
+    #[tokio::test]
+    async fn a_collected_result_is_counted_as_it_arrives() {
+        // Fits: every row back, and nothing left reserved.
+        let ctx = session_with(16 << 20);
+        let df = ctx.sql("SELECT v * 2 AS w FROM t").await.unwrap();
+        let parts = collect_counted(&ctx, "step `s`: its result", df)
+            .await
+            .unwrap();
+        let rows: usize = parts.iter().flatten().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 100_000);
+        assert_eq!(ctx.runtime_env().memory_pool.reserved(), 0);
+        // 800 KB of results in a 256 KB pool: fails naming what, and gives everything back.
+        let ctx = session_with(256 << 10);
+        let df = ctx.sql("SELECT v * 2 AS w FROM t").await.unwrap();
+        let err = collect_counted(&ctx, "step `s`: its result", df)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Resources exhausted") && err.contains("step `s`: its result"),
+            "{err}"
+        );
+        assert_eq!(ctx.runtime_env().memory_pool.reserved(), 0);
     }
 
     #[test]

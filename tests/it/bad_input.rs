@@ -364,4 +364,19 @@ fn a_run_that_does_not_fit_its_memory_limit_says_what_to_set() {
             && l.contains("needs more memory")),
         "{err}"
     );
+    // A fair pool is not advised again.
+    p.edit(
+        "config.yaml",
+        "memory_limit: 1MiB",
+        "memory_limit: 1MiB, memory_pool: fair",
+    );
+    fails(
+        &p,
+        &snap,
+        totals,
+        1,
+        &[
+            "gives it: raise engine.memory_limit (the pool is already fair: aggregations and sorts spill",
+        ],
+    );
 }

@@ -101,7 +101,10 @@ impl SqlStep {
         let df = self.dataframe(cx).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         // Kept in the plan's output partitions: later steps scan them in parallel as they are.
-        let partitions = df.collect_partitioned().await.map_err(|e| cx.df_err(e))?;
+        let what = format!("step `{}`: its result", cx.step.name);
+        let partitions = crate::engine::memory::collect_counted(cx.session, &what, df)
+            .await
+            .map_err(|e| cx.df_err(e))?;
         let partitions = super::rows::compact(partitions)?;
         let rows = partitions.iter().flatten().map(|b| b.num_rows()).sum();
         let bytes = crate::engine::memory::batches_bytes(partitions.iter().flatten()) as usize;
