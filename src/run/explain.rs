@@ -33,9 +33,9 @@ pub async fn explain_step(
         )));
     };
     let ctx = project.engine()?.session();
-    // The inputs and the steps before `step`; `step` and the ones after it are skipped.
-    let later: Vec<&str> = job.steps[pos..].iter().map(|s| s.name.as_str()).collect();
-    super::run_steps_on(&ctx, job, run_date, None, &later).await?;
+    // The inputs and the steps before `step` (each result dropped once `step` and the steps
+    // before it no longer need it); `step` and the ones after it are skipped.
+    super::run_steps_before(&ctx, job, run_date, pos).await?;
     let step_ctx = engine::session_for_settings(&ctx, &plan.settings, &plan.field)?;
     let vars = job.vars(run_date);
     let cx = StepContext {

@@ -10,6 +10,7 @@ pub mod explain;
 pub mod results;
 mod staging;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -193,6 +194,20 @@ async fn execute(
     skip: &[&str],
     staging: Option<&Staging<'_>>,
 ) -> Result<Executed> {
+    execute_with(ctx, job, run_date, until, skip, staging, None).await
+}
+
+/// [`execute`]; with `keep` (and no staging) a step result is dropped once no later step up to
+/// `keep.pos` reads it.
+async fn execute_with(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    until: Option<&str>,
+    skip: &[&str],
+    staging: Option<&Staging<'_>>,
+    keep: Option<&Keep>,
+) -> Result<Executed> {
     let mut input_report = Vec::new();
     for input in &job.inputs {
         let t = Instant::now();
@@ -252,6 +267,16 @@ async fn execute(
         if !streamed && let Some(staging) = staging {
             staging.after_step(ctx, job, i).await?;
         }
+        if staging.is_none()
+            && let Some(keep) = keep
+            && i < keep.pos
+        {
+            for table in keep.unneeded_after(job, i) {
+                ctx.deregister_table(&table)
+                    .map_err(|e| Error::df(format!("drop step result `{table}`"), e))?;
+            }
+            memory::release();
+        }
         if until == Some(step.name.as_str()) {
             break;
         }
@@ -270,6 +295,44 @@ pub async fn run_steps(
     let ctx = project.engine()?.session();
     execute(&ctx, job, run_date, until, &[], None).await?;
     Ok(ctx)
+}
+
+/// Runs the steps of `job` before step `pos` on `ctx`, dropping each step result as soon as
+/// neither a later step before `pos` nor step `pos` reads it (for `explain`: holding every
+/// result would not fit the memory limit that a run fits in).
+pub async fn run_steps_before(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    pos: usize,
+) -> Result<()> {
+    let vars = job.vars(run_date);
+    let reads: Option<Vec<BTreeSet<String>>> = job.steps[..=pos]
+        .iter()
+        .map(|s| s.kind.reads(ctx, &vars))
+        .collect();
+    let later: Vec<&str> = job.steps[pos..].iter().map(|s| s.name.as_str()).collect();
+    let keep = reads.map(|reads| Keep { pos, reads });
+    execute_with(ctx, job, run_date, None, &later, None, keep.as_ref()).await?;
+    Ok(())
+}
+
+/// For a run without staging up to step `pos`: what steps `..=pos` read (lower-cased).
+struct Keep {
+    pos: usize,
+    reads: Vec<BTreeSet<String>>,
+}
+
+impl Keep {
+    /// The tables of steps `..=i` that no step in `i + 1..=pos` reads.
+    fn unneeded_after(&self, job: &JobPlan, i: usize) -> Vec<String> {
+        let later = &self.reads[(i + 1).min(self.pos)..];
+        job.steps[..=i]
+            .iter()
+            .flat_map(|s| s.kind.produces(&s.name))
+            .filter(|t| !later.iter().any(|r| r.contains(&t.to_lowercase())))
+            .collect()
+    }
 }
 
 /// Like [`run_steps`] on a session the caller made, not running the steps in `skip`: the caller

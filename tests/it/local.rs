@@ -392,6 +392,45 @@ fn explain_prints_a_sql_steps_plan_and_rejects_what_has_none() {
     }
 }
 
+/// `explain` holds only what the explained step still needs: the steps before it run with
+/// their results dropped as a run drops them (all of them together would not fit the memory
+/// limit a run fits in: at 3.3M customers, explaining `customer_value` failed at `clusters`).
+#[test]
+fn explain_drops_the_results_the_explained_step_does_not_read() {
+    let p = TestProject::shipped();
+    p.generate(300);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let project = clvflow::project::Project::load(&p.file("config.yaml")).unwrap();
+        let job = clvflow::job::validate(&project, "customer_value")
+            .await
+            .unwrap();
+        let ctx = project.engine().unwrap().session();
+        let date = chrono::NaiveDate::parse_from_str(RUN_DATE, "%Y-%m-%d").unwrap();
+        let pos = job
+            .steps
+            .iter()
+            .position(|s| s.name == "customer_value")
+            .unwrap();
+        clvflow::run::run_steps_before(&ctx, &job, date, pos)
+            .await
+            .unwrap();
+        // customer_value reads clv, customers and clv_discounted.
+        for kept in ["clv", "clv_discounted", "orders", "customers"] {
+            assert!(ctx.table(kept).await.is_ok(), "{kept} was dropped");
+        }
+        for dropped in [
+            "orders_clean",
+            "customer_features",
+            "rfm",
+            "clusters",
+            "btyd_backtest",
+        ] {
+            assert!(ctx.table(dropped).await.is_err(), "{dropped} is still held");
+        }
+    });
+}
+
 /// The same exports give the same outputs, row for row, every run: rows reach the steps in an
 /// order that changes from run to run (DataFusion's partitions), and before, K-means sampled by
 /// row position and the rule models summed floats in that order (a few customers changed
