@@ -123,7 +123,7 @@ pub async fn run_job(
         ResultLifetimes::compute(&ctx, job, &job.vars(run_date)),
     );
     let work = async {
-        let r = execute(&ctx, job, run_date, None, &[], Some(&staging)).await?;
+        let r = execute(&ctx, job, run_date, None, &[], Some(&staging), None).await?;
         failpoint::hit(failpoint::AFTER_STAGING).await?;
         Ok(r)
     };
@@ -184,22 +184,11 @@ pub async fn run_job(
 type Executed = (Vec<(String, InputSummary)>, Vec<(String, StepOutcome)>);
 
 /// Checks and registers the inputs, then runs every step (stopping after step `until` when
-/// given; not running those in `skip`). Without `staging` every step result stays registered on
-/// `ctx`; with it, outputs are staged and step results dropped as the run goes.
+/// given; not running those in `skip`). With `staging`, outputs are staged and step results
+/// dropped as the run goes; without it every step result stays registered on `ctx`, unless
+/// `keep` says which steps still read them (a result is dropped once no step up to `keep.pos`
+/// reads it).
 async fn execute(
-    ctx: &SessionContext,
-    job: &JobPlan,
-    run_date: NaiveDate,
-    until: Option<&str>,
-    skip: &[&str],
-    staging: Option<&Staging<'_>>,
-) -> Result<Executed> {
-    execute_with(ctx, job, run_date, until, skip, staging, None).await
-}
-
-/// [`execute`]; with `keep` (and no staging) a step result is dropped once no later step up to
-/// `keep.pos` reads it.
-async fn execute_with(
     ctx: &SessionContext,
     job: &JobPlan,
     run_date: NaiveDate,
@@ -293,7 +282,7 @@ pub async fn run_steps(
     until: Option<&str>,
 ) -> Result<SessionContext> {
     let ctx = project.engine()?.session();
-    execute(&ctx, job, run_date, until, &[], None).await?;
+    execute(&ctx, job, run_date, until, &[], None, None).await?;
     Ok(ctx)
 }
 
@@ -313,7 +302,7 @@ pub async fn run_steps_before(
         .collect();
     let later: Vec<&str> = job.steps[pos..].iter().map(|s| s.name.as_str()).collect();
     let keep = reads.map(|reads| Keep { pos, reads });
-    execute_with(ctx, job, run_date, None, &later, None, keep.as_ref()).await?;
+    execute(ctx, job, run_date, None, &later, None, keep.as_ref()).await?;
     Ok(())
 }
 
@@ -344,6 +333,6 @@ pub async fn run_steps_on(
     until: Option<&str>,
     skip: &[&str],
 ) -> Result<()> {
-    execute(ctx, job, run_date, until, skip, None).await?;
+    execute(ctx, job, run_date, until, skip, None, None).await?;
     Ok(())
 }
