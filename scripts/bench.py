@@ -164,7 +164,6 @@ print(f"  ratio clvflow / DuckDB (medians): {med(ours_total) / med(duck_total):.
 # --- The whole job against DuckDB's RFM SQL, and where the orders pass goes -----------------
 job_ratio = med(walls) / med(duck_total)
 print(f"\nwhole customer_value job / DuckDB's RFM SQL alone (medians): {job_ratio:.2f} (target <= 2.0)")
-orders_pass = [ours["orders_clean"][i] + step_ms["clv_discounted"][i] / 1000 for i in range(runs)]
 rules = [step_ms["clv_discounted"][i] / 1000 for i in range(runs)]
 print(f"  the rule-based CLV models (clv_discounted, which also gives historical_clv) add "
       f"{med(rules):.2f} s to orders_clean's {med(ours['orders_clean']):.2f} s: "

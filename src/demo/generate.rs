@@ -253,24 +253,16 @@ async fn flush(
     Ok(())
 }
 
-fn pick<'a, T>(rng: &mut StdRng, items: &'a [T], weight: impl Fn(&T) -> f64) -> &'a T {
+/// The index of an item drawn with probability `weight(item)` (the weights sum to 1).
+fn pick<T>(rng: &mut StdRng, items: &[T], weight: impl Fn(&T) -> f64) -> usize {
     let mut u: f64 = rng.random();
-    for it in items {
+    for (i, it) in items.iter().enumerate() {
         u -= weight(it);
         if u <= 0.0 {
-            return it;
+            return i;
         }
     }
-    &items[items.len() - 1]
-}
-
-/// [`pick`], as the index of the item picked.
-fn pick_index<T>(rng: &mut StdRng, items: &[T], weight: impl Fn(&T) -> f64) -> u8 {
-    let picked = pick(rng, items, weight);
-    items
-        .iter()
-        .position(|it| std::ptr::eq(it, picked))
-        .unwrap_or(0) as u8
+    items.len() - 1
 }
 
 fn micros(t: NaiveDateTime) -> i64 {
@@ -306,7 +298,7 @@ pub async fn generate(opts: &Options, target: &Location) -> Result<Summary> {
 
     for id in 1..=opts.customers as i64 {
         let signup = start + ChronoDuration::seconds((rng.random::<f64>() * span_secs) as i64);
-        let (channel, _share, cac) = *pick(&mut rng, &ACQUISITION, |a| a.1);
+        let (channel, _share, cac) = ACQUISITION[pick(&mut rng, &ACQUISITION, |a| a.1)];
         customers.id.push(id);
         customers.signup.push(micros(signup));
         customers.channel.push(channel);
@@ -333,7 +325,7 @@ pub async fn generate(opts: &Options, target: &Location) -> Result<Summary> {
             }
             order_seq += 1;
             let amount = ((m * spend_noise.sample(&mut rng)) * 100.0).round() / 100.0;
-            let ch = pick_index(&mut rng, &ORDER_CHANNELS, |c| c.1);
+            let ch = pick(&mut rng, &ORDER_CHANNELS, |c| c.1) as u8;
             let cid = if rng.random::<f64>() < opts.null_id_rate {
                 None
             } else {

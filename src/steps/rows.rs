@@ -46,12 +46,13 @@ pub enum ColumnError {
 /// from the session's memory pool until the table is dropped, so that `engine.memory_limit`
 /// counts step results too; a result that does not fit is an [`Error::OutOfMemory`]. (A model
 /// step's result shares its input's buffers: while both are registered they are counted twice.)
+/// Returns the bytes the table holds (each buffer counted once).
 pub fn register(
     ctx: &SessionContext,
     name: &str,
     schema: SchemaRef,
     parts: Vec<Vec<RecordBatch>>,
-) -> crate::error::Result<()> {
+) -> crate::error::Result<usize> {
     let err = |e| Error::df(format!("register `{name}`"), e);
     let parts = if parts.is_empty() {
         vec![vec![]]
@@ -77,7 +78,7 @@ pub fn register(
         _reservation: reservation,
     };
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
-    Ok(())
+    Ok(bytes)
 }
 
 /// A step result in memory, holding its share of the memory pool until it is dropped.

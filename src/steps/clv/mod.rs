@@ -221,7 +221,8 @@ fn register_fit(cx: &StepContext<'_>, report: &[(&str, &str, f64)]) -> Result<()
         &format!("{}_fit", cx.step.name),
         fit_schema(),
         vec![vec![batch]],
-    )
+    )?;
+    Ok(())
 }
 
 /// The rows of `sql`, run on the step's session; errors name the job and step.

@@ -248,8 +248,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         .collect();
     let added: Vec<(Field, ArrayRef)> = prediction_fields().into_iter().zip(values).collect();
     let (schema, parts) = append_columns(&data.rows, day, added)?;
-    let bytes = crate::engine::memory::batches_bytes(parts.iter().flatten()) as usize;
-    register(cx.session, &cx.step.name, schema, parts)?;
+    let bytes = register(cx.session, &cx.step.name, schema, parts)?;
     // The backtest's own arrays come next: what only the predictions needed goes first.
     drop((data, distinct, index, per_history, _memory));
     crate::engine::memory::release();

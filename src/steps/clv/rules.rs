@@ -530,7 +530,6 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         report.push((model, "retention_rate", rate));
     }
     let n = computed.customers;
-    let bytes = crate::engine::memory::batches_bytes(computed.parts.iter().flatten()) as usize;
     report.push((model, "customers", n as f64));
     report.push((model, "total_clv", computed.total_clv));
     report.push((model, "margin", step.margin()));
@@ -541,7 +540,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         ClvModel::Discounted => report.push((model, "discount_rate", spec.discount_rate)),
         _ => {}
     }
-    register(
+    let bytes = register(
         cx.session,
         &cx.step.name,
         schema(spec.model),

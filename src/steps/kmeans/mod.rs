@@ -238,8 +238,7 @@ impl KmeansStep {
             clustering.assignment.iter().map(|a| rank[*a]),
         ));
         let (schema, parts) = append_columns(&rows, day, vec![(cluster_field(), cluster)])?;
-        let bytes = crate::engine::memory::batches_bytes(parts.iter().flatten()) as usize;
-        register(cx.session, &cx.step.name, schema, parts)?;
+        let bytes = register(cx.session, &cx.step.name, schema, parts)?;
 
         let mut cols: Vec<ArrayRef> = vec![
             Arc::new(Date32Array::from(vec![day; k])),

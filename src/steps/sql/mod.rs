@@ -107,8 +107,7 @@ impl SqlStep {
             .map_err(|e| cx.df_err(e))?;
         let partitions = super::rows::compact(partitions)?;
         let rows = partitions.iter().flatten().map(|b| b.num_rows()).sum();
-        let bytes = crate::engine::memory::batches_bytes(partitions.iter().flatten()) as usize;
-        super::rows::register(cx.session, &cx.step.name, schema, partitions)?;
+        let bytes = super::rows::register(cx.session, &cx.step.name, schema, partitions)?;
         Ok(StepOutcome {
             rows,
             bytes,
