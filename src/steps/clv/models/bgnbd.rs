@@ -26,15 +26,8 @@ pub struct History {
     pub t: f64,
 }
 
-/// A fitted model and how the fit went.
-#[derive(Debug, Clone)]
-pub struct Fit {
-    pub params: Params,
-    /// Total log-likelihood of the data at `params`.
-    pub log_likelihood: f64,
-    pub iterations: usize,
-    pub customers: u64,
-}
+/// A fitted BG/NBD model and how the fit went.
+pub type Fit = super::Fit<Params>;
 
 /// Why a fit is refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -13,13 +13,8 @@ pub struct Params {
     pub gamma: f64,
 }
 
-#[derive(Debug, Clone)]
-pub struct Fit {
-    pub params: Params,
-    pub log_likelihood: f64,
-    pub iterations: usize,
-    pub customers: u64,
-}
+/// A fitted Gamma-Gamma model and how the fit went.
+pub type Fit = super::Fit<Params>;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FitError {

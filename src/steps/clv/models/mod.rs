@@ -9,6 +9,16 @@ pub use crate::steps::exact::ExactSum;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+/// A fitted model (parameters `P`) and how the fit went.
+#[derive(Debug, Clone)]
+pub struct Fit<P> {
+    pub params: P,
+    /// Total log-likelihood of the data at `params`.
+    pub log_likelihood: f64,
+    pub iterations: usize,
+    pub customers: u64,
+}
+
 pub mod bgnbd;
 pub mod gamma_gamma;
 pub mod optimize;
