@@ -142,6 +142,10 @@ pub enum EngineSpec {
         /// Memory for query execution; operators that can spill do so above it.
         #[serde(default)]
         memory_limit: Option<ByteSize>,
+        /// Of `memory_limit`, what step results held between steps may take together (default:
+        /// half); a result beyond it is written to scratch files in `spill_dir`.
+        #[serde(default)]
+        result_memory: Option<ByteSize>,
         /// Folder for spill files; defaults to the OS temp folder.
         #[serde(default)]
         spill_dir: Option<String>,
@@ -172,6 +176,7 @@ impl Default for EngineSpec {
         Self::Local {
             target_partitions: None,
             memory_limit: None,
+            result_memory: None,
             spill_dir: None,
             batch_size: None,
             memory_pool: MemoryPoolKind::default(),

@@ -7,12 +7,15 @@
 //! - the process has ONE memory pool and one spill folder, shared by every session: runs that
 //!   execute at once (`scheduler.max_active_runs`) share `memory_limit`, they do not get one
 //!   each; model steps take their large buffers from the same pool ([`memory::reserve`]);
+//! - step results held in memory take at most half of that pool; larger ones go to scratch
+//!   Parquet files ([`scratch`]);
 //! - every session has clvflow's SQL functions ([`functions`]) and every configured object
 //!   store, and the DataFusion settings of `engine.settings` (a step's own `settings` are
 //!   applied on a copy of the session, [`session_for_settings`]).
 
 pub mod functions;
 pub mod memory;
+pub mod scratch;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
@@ -44,6 +47,8 @@ pub struct LocalEngine {
     pub target_partitions: Option<usize>,
     /// Bytes of the process's memory pool; `None`: unlimited.
     pub memory_limit: Option<u64>,
+    /// Bytes of the pool step results held in memory may take; `None`: half the pool.
+    pub result_memory: Option<u64>,
     pub memory_pool: MemoryPoolKind,
     /// Absolute folder for spill files; `None`: the OS temp folder.
     pub spill_dir: Option<PathBuf>,
@@ -61,23 +66,36 @@ impl EngineConfig {
             EngineSpec::Local {
                 target_partitions,
                 memory_limit,
+                result_memory,
                 spill_dir,
                 batch_size,
                 memory_pool,
                 settings,
                 transparent_huge_pages,
             } => {
-                let problems: Vec<Problem> = settings
+                let mut problems: Vec<Problem> = settings
                     .iter()
                     .filter_map(|(k, v)| setting_problem(k, v))
                     .map(|m| Problem::new("settings", m))
                     .collect();
+                match (result_memory, memory_limit) {
+                    (Some(r), Some(l)) if r.0 > l.0 => problems.push(Problem::new(
+                        "result_memory",
+                        "at most memory_limit: it is the share of memory_limit that step results held between steps may take",
+                    )),
+                    (Some(_), None) => problems.push(Problem::new(
+                        "result_memory",
+                        "a share of memory_limit: set memory_limit too",
+                    )),
+                    _ => {}
+                }
                 if !problems.is_empty() {
                     return Err(problems);
                 }
                 Ok(Self::Local(LocalEngine {
                     target_partitions: *target_partitions,
                     memory_limit: memory_limit.map(|b| b.0),
+                    result_memory: result_memory.map(|b| b.0),
                     memory_pool: *memory_pool,
                     spill_dir: spill_dir.as_ref().map(|d| root.join(d)),
                     batch_size: *batch_size,
@@ -161,6 +179,14 @@ impl Engine {
         let runtime = runtime
             .build_arc()
             .map_err(|e| Error::df("build the DataFusion runtime", e))?;
+        let scratch_base = local.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let bytes = |b: u64| usize::try_from(b).unwrap_or(usize::MAX);
+        let hold = local
+            .result_memory
+            .map(bytes)
+            .or(local.memory_limit.map(|l| bytes(l) / 2));
+        let space = scratch::ResultSpace::new(hold, &scratch_base);
+        let config = config.with_extension(Arc::new(space));
         for store in &stores.stores {
             runtime.register_object_store(&store.registry_url, store.object_store.clone());
         }
@@ -248,6 +274,7 @@ mod tests {
         let config = EngineConfig::Local(LocalEngine {
             target_partitions: Some(2),
             memory_limit: Some(limit),
+            result_memory: None,
             memory_pool: MemoryPoolKind::Greedy,
             spill_dir: None,
             batch_size: None,

@@ -230,8 +230,8 @@ async fn execute(
         let mut out = match (&step.kind, staging) {
             (crate::steps::StepKind::Sql(sql), Some(staging)) if streamed => {
                 // Computed while it is written to its output.
-                sql.register_view(&cx).await?;
-                let rows = staging.after_step(&step_ctx, job, i).await?;
+                let session = sql.register_view(&cx).await?;
+                let rows = staging.after_step(&session, job, i).await?;
                 StepOutcome {
                     rows: rows as usize,
                     elapsed: started.elapsed(),
@@ -249,7 +249,7 @@ async fn execute(
             info!(job = %job.name, step = %step.name, timings = %ms.join(" "), "models fitted");
         }
         out.elapsed = started.elapsed();
-        info!(job = %job.name, step = %step.name, rows = out.rows, bytes = out.bytes,
+        info!(job = %job.name, step = %step.name, rows = out.rows, bytes = out.bytes, spilled_bytes = out.spilled,
               ms = out.elapsed.as_millis() as u64, peak_rss_mb = memory::peak_rss().map(mib),
               rss_mb = memory::rss().map(mib), streamed, "step done");
         step_report.push((step.name.clone(), out));

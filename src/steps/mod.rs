@@ -13,6 +13,7 @@ pub mod clv;
 pub mod exact;
 pub mod kmeans;
 pub mod rows;
+pub mod spill;
 pub mod sql;
 
 use std::cell::Cell;
@@ -115,8 +116,10 @@ impl StepContext<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct StepOutcome {
     pub rows: usize,
-    /// Memory held by the result (each buffer counted once); 0 when it was streamed.
+    /// Memory held by the result (each buffer counted once); 0 when it was streamed or spilled.
     pub bytes: usize,
+    /// What the result took in memory before it was written to scratch files; 0 when held.
+    pub spilled: usize,
     pub elapsed: Duration,
     /// Extra timings worth a log line (model fits), as (name, duration).
     pub timings: Vec<(&'static str, Duration)>,

@@ -73,9 +73,12 @@ pub fn register(
         )
         .out_of_memory(ctx.runtime_env().memory_pool.as_ref())
     })?;
+    let counted = crate::engine::scratch::ResultSpace::of(ctx).map(|s| s.hold(bytes));
     let table = HeldTable {
-        table: MemTable::try_new(schema, parts).map_err(err)?,
+        table: MemTable::try_new(schema, parts.clone()).map_err(err)?,
+        parts,
         _reservation: reservation,
+        _counted: counted,
     };
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
     Ok(bytes)
@@ -85,13 +88,22 @@ pub fn register(
 #[derive(Debug)]
 pub struct HeldTable {
     table: MemTable,
+    /// The same batches (shared buffers), for model steps that read them in order.
+    parts: Vec<Vec<RecordBatch>>,
     _reservation: MemoryReservation,
+    /// Counted against the share of memory for held results.
+    _counted: Option<crate::engine::scratch::HeldBytes>,
 }
 
 impl HeldTable {
     /// The rows, as DataFusion's in-memory table.
     pub fn table(&self) -> &MemTable {
         &self.table
+    }
+
+    /// The batches, per partition.
+    pub fn parts(&self) -> &[Vec<RecordBatch>] {
+        &self.parts
     }
 }
 
@@ -216,9 +228,7 @@ pub fn appended_schema(from: &Schema, added: &[Field]) -> Result<SchemaRef, Colu
 
 /// `rows` with `added` columns (each as long as all rows together) appended to every batch,
 /// and `run_date` = `day` (days since 1970-01-01) when the rows have none. The input's buffers
-/// are shared, not copied; partitions are kept. Each batch gets its own copy of its part of the
-/// added columns, not a slice of one long array: DataFusion charges every batch for the whole
-/// buffer behind a slice, so slices of one buffer would count its memory once per batch.
+/// are shared, not copied; partitions are kept.
 pub fn append_columns(
     rows: &Rows,
     day: i32,
@@ -227,28 +237,44 @@ pub fn append_columns(
     let fields: Vec<Field> = added.iter().map(|(f, _)| f.clone()).collect();
     let schema = appended_schema(&rows.schema, &fields)
         .map_err(|e| Error::Internal(format!("append columns: {e} (checked before)")))?;
-    let add_date = rows.schema.field_with_name("run_date").is_err();
     let mut offset = 0;
     let mut parts = Vec::with_capacity(rows.parts.len());
     for part in &rows.parts {
         let mut batches = Vec::with_capacity(part.len());
         for b in part {
             let n = b.num_rows();
-            let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-            if add_date {
-                cols.push(Arc::new(Date32Array::from(vec![day; n])));
-            }
-            for (_, a) in &added {
-                cols.push(copied(a.slice(offset, n).as_ref())?);
-            }
+            // Each batch gets its own copy of its part: DataFusion charges every batch for the
+            // whole buffer behind a slice, so slices of one buffer would count it once per batch.
+            let cols = added
+                .iter()
+                .map(|(_, a)| copied(a.slice(offset, n).as_ref()))
+                .collect::<Result<Vec<_>, _>>()?;
             offset += n;
-            let batch = RecordBatch::try_new(schema.clone(), cols)
-                .map_err(|e| Error::arrow("append the step's columns", e))?;
-            batches.push(batch);
+            batches.push(extend_batch(&schema, b, day, cols)?);
         }
         parts.push(batches);
     }
     Ok((schema, parts))
+}
+
+/// Batch `b` with the columns `added` (as long as `b`) appended, and `run_date` = `day` before
+/// them when `schema` (from [`appended_schema`]) has one more column than `b` and `added`
+/// together. The batch's buffers are shared, the added arrays taken as they are (build them per
+/// batch, not as slices of one long array).
+pub fn extend_batch(
+    schema: &SchemaRef,
+    b: &RecordBatch,
+    day: i32,
+    added: Vec<ArrayRef>,
+) -> Result<RecordBatch, Error> {
+    let n = b.num_rows();
+    let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+    if schema.fields().len() > cols.len() + added.len() {
+        cols.push(Arc::new(Date32Array::from(vec![day; n])));
+    }
+    cols.extend(added);
+    RecordBatch::try_new(schema.clone(), cols)
+        .map_err(|e| Error::arrow("append the step's columns", e))
 }
 
 /// Days since 1970-01-01.

@@ -443,6 +443,40 @@ fn the_same_exports_give_the_same_outputs_every_run() {
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     std::fs::rename(p.file("data/marts"), p.file("first")).unwrap();
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    compare_marts(&p, "first", "data/marts");
+    // With (almost) no memory for step results, every result goes to scratch Parquet files
+    // and is read back from them: the same rows, and no scratch file left after the run.
+    std::fs::remove_dir_all(p.file("data/marts")).unwrap();
+    p.edit(
+        "config.yaml",
+        "memory_limit: 2GiB,",
+        "memory_limit: 2GiB, result_memory: 1KiB,",
+    );
+    let out = p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    let log = stderr(&out);
+    for step in [
+        "orders_clean",
+        "customer_features",
+        "rfm",
+        "clusters",
+        "clv",
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("written to scratch files")
+                && l.contains(&format!("table=\"{step}\""))),
+            "{step} was not spilled:\n{log}"
+        );
+    }
+    compare_marts(&p, "first", "data/marts");
+    let scratch = p.file("data/_spill/clvflow-scratch");
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "scratch files left: {left:?}");
+}
+
+/// Asserts the output tables under `a` and `b` (folders of the project) hold the same rows.
+fn compare_marts(p: &TestProject, a: &str, b: &str) {
     for (table, depth) in [
         ("customer_value", "*/*"),
         ("cluster_profile", "*"),
@@ -456,7 +490,7 @@ fn the_same_exports_give_the_same_outputs_every_run() {
                 "select * from read_parquet('{root}/{table}/{depth}/*.parquet', hive_partitioning = true)"
             )
         };
-        let (a, b) = (read("first"), read("data/marts"));
+        let (a, b) = (read(a), read(b));
         let rows = duckdb(
             p.path(),
             &format!(

@@ -5,21 +5,22 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{AsArray, Date32Array, Float64Array, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::arrow::array::{Date32Array, Float64Array, Int64Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::collect;
-use super::models::{ExactSum, bgnbd, par_map};
+use super::models::{ExactSum, Grouper, bgnbd, par_map};
 use crate::error::{Error, Result};
-use crate::steps::rows::{date32, register};
+use crate::steps::rows::{ColumnError, date32};
+use crate::steps::spill::{ResultWriter, Source};
 use crate::steps::{StepContext, require_columns};
 
 /// The columns the backtest reads.
 const COLUMNS: [&str; 6] = ["customer_id", "x", "t_x", "t", "x_holdout", "holdout_weeks"];
 
-/// Bytes held per customer: the six input columns are reused; histories (24), grouping (36),
-/// predictions and errors (16), rounded up.
-const BYTES_PER_CUSTOMER: usize = 80;
+/// Bytes held per customer (the input is read as it goes, not held): each row's history index
+/// (4) and the grouping map with the distinct histories (up to 40 when every history is
+/// distinct), rounded up.
+const BYTES_PER_CUSTOMER: usize = 48;
 
 /// The per-customer table `<step>_backtest`.
 pub fn schema() -> SchemaRef {
@@ -58,47 +59,47 @@ pub(super) async fn run(
     start: &bgnbd::Params,
 ) -> Result<Vec<(&'static str, f64)>> {
     let model_err = |message: String| cx.model_err(message);
-    let sql = format!(
-        "SELECT CAST(customer_id AS BIGINT), CAST(x AS DOUBLE), CAST(t_x AS DOUBLE), CAST(t AS DOUBLE), CAST(x_holdout AS DOUBLE), CAST(holdout_weeks AS DOUBLE) FROM {}",
-        crate::engine::quote_ident(table)
-    );
-    let batches = collect(cx, &sql).await?;
-    // The output reuses these columns as they are (customer_id, x, t, holdout weeks, actual):
-    // only the predictions and errors are new arrays.
-    let mut cols = Vec::with_capacity(batches.len());
-    for b in batches.iter().filter(|b| b.num_rows() > 0) {
-        if b.columns().iter().any(|c| c.null_count() > 0) {
-            return Err(model_err(format!(
-                "backtest table `{table}` has a row with a NULL customer_id, x, t_x, t, x_holdout or holdout_weeks"
-            )));
-        }
-        let f = |i: usize| b.column(i).as_primitive::<Float64Type>().clone();
-        cols.push((b.column(0).clone(), f(1), f(2), f(3), f(4), f(5)));
-    }
-    drop(batches);
-    let n: usize = cols.iter().map(|c| c.0.len()).sum();
+    let source = Source::open(cx.session, table)
+        .await
+        .map_err(|e| cx.df_err(e))?;
+    let n = source.rows();
     let _memory = crate::engine::memory::reserve(
         cx.session,
         format!("clv step `{}`: backtest buffers", cx.step.name),
         n * BYTES_PER_CUSTOMER,
     )
     .map_err(|e| cx.df_err(e))?;
-    let hist: Vec<bgnbd::History> = cols
-        .iter()
-        .flat_map(|(_, x, t_x, t, _, _)| {
-            x.values()
-                .iter()
-                .zip(t_x.values())
-                .zip(t.values())
-                .map(|((x, t_x), t)| bgnbd::History {
-                    x: *x,
-                    t_x: *t_x,
-                    t: *t,
-                })
-        })
+    let column_err = |e: ColumnError| match e {
+        ColumnError::Nulls(_) => model_err(format!(
+            "backtest table `{table}` has a row with a NULL customer_id, x, t_x, t, x_holdout or holdout_weeks"
+        )),
+        e => model_err(format!("backtest table `{table}`: {e}")),
+    };
+    // The table is read twice in the same order: the calibration histories to fit, then every
+    // row to predict and compare.
+    let mut grouper = Grouper::<3>::with_capacity(n / 4);
+    let mut first_weeks = None;
+    let mut one_length = true;
+    source.each_rows(&COLUMNS, |rows| {
+        rows.integers("customer_id").map_err(column_err)?;
+        rows.floats("x_holdout", None).map_err(column_err)?;
+        let x = rows.floats("x", None).map_err(column_err)?;
+        let t_x = rows.floats("t_x", None).map_err(column_err)?;
+        let t = rows.floats("t", None).map_err(column_err)?;
+        for w in rows.floats("holdout_weeks", None).map_err(column_err)? {
+            let first = *first_weeks.get_or_insert(w);
+            one_length &= w.to_bits() == first.to_bits();
+        }
+        for ((x, t_x), t) in x.into_iter().zip(t_x).zip(t) {
+            grouper.push([x, t_x, t]);
+        }
+        Ok(())
+    })?;
+    let (grouped, index) = grouper.finish();
+    let distinct: Vec<(bgnbd::History, f64)> = grouped
+        .into_iter()
+        .map(|([x, t_x, t], w)| (bgnbd::History { x, t_x, t }, w))
         .collect();
-    let weeks = || cols.iter().flat_map(|c| c.5.values().iter().copied());
-    let (distinct, index) = bgnbd::compress_indexed(&hist);
     // Started from the full-history fit: the calibration optimum is close to it.
     let fit = bgnbd::fit_from(&distinct, Some(start)).map_err(|e| {
         model_err(format!(
@@ -106,26 +107,18 @@ pub(super) async fn run(
         ))
     })?;
     let p = fit.params;
-    let first = weeks().next();
-    let one_length = weeks().all(|w| Some(w) == first);
-    let predicted: Vec<f64> = match (one_length, first) {
-        // The usual case: one holdout length, so one prediction per distinct history.
-        (true, Some(w)) => {
-            let per = par_map(&distinct, |(h, _)| bgnbd::expected_purchases(&p, h, w))
+    // The usual case: one holdout length, so one prediction per distinct history.
+    let per_history: Option<Vec<f64>> = match (one_length, first_weeks) {
+        (true, Some(w)) => Some(
+            par_map(&distinct, |(h, _)| bgnbd::expected_purchases(&p, h, w))
                 .ok_or_else(|| model_err("a prediction thread failed".into()))?
                 .into_iter()
                 .collect::<std::result::Result<Vec<f64>, _>>()
-                .map_err(|e| model_err(format!("backtest prediction: {e}")))?;
-            index.iter().map(|i| per[*i as usize]).collect()
-        }
-        _ => hist
-            .iter()
-            .zip(weeks())
-            .map(|(h, w)| bgnbd::expected_purchases(&p, h, w))
-            .collect::<std::result::Result<Vec<f64>, _>>()
-            .map_err(|e| model_err(format!("backtest prediction: {e}")))?,
+                .map_err(|e| model_err(format!("backtest prediction: {e}")))?,
+        ),
+        _ => None,
     };
-    drop((hist, distinct, index));
+    drop(distinct);
     let day = date32(cx.run_date);
     // Exact sums: the rows come in an order that changes from run to run.
     let (mut actual_total, mut predicted_total, mut abs_error, mut square_error) = (
@@ -135,40 +128,68 @@ pub(super) async fn run(
         ExactSum::default(),
     );
     let mut holdout = 0.0_f64;
-    let mut out = Vec::with_capacity(cols.len());
+    let mut writer = ResultWriter::new(cx.session, &format!("{}_backtest", cx.step.name), schema());
     let mut offset = 0;
-    for (id, x, _, t, actual, weeks) in cols {
-        let m = id.len();
-        let predicted = &predicted[offset..offset + m];
+    source.each_rows(&COLUMNS, |rows| {
+        let ids = rows.integers("customer_id").map_err(column_err)?;
+        let x = rows.floats("x", None).map_err(column_err)?;
+        let t_x = rows.floats("t_x", None).map_err(column_err)?;
+        let t = rows.floats("t", None).map_err(column_err)?;
+        let actual = rows.floats("x_holdout", None).map_err(column_err)?;
+        let weeks = rows.floats("holdout_weeks", None).map_err(column_err)?;
+        let m = ids.len();
+        let predicted: Vec<f64> = match &per_history {
+            Some(per) => index
+                .get(offset..offset + m)
+                .ok_or_else(|| {
+                    Error::Internal(format!("`{table}` gave more rows when read again"))
+                })?
+                .iter()
+                .map(|i| per[*i as usize])
+                .collect(),
+            None => (0..m)
+                .map(|i| {
+                    let h = bgnbd::History {
+                        x: x[i],
+                        t_x: t_x[i],
+                        t: t[i],
+                    };
+                    bgnbd::expected_purchases(&p, &h, weeks[i])
+                })
+                .collect::<std::result::Result<Vec<f64>, _>>()
+                .map_err(|e| model_err(format!("backtest prediction: {e}")))?,
+        };
         offset += m;
-        let error: Vec<f64> = predicted
-            .iter()
-            .zip(actual.values())
-            .map(|(p, a)| p - a)
-            .collect();
-        actual.values().iter().for_each(|v| actual_total.add(*v));
+        let error: Vec<f64> = predicted.iter().zip(&actual).map(|(p, a)| p - a).collect();
+        actual.iter().for_each(|v| actual_total.add(*v));
         predicted.iter().for_each(|v| predicted_total.add(*v));
         error.iter().for_each(|e| {
             abs_error.add(e.abs());
             square_error.add(e * e);
         });
-        holdout = weeks.values().iter().copied().fold(holdout, f64::max);
+        holdout = weeks.iter().copied().fold(holdout, f64::max);
         let batch = RecordBatch::try_new(
             schema(),
             vec![
                 Arc::new(Date32Array::from(vec![day; m])),
-                id,
-                Arc::new(x),
-                Arc::new(t),
-                Arc::new(weeks),
-                Arc::new(actual),
-                Arc::new(Float64Array::from(predicted.to_vec())),
+                Arc::new(Int64Array::from(ids)),
+                Arc::new(Float64Array::from(x)),
+                Arc::new(Float64Array::from(t)),
+                Arc::new(Float64Array::from(weeks)),
+                Arc::new(Float64Array::from(actual)),
+                Arc::new(Float64Array::from(predicted)),
                 Arc::new(Float64Array::from(error)),
             ],
         )
         .map_err(|e| Error::arrow("build the backtest table", e))?;
-        out.push(batch);
+        writer.push(0, batch)
+    })?;
+    if offset != n {
+        return Err(Error::Internal(format!(
+            "`{table}` gave {offset} rows when read again, {n} the first time"
+        )));
     }
+    writer.finish().await?;
     let (actual_total, predicted_total) = (actual_total.value(), predicted_total.value());
     let mae = abs_error.value() / n.max(1) as f64;
     let rmse = (square_error.value() / n.max(1) as f64).sqrt();
@@ -195,11 +216,5 @@ pub(super) async fn run(
         ("mean_abs_error", mae),
         ("rmse", rmse),
     ];
-    register(
-        cx.session,
-        &format!("{}_backtest", cx.step.name),
-        schema(),
-        vec![out],
-    )?;
     Ok(totals)
 }

@@ -20,8 +20,12 @@ use super::models::{bgnbd, gamma_gamma, par_map};
 use super::{ClvStep, backtest, register_fit};
 use crate::config::steps::ClvSpec;
 use crate::error::Result;
-use crate::steps::rows::{Rows, append_columns, appended_schema, date32, register};
+use crate::steps::rows::{Rows, appended_schema, date32, extend_batch};
+use crate::steps::spill::{ResultWriter, Source};
 use crate::steps::{StepContext, StepOutcome, require_columns};
+
+/// Customers up to which the CLV rank is sorted on all cores (see [`clv_ranks`]).
+const PARALLEL_RANK_MAX: usize = 8_000_000;
 
 /// Weeks in a month.
 pub const WEEKS_PER_MONTH: f64 = 365.25 / 12.0 / 7.0;
@@ -29,10 +33,20 @@ pub const WEEKS_PER_MONTH: f64 = 365.25 / 12.0 / 7.0;
 /// The columns the predictive model needs in `from`.
 const BTYD_COLUMNS: [&str; 5] = ["customer_id", "x", "t_x", "t", "mean_repeat_spend"];
 
-/// Bytes the step holds per customer while it fits and predicts, besides `from`'s rows: the
-/// ids and histories (40), the grouping and per-history predictions (60 when every history is
-/// distinct), five result columns (40) and the sort keys of the rank (32), rounded up.
-const BYTES_PER_CUSTOMER: usize = 176;
+/// Bytes the step holds per customer while it fits and predicts (its input is read as it
+/// goes, not held, once per phase): each row's history index (4) and rank (4), the distinct
+/// histories with their predictions (56 when every history is distinct; a third of that on
+/// the generator's data; the grouping map while they are counted), and either the
+/// Gamma-Gamma pairs of the repeat buyers (16) or the rank's sort keys (24), rounded up.
+const BYTES_PER_CUSTOMER: usize = 56;
+
+/// `from` gave a different number of rows when read again (it cannot: a step result is
+/// fixed once registered).
+fn reread_error(from: &str, got: usize, want: usize) -> crate::error::Error {
+    crate::error::Error::Internal(format!(
+        "`{from}` gave {got} rows when read again, {want} the first time"
+    ))
+}
 
 /// The columns the predictive model appends to its input's rows.
 pub fn prediction_fields() -> Vec<Field> {
@@ -47,9 +61,14 @@ pub fn prediction_fields() -> Vec<Field> {
 /// Each customer's rank by `clv`: 1 = the highest, ties broken by the smaller `customer_id`
 /// (what `row_number() over (order by clv desc, customer_id)` gives, without a sort of the
 /// whole table in SQL). Floats are ordered as Arrow and DataFusion sort them (IEEE total
-/// order: -0.0 below 0.0).
-pub fn clv_ranks(clv: &[f64], ids: &[i64]) -> Vec<i64> {
-    // Ascending keys = descending CLV: the float's bits made order-preserving, then inverted.
+/// order: -0.0 below 0.0). `ids` are the customers' ids in the order of `clv`.
+pub fn clv_ranks(clv: &[f64], ids: impl IntoIterator<Item = i64>) -> Vec<u32> {
+    ranks_sorted(rank_keys(clv, ids), PARALLEL_RANK_MAX)
+}
+
+/// The sort keys of [`clv_ranks`]: ascending keys = descending CLV (the float's bits made
+/// order-preserving, then inverted), then the id, then the position.
+fn rank_keys(clv: &[f64], ids: impl IntoIterator<Item = i64>) -> Vec<(u64, i64, u32)> {
     let key = |v: f64| {
         let bits = v.to_bits();
         let ordered = if bits >> 63 == 1 {
@@ -59,25 +78,34 @@ pub fn clv_ranks(clv: &[f64], ids: &[i64]) -> Vec<i64> {
         };
         !ordered
     };
-    let mut order: Vec<(u64, i64, u32)> = clv
-        .iter()
+    clv.iter()
         .zip(ids)
         .enumerate()
-        .map(|(i, (v, id))| (key(*v), *id, i as u32))
-        .collect();
-    // Sorted in chunks on all cores, then merged: the standard stable sort finds the sorted
-    // runs and merges them in linear time per run.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let chunk = order.len().div_ceil(threads).max(50_000);
-    std::thread::scope(|s| {
-        for part in order.chunks_mut(chunk) {
-            s.spawn(|| part.sort_unstable());
-        }
-    });
-    order.sort();
-    let mut rank = vec![0i64; clv.len()];
+        .map(|(i, (v, id))| (key(*v), id, i as u32))
+        .collect()
+}
+
+/// The ranks from the keys, sorted on all cores up to `parallel_max` customers.
+fn ranks_sorted(mut order: Vec<(u64, i64, u32)>, parallel_max: usize) -> Vec<u32> {
+    // Up to a few million: sorted in chunks on all cores, then merged (the standard stable
+    // sort finds the sorted runs and merges them in linear time per run, with a buffer of half
+    // the keys). Beyond: sorted in place on one core, without that buffer. The keys are
+    // distinct (the position is in them), so both give the same order.
+    if order.len() <= parallel_max {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let chunk = order.len().div_ceil(threads).max(50_000);
+        std::thread::scope(|s| {
+            for part in order.chunks_mut(chunk) {
+                s.spawn(|| part.sort_unstable());
+            }
+        });
+        order.sort();
+    } else {
+        order.sort_unstable();
+    }
+    let mut rank = vec![0u32; order.len()];
     for (r, (_, _, i)) in order.iter().enumerate() {
-        rank[*i as usize] = r as i64 + 1;
+        rank[*i as usize] = r as u32 + 1;
     }
     rank
 }
@@ -101,43 +129,6 @@ pub(super) async fn declare(
         tables.push(backtest::declare(cx, b).await?);
     }
     Ok(tables)
-}
-
-/// The model's inputs, row by row in the order of `from`'s batches.
-struct Inputs {
-    rows: Rows,
-    /// `customer_id`, for ties in the CLV rank.
-    ids: Vec<i64>,
-    hist: Vec<bgnbd::History>,
-    spend: Vec<f64>,
-}
-
-fn inputs(cx: &StepContext<'_>, spec: &ClvSpec, rows: Rows) -> Result<Inputs> {
-    let column_err = |e| cx.model_err(format!("`{}`: {e}", spec.from));
-    let ids = rows.integers("customer_id").map_err(column_err)?;
-    let x = rows.floats("x", None).map_err(column_err)?;
-    let t_x = rows.floats("t_x", None).map_err(column_err)?;
-    let t = rows.floats("t", None).map_err(column_err)?;
-    let hist = x
-        .iter()
-        .zip(&t_x)
-        .zip(&t)
-        .map(|((x, t_x), t)| bgnbd::History {
-            x: *x,
-            t_x: *t_x,
-            t: *t,
-        })
-        .collect();
-    // No repeat purchase, no mean repeat spend: Gamma-Gamma ignores those customers.
-    let spend = rows
-        .floats("mean_repeat_spend", Some(0.0))
-        .map_err(column_err)?;
-    Ok(Inputs {
-        rows,
-        ids,
-        hist,
-        spend,
-    })
 }
 
 /// The monthly horizons (in weeks) and discount factors of a CLV over `spec.horizon_months`.
@@ -171,37 +162,67 @@ pub fn horizon_purchases(
     Ok((prev, value))
 }
 
-/// Runs the predictive model.
+/// Runs the predictive model. `from` is read three times in the same order (histories for
+/// BG/NBD, spend for Gamma-Gamma, then every row to append the predictions to), so the step
+/// holds a few numbers per customer, never the input's rows.
 pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutcome> {
     let spec = &step.spec;
     let day = date32(cx.run_date);
     let started = Instant::now();
-    let rows = Rows::read(cx.session, &spec.from)
+    let source = Source::open(cx.session, &spec.from)
         .await
         .map_err(|e| cx.df_err(e))?;
-    let n = rows.len();
+    let n = source.rows();
     let _memory = crate::engine::memory::reserve(
         cx.session,
         format!("clv step `{}`: model buffers", cx.step.name),
         n * BYTES_PER_CUSTOMER,
     )
     .map_err(|e| cx.df_err(e))?;
-    let data = inputs(cx, spec, rows)?;
+    let column_err = |e| cx.model_err(format!("`{}`: {e}", spec.from));
 
     let t = Instant::now();
     // Customers with the same (x, t_x, T) have the same fit terms and purchase predictions:
     // the fit and the predictions run once per distinct history (a third of the customers on
     // the generator's data; one-time buyers collapse to one row per age).
-    let (distinct, index) = bgnbd::compress_indexed(&data.hist);
+    let mut grouper = super::models::Grouper::<3>::with_capacity(n / 4);
+    source.each_rows(&BTYD_COLUMNS[1..4], |rows| {
+        let x = rows.floats("x", None).map_err(column_err)?;
+        let t_x = rows.floats("t_x", None).map_err(column_err)?;
+        let t = rows.floats("t", None).map_err(column_err)?;
+        for ((x, t_x), t) in x.into_iter().zip(t_x).zip(t) {
+            grouper.push([x, t_x, t]);
+        }
+        Ok(())
+    })?;
+    let (grouped, index) = grouper.finish();
+    let distinct: Vec<(bgnbd::History, f64)> = grouped
+        .into_iter()
+        .map(|([x, t_x, t], w)| (bgnbd::History { x, t_x, t }, w))
+        .collect();
     let fit = bgnbd::fit(&distinct).map_err(|e| cx.model_err(format!("BG/NBD: {e}")))?;
     let t_bgnbd = t.elapsed();
     let t = Instant::now();
-    let spend_data: Vec<(f64, f64)> = data
-        .hist
-        .iter()
-        .zip(&data.spend)
-        .map(|(h, m)| (h.x, *m))
-        .collect();
+    let x_of = |i: usize| distinct[index[i] as usize].0.x;
+    // Gamma-Gamma fits on the repeat buyers only (it ignores the others); no repeat purchase,
+    // no mean repeat spend.
+    let mut spend_data: Vec<(f64, f64)> = Vec::new();
+    let mut offset = 0;
+    source.each_rows(&BTYD_COLUMNS[4..], |rows| {
+        let spend = rows
+            .floats("mean_repeat_spend", Some(0.0))
+            .map_err(column_err)?;
+        if offset + spend.len() > n {
+            return Err(reread_error(&spec.from, offset + spend.len(), n));
+        }
+        for (i, m) in (offset..).zip(spend) {
+            if gamma_gamma::used(x_of(i), m) {
+                spend_data.push((x_of(i), m));
+            }
+        }
+        offset += rows.len();
+        Ok(())
+    })?;
     let gg =
         gamma_gamma::fit(&spend_data).map_err(|e| cx.model_err(format!("Gamma-Gamma: {e}")))?;
     drop(spend_data);
@@ -226,31 +247,82 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         })
     })
     .collect::<Result<Vec<[f64; 3]>>>()?;
-    let mut alive = Vec::with_capacity(n);
-    let mut purchases = Vec::with_capacity(n);
-    let mut spend = Vec::with_capacity(n);
-    let mut value = Vec::with_capacity(n);
     let margin = step.margin();
-    for ((h, m), i) in data.hist.iter().zip(&data.spend).zip(&index) {
-        let [a, e, d] = per_history[*i as usize];
-        let s = gamma_gamma::expected_spend(&gg.params, h.x, *m);
-        alive.push(a);
-        purchases.push(e);
-        spend.push(s);
-        value.push(d * s * margin);
-    }
-    let rank = clv_ranks(&value, &data.ids);
+    // Row i's expected spend and CLV, from its mean repeat spend.
+    let predict = |i: usize, m: f64| {
+        let s = gamma_gamma::expected_spend(&gg.params, x_of(i), m);
+        (s, per_history[index[i] as usize][2] * s * margin)
+    };
+    // The rank's keys hold each CLV (and the id), so neither is kept beside them.
+    let mut keys: Vec<(u64, i64, u32)> = Vec::with_capacity(n);
+    let mut offset = 0;
+    source.each_rows(&[BTYD_COLUMNS[0], BTYD_COLUMNS[4]], |rows| {
+        let ids = rows.integers("customer_id").map_err(column_err)?;
+        let spend = rows
+            .floats("mean_repeat_spend", Some(0.0))
+            .map_err(column_err)?;
+        if offset + ids.len() > n {
+            return Err(reread_error(&spec.from, offset + ids.len(), n));
+        }
+        let value: Vec<f64> = (offset..)
+            .zip(&spend)
+            .map(|(i, m)| predict(i, *m).1)
+            .collect();
+        keys.extend(
+            rank_keys(&value, ids)
+                .into_iter()
+                .map(|(k, id, i)| (k, id, i + offset as u32)),
+        );
+        offset += spend.len();
+        Ok(())
+    })?;
+    let rank = ranks_sorted(keys, PARALLEL_RANK_MAX);
     let t_predict = t.elapsed();
-    let values: Vec<ArrayRef> = [alive, purchases, spend, value]
-        .into_iter()
-        .map(|v| Arc::new(Float64Array::from(v)) as ArrayRef)
-        .chain([Arc::new(Int64Array::from(rank)) as ArrayRef])
-        .collect();
-    let added: Vec<(Field, ArrayRef)> = prediction_fields().into_iter().zip(values).collect();
-    let (schema, parts) = append_columns(&data.rows, day, added)?;
-    let bytes = register(cx.session, &cx.step.name, schema, parts)?;
+
+    // Every row of `from` with its predictions, in the order read above.
+    let schema = appended_schema(source.schema(), &prediction_fields())
+        .map_err(|e| cx.model_err(format!("`{}`: {e}", spec.from)))?;
+    let mut writer = ResultWriter::new(cx.session, &cx.step.name, schema.clone());
+    let mut offset = 0;
+    source.scan(None, |part, b| {
+        let m = b.num_rows();
+        if offset + m > n {
+            return Err(reread_error(&spec.from, offset + m, n));
+        }
+        let rows = offset..offset + m;
+        let f = |g: &dyn Fn(usize) -> f64| {
+            Arc::new(Float64Array::from_iter_values(rows.clone().map(g))) as ArrayRef
+        };
+        let batch_rows = Rows {
+            schema: b.schema(),
+            parts: vec![vec![b.clone()]],
+        };
+        let spend = batch_rows
+            .floats("mean_repeat_spend", Some(0.0))
+            .map_err(column_err)?;
+        let predicted: Vec<(f64, f64)> = rows
+            .clone()
+            .zip(&spend)
+            .map(|(i, m)| predict(i, *m))
+            .collect();
+        let added = vec![
+            f(&|i| per_history[index[i] as usize][0]),
+            f(&|i| per_history[index[i] as usize][1]),
+            f(&|i| predicted[i - offset].0),
+            f(&|i| predicted[i - offset].1),
+            Arc::new(Int64Array::from_iter_values(
+                rank[rows.clone()].iter().map(|r| i64::from(*r)),
+            )) as ArrayRef,
+        ];
+        offset += m;
+        writer.push(part, extend_batch(&schema, &b, day, added)?)
+    })?;
+    if offset != n {
+        return Err(reread_error(&spec.from, offset, n));
+    }
+    let kept = writer.finish().await?;
     // The backtest's own arrays come next: what only the predictions needed goes first.
-    drop((data, distinct, index, per_history, _memory));
+    drop((rank, index, distinct, per_history, _memory));
     crate::engine::memory::release();
 
     let mut report: Vec<(&str, &str, f64)> = vec![
@@ -277,7 +349,8 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     register_fit(cx, &report)?;
     Ok(StepOutcome {
         rows: n,
-        bytes,
+        bytes: kept.held,
+        spilled: kept.spilled,
         elapsed: started.elapsed(),
         timings: vec![
             ("bgnbd_ms", t_bgnbd),
@@ -316,7 +389,9 @@ mod tests {
                 _ => rng.random_range(-50.0..5000.0),
             })
             .collect();
-        let got = clv_ranks(&clv, &ids);
+        let got = clv_ranks(&clv, ids.iter().copied());
+        // The one-core sort for many customers gives the same ranks.
+        assert_eq!(ranks_sorted(rank_keys(&clv, ids.iter().copied()), 0), got);
 
         let schema = Arc::new(Schema::new(vec![
             Field::new("customer_id", DataType::Int64, false),
@@ -347,7 +422,7 @@ mod tests {
         }
         assert_eq!(want.len(), ids.len());
         for (id, rank) in ids.iter().zip(&got) {
-            assert_eq!(Some(rank), want.get(id), "customer {id}");
+            assert_eq!(Some(&i64::from(*rank)), want.get(id), "customer {id}");
         }
     }
 
@@ -359,6 +434,7 @@ mod tests {
         let config = EngineConfig::Local(LocalEngine {
             target_partitions: Some(2),
             memory_limit: Some(1 << 20),
+            result_memory: None,
             memory_pool: crate::config::project::MemoryPoolKind::Greedy,
             spill_dir: None,
             batch_size: None,

@@ -34,7 +34,8 @@ use super::{ClvStep, collect, register_fit};
 use crate::config::steps::{ClvModel, ClvSpec};
 use crate::engine::quote_ident;
 use crate::error::{Error, Result};
-use crate::steps::rows::{date32, register};
+use crate::steps::rows::date32;
+use crate::steps::spill::ResultWriter;
 use crate::steps::{StepContext, StepOutcome, require_columns};
 
 /// Seconds in a year of 365.25 days.
@@ -482,39 +483,80 @@ pub(super) async fn declare(
     Ok(vec![(cx.step.name.clone(), schema(spec.model))])
 }
 
-/// Runs the rule-based model of `step` and registers `<step>` and `<step>_fit`.
+/// The SQL condition that keeps the customers of bucket `k` of `buckets`.
+fn bucket_filter(k: usize, buckets: usize) -> String {
+    if buckets <= 1 {
+        return String::new();
+    }
+    format!(" AND ((CAST(customer_id AS BIGINT) % {buckets}) + {buckets}) % {buckets} = {k}")
+}
+
+/// Runs the rule-based model of `step` and registers `<step>` and `<step>_fit`. When the orders
+/// and sums would not fit in a third of the memory limit, the customers are taken in buckets
+/// (by id), one read of the orders each, so the step's memory stays within it whatever the
+/// data's size; the estimated retention rate needs every customer at once (one bucket).
 pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutcome> {
     let spec = &step.spec;
     let started = Instant::now();
     let model = spec.model.name();
-    let orders = collect(cx, &orders_sql(spec, cx.run_date)).await?;
-    let costs = match &spec.acquisition_costs {
-        Some(table) if spec.model == ClvModel::Discounted => collect(cx, &costs_sql(table)).await?,
-        _ => Vec::new(),
-    };
     let config = cx.session.state().config().clone();
-    let rows: usize = orders.iter().map(|b| b.num_rows()).sum();
-    // The orders just read and, per customer, the sums and the result (about three orders a
+    let rows_in_from = crate::steps::spill::Source::count(cx.session, &spec.from)
+        .await
+        .map_err(|e| cx.df_err(e))?;
+    // The orders read and, per customer, the sums and the result (about three orders a
     // customer on the generator's data; the discounted model keeps one index per order).
-    let bytes_needed = rows * (24 + 4) + (rows / 2) * 64;
-    let _memory = crate::engine::memory::reserve(
-        cx.session,
-        format!("clv step `{}`: orders and sums", cx.step.name),
-        bytes_needed,
-    )
-    .map_err(|e| cx.df_err(e))?;
-    let computed = compute(
-        spec,
-        step.margin(),
-        cx.run_date,
-        &orders,
-        &costs,
-        config.target_partitions(),
-        config.batch_size(),
-    )?;
-    drop((orders, costs));
+    let bytes_needed = rows_in_from * (24 + 4) + (rows_in_from / 2) * 64;
+    let estimate = spec.model == ClvModel::FormulaRetention && spec.retention_rate.is_none();
+    let buckets = match cx.session.runtime_env().memory_pool.memory_limit() {
+        datafusion::execution::memory_pool::MemoryLimit::Finite(limit) if !estimate => {
+            bytes_needed.div_ceil((limit / 3).max(1)).max(1)
+        }
+        _ => 1,
+    };
+    if buckets > 1 {
+        tracing::info!(step = %cx.step.name, buckets, orders = rows_in_from,
+            "rule model: customers taken in buckets, one read of the orders each");
+    }
+    let mut writer = ResultWriter::new(cx.session, &cx.step.name, schema(spec.model));
+    let (mut n, mut total_clv, mut retention) = (0, 0.0, None);
+    for k in 0..buckets {
+        let filter = bucket_filter(k, buckets);
+        let orders = collect(cx, &format!("{}{filter}", orders_sql(spec, cx.run_date))).await?;
+        let costs = match &spec.acquisition_costs {
+            Some(table) if spec.model == ClvModel::Discounted => {
+                collect(cx, &format!("{}{filter}", costs_sql(table))).await?
+            }
+            _ => Vec::new(),
+        };
+        let rows: usize = orders.iter().map(|b| b.num_rows()).sum();
+        let _memory = crate::engine::memory::reserve(
+            cx.session,
+            format!("clv step `{}`: orders and sums", cx.step.name),
+            rows * (24 + 4) + (rows / 2) * 64,
+        )
+        .map_err(|e| cx.df_err(e))?;
+        let computed = compute(
+            spec,
+            step.margin(),
+            cx.run_date,
+            &orders,
+            &costs,
+            config.target_partitions(),
+            config.batch_size(),
+        )?;
+        drop((orders, costs));
+        n += computed.customers;
+        total_clv += computed.total_clv;
+        retention = computed.retention;
+        for (i, part) in computed.parts.into_iter().enumerate() {
+            for b in part {
+                writer.push(i, b)?;
+            }
+        }
+    }
+    let kept = writer.finish().await?;
     let mut report: Vec<(&str, &str, f64)> = Vec::new();
-    if let Some((rate, base)) = computed.retention {
+    if let Some((rate, base)) = retention {
         let rate = rate.ok_or_else(|| {
             cx.model_err(format!(
                 "cannot estimate the retention rate: no customer in `{}` ordered in the year before last (the history is shorter than two years); set `retention_rate`",
@@ -529,9 +571,8 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     {
         report.push((model, "retention_rate", rate));
     }
-    let n = computed.customers;
     report.push((model, "customers", n as f64));
-    report.push((model, "total_clv", computed.total_clv));
+    report.push((model, "total_clv", total_clv));
     report.push((model, "margin", step.margin()));
     match spec.model {
         ClvModel::Formula => {
@@ -540,16 +581,11 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         ClvModel::Discounted => report.push((model, "discount_rate", spec.discount_rate)),
         _ => {}
     }
-    let bytes = register(
-        cx.session,
-        &cx.step.name,
-        schema(spec.model),
-        computed.parts,
-    )?;
     register_fit(cx, &report)?;
     Ok(StepOutcome {
         rows: n,
-        bytes,
+        bytes: kept.held,
+        spilled: kept.spilled,
         elapsed: started.elapsed(),
         timings: Vec::new(),
     })

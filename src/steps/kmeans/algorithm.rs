@@ -14,24 +14,51 @@ use crate::steps::exact::ExactSum;
 /// chosen whatever the order of the rows), in the order of their ids. All when there are no
 /// more than `n`.
 pub fn sample_by_id(ids: &[i64], n: usize, seed: u64) -> Vec<usize> {
-    let hash = |id: i64| {
+    let mut sample = SampleById::new(n, seed);
+    for (i, id) in ids.iter().enumerate() {
+        sample.push(*id, i);
+    }
+    sample.finish()
+}
+
+/// [`sample_by_id`] as the ids arrive, holding only the `n` chosen so far (the `n` smallest
+/// (hash, id, position) keys, in a max-heap).
+pub struct SampleById {
+    n: usize,
+    seed: u64,
+    heap: std::collections::BinaryHeap<(u64, i64, usize)>,
+}
+
+impl SampleById {
+    pub fn new(n: usize, seed: u64) -> Self {
+        Self {
+            n,
+            seed,
+            heap: std::collections::BinaryHeap::with_capacity(n.min(1 << 20) + 1),
+        }
+    }
+
+    /// Offers the id at `position`.
+    pub fn push(&mut self, id: i64, position: usize) {
         // splitmix64 of the id and the seed.
-        let mut z = (id as u64) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut z = (id as u64) ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let mut keyed: Vec<(u64, i64, usize)> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (hash(*id), *id, i))
-        .collect();
-    if keyed.len() > n {
-        keyed.select_nth_unstable(n);
-        keyed.truncate(n);
+        let key = (z ^ (z >> 31), id, position);
+        if self.heap.len() < self.n {
+            self.heap.push(key);
+        } else if self.heap.peek().is_some_and(|top| key < *top) {
+            self.heap.pop();
+            self.heap.push(key);
+        }
     }
-    keyed.sort_unstable_by_key(|(_, id, i)| (*id, *i));
-    keyed.into_iter().map(|(_, _, i)| i).collect()
+
+    /// The chosen positions, in the order of their ids.
+    pub fn finish(self) -> Vec<usize> {
+        let mut keyed = self.heap.into_vec();
+        keyed.sort_unstable_by_key(|(_, id, i)| (*id, *i));
+        keyed.into_iter().map(|(_, _, i)| i).collect()
+    }
 }
 
 /// Points in d dimensions, row-major in one flat vector (no allocation per point).
@@ -218,10 +245,14 @@ pub fn silhouette(points: &Points, assignment: &[usize], k: usize) -> f64 {
     total / n as f64
 }
 
-/// Log-transforms (ln(1 + x)) and standardises (z-score per feature) the raw feature values.
-pub fn prepare(raw: &Points) -> Points {
+/// Log-transforms (ln(1 + x)) and standardises (z-score per feature) the raw feature values,
+/// in place.
+pub fn prepare(raw: Points) -> Points {
     let (n, dims) = (raw.len().max(1) as f64, raw.dims);
-    let mut data: Vec<f64> = raw.data.iter().map(|v| v.ln_1p()).collect();
+    let mut data = raw.data;
+    for v in &mut data {
+        *v = v.ln_1p();
+    }
     let mut sums = vec![ExactSum::default(); dims];
     for r in data.chunks_exact(dims) {
         for (m, v) in sums.iter_mut().zip(r) {
@@ -307,7 +338,7 @@ mod tests {
         let pts = Points::new(blobs.data.iter().map(|v| v + 20.0).collect(), 2);
         let mut order: Vec<usize> = (0..pts.len()).collect();
         order.shuffle(&mut rng);
-        let (a, b) = (prepare(&pts), prepare(&pts.select(&order)));
+        let (a, b) = (prepare(pts.clone()), prepare(pts.select(&order)));
         let seeds = kmeans(&a, 3, 1, 1).centroids;
         let (ca, cb) = (lloyd(&a, seeds.clone()), lloyd(&b, seeds));
         assert!(ca.centroids.iter().flatten().all(|v| v.is_finite()));

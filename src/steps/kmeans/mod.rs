@@ -15,7 +15,8 @@ pub mod algorithm;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::rows::{Rows, append_columns, appended_schema, date32, register};
+use super::rows::{Rows, appended_schema, date32, extend_batch, register};
+use super::spill::{ResultWriter, Source};
 use super::{CheckContext, StepContext, StepOutcome};
 use crate::config::Diagnostic;
 use crate::config::steps::{KmeansK, KmeansSpec};
@@ -114,51 +115,80 @@ impl KmeansStep {
         Ok(tables)
     }
 
-    /// The features of `rows` as raw points (row-major, in the rows' order), each checked to be
-    /// ≥ 0 and finite, and the ids.
-    fn raw_points(&self, cx: &StepContext<'_>, rows: &Rows) -> Result<(Points, Vec<i64>)> {
+    /// The features of `source` as raw points (row-major, in the source's order), each checked
+    /// to be ≥ 0 and finite; the raw values of the `value` feature; and the seeded sample of
+    /// rows (by id). One pass, holding only these.
+    fn raw_points(
+        &self,
+        cx: &StepContext<'_>,
+        source: &Source,
+    ) -> Result<(Points, Vec<f64>, Vec<usize>)> {
         let spec = &self.spec;
         let input_err = |e: super::rows::ColumnError| {
             cx.model_err(format!("`{}`: {e}; fill or filter them first", spec.from))
         };
-        let ids = rows.integers(&spec.id).map_err(input_err)?;
         let dims = spec.features.len();
-        let mut data = vec![0.0; rows.len() * dims];
-        for (j, f) in spec.features.iter().enumerate() {
-            for (i, v) in rows
-                .floats(f, None)
-                .map_err(input_err)?
-                .into_iter()
-                .enumerate()
-            {
-                if v < 0.0 || !v.is_finite() {
+        let n = source.rows();
+        let value_col = self.value_col();
+        let mut data = Vec::with_capacity(n * dims);
+        let mut value = Vec::with_capacity(n);
+        let mut sample = algorithm::SampleById::new(spec.sample, spec.seed);
+        let mut seen = 0usize;
+        let columns: Vec<&str> = std::iter::once(spec.id.as_str())
+            .chain(spec.features.iter().map(String::as_str))
+            .collect();
+        source.each_rows(&columns, |rows| {
+            for id in rows.integers(&spec.id).map_err(input_err)? {
+                sample.push(id, seen);
+                seen += 1;
+            }
+            let features = spec
+                .features
+                .iter()
+                .map(|f| rows.floats(f, None).map_err(input_err))
+                .collect::<Result<Vec<_>>>()?;
+            for (f, values) in spec.features.iter().zip(&features) {
+                if let Some(v) = values.iter().find(|v| !(**v >= 0.0 && v.is_finite())) {
                     return Err(cx.model_err(format!(
                         "feature `{f}` has the value {v}; the log transform needs values ≥ 0"
                     )));
                 }
-                data[i * dims + j] = v;
             }
-        }
-        Ok((Points::new(data, dims), ids))
+            for i in 0..rows.len() {
+                data.extend(features.iter().map(|f| f[i]));
+            }
+            value.extend_from_slice(&features[value_col]);
+            Ok(())
+        })?;
+        Ok((Points::new(data, dims), value, sample.finish()))
+    }
+
+    /// The index of the `value` feature among the features.
+    fn value_col(&self) -> usize {
+        let spec = &self.spec;
+        spec.features
+            .iter()
+            .position(|f| *f == spec.value)
+            .unwrap_or(0)
     }
 
     /// Runs the step.
     pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
         let started = Instant::now();
         let spec = &self.spec;
-        let rows = Rows::read(cx.session, &spec.from)
+        let source = Source::open(cx.session, &spec.from)
             .await
             .map_err(|e| cx.df_err(e))?;
-        // The raw and the standardised points, the ids and the assignment: the step's large
-        // buffers.
-        let buffers = rows.len() * (2 * spec.features.len() * size_of::<f64>() + 8 + 8 + 8);
+        // The points (standardised in place), the raw value feature and the assignment: the
+        // step's large buffers. The input itself is a step result held or spilled already.
+        let buffers = source.rows() * (spec.features.len() * size_of::<f64>() + 8 + 8);
         let _memory = crate::engine::memory::reserve(
             cx.session,
             format!("kmeans step `{}`", cx.step.name),
             buffers,
         )
         .map_err(|e| cx.df_err(e))?;
-        let (raw, ids) = self.raw_points(cx, &rows)?;
+        let (raw, value, sample_idx) = self.raw_points(cx, &source)?;
         let k_max = match spec.k {
             KmeansK::Fixed(k) => k,
             KmeansK::Auto(_) => spec.k_max,
@@ -170,11 +200,7 @@ impl KmeansStep {
                 k_max.max(2)
             )));
         }
-        let points = prepare(&raw);
-        // A seeded sample for choosing k and scoring the silhouette, chosen by the ids (not the
-        // rows' order, which changes from run to run) and taken in id order.
-        let sample_idx = algorithm::sample_by_id(&ids, spec.sample, spec.seed);
-        drop(ids);
+        let points = prepare(raw);
         let sample = points.select(&sample_idx);
         let k = match spec.k {
             KmeansK::Fixed(k) => k,
@@ -202,28 +228,22 @@ impl KmeansStep {
         let sil = silhouette(&sample, &sample_assign, k);
 
         // Order clusters by the mean of the value feature, highest first.
-        let value_col = spec
-            .features
-            .iter()
-            .position(|f| *f == spec.value)
-            .unwrap_or(0);
-        let mut sums = vec![vec![crate::steps::exact::ExactSum::default(); spec.features.len()]; k];
+        let mut value_sums = vec![crate::steps::exact::ExactSum::default(); k];
         let mut sizes = vec![0usize; k];
-        for (a, r) in clustering.assignment.iter().zip(raw.rows()) {
+        for (a, v) in clustering.assignment.iter().zip(&value) {
             sizes[*a] += 1;
-            for (s, v) in sums[*a].iter_mut().zip(r) {
-                s.add(*v);
-            }
+            value_sums[*a].add(*v);
         }
-        let means: Vec<Vec<f64>> = sums
+        drop(value);
+        let value_means: Vec<f64> = value_sums
             .iter()
             .zip(&sizes)
-            .map(|(s, n)| s.iter().map(|v| v.value() / (*n).max(1) as f64).collect())
+            .map(|(s, n)| s.value() / (*n).max(1) as f64)
             .collect();
         let mut by_value: Vec<usize> = (0..k).collect();
         by_value.sort_by(|a, b| {
-            means[*b][value_col]
-                .partial_cmp(&means[*a][value_col])
+            value_means[*b]
+                .partial_cmp(&value_means[*a])
                 .unwrap_or(std::cmp::Ordering::Equal)
                 .then(a.cmp(b))
         });
@@ -232,13 +252,54 @@ impl KmeansStep {
             rank[*c] = pos as i64 + 1;
         }
 
+        // Second pass: every row with its cluster appended, in the order of the first, and
+        // each feature's sum per cluster for the profile.
         let day = date32(cx.run_date);
-        let n = raw.len();
-        let cluster: ArrayRef = Arc::new(Int64Array::from_iter_values(
-            clustering.assignment.iter().map(|a| rank[*a]),
-        ));
-        let (schema, parts) = append_columns(&rows, day, vec![(cluster_field(), cluster)])?;
-        let bytes = register(cx.session, &cx.step.name, schema, parts)?;
+        let n = clustering.assignment.len();
+        let schema = appended_schema(source.schema(), &[cluster_field()])
+            .map_err(|e| cx.model_err(format!("`{}`: {e}", spec.from)))?;
+        let mut sums = vec![vec![crate::steps::exact::ExactSum::default(); spec.features.len()]; k];
+        let mut writer = ResultWriter::new(cx.session, &cx.step.name, schema.clone());
+        let mut offset = 0;
+        source.scan(None, |part, b| {
+            let m = b.num_rows();
+            let assigned = clustering
+                .assignment
+                .get(offset..offset + m)
+                .ok_or_else(|| {
+                    Error::Internal(format!("`{}` gave more rows on the second read", spec.from))
+                })?;
+            let rows = Rows {
+                schema: b.schema(),
+                parts: vec![vec![b.clone()]],
+            };
+            for (j, f) in spec.features.iter().enumerate() {
+                let values = rows
+                    .floats(f, None)
+                    .map_err(|e| cx.model_err(format!("`{}`: {e}", spec.from)))?;
+                for (a, v) in assigned.iter().zip(values) {
+                    sums[*a][j].add(v);
+                }
+            }
+            let cluster: ArrayRef = Arc::new(Int64Array::from_iter_values(
+                assigned.iter().map(|a| rank[*a]),
+            ));
+            offset += m;
+            writer.push(part, extend_batch(&schema, &b, day, vec![cluster])?)
+        })?;
+        if offset != n {
+            return Err(Error::Internal(format!(
+                "`{}` gave {offset} rows on the second read, {n} on the first",
+                spec.from
+            )));
+        }
+        drop(clustering);
+        let kept = writer.finish().await?;
+        let means: Vec<Vec<f64>> = sums
+            .iter()
+            .zip(&sizes)
+            .map(|(s, n)| s.iter().map(|v| v.value() / (*n).max(1) as f64).collect())
+            .collect();
 
         let mut cols: Vec<ArrayRef> = vec![
             Arc::new(Date32Array::from(vec![day; k])),
@@ -267,7 +328,8 @@ impl KmeansStep {
         )?;
         Ok(StepOutcome {
             rows: n,
-            bytes,
+            bytes: kept.held,
+            spilled: kept.spilled,
             elapsed: started.elapsed(),
             timings: Vec::new(),
         })

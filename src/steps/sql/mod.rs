@@ -75,10 +75,19 @@ impl SqlStep {
         })
     }
 
-    /// The step's query planned on `cx.session`.
+    /// The step's query, planned on [`Self::session`].
     pub async fn dataframe(&self, cx: &StepContext<'_>) -> Result<DataFrame> {
+        let session = self.session(cx).await?;
+        self.dataframe_on(cx, &session).await
+    }
+
+    async fn dataframe_on(
+        &self,
+        cx: &StepContext<'_>,
+        session: &SessionContext,
+    ) -> Result<DataFrame> {
         let sql = self.render(cx.vars, &cx.step.field)?;
-        cx.session.sql(&sql.sql).await.map_err(|e| cx.df_err(e))
+        session.sql(&sql.sql).await.map_err(|e| cx.df_err(e))
     }
 
     /// The tables the query reads (CTE names excluded), lower-cased, from DataFusion's parser.
@@ -95,35 +104,73 @@ impl SqlStep {
         Some(refs.iter().map(|r| r.table().to_lowercase()).collect())
     }
 
-    /// Runs the query and registers its (materialised) result under the step's name.
+    /// Runs the query and registers its (materialised) result under the step's name: in memory
+    /// while it fits the share for results, else in scratch files.
     pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
         let started = Instant::now();
         let df = self.dataframe(cx).await?;
-        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         // Kept in the plan's output partitions: later steps scan them in parallel as they are.
         let what = format!("step `{}`: its result", cx.step.name);
-        let partitions = crate::engine::memory::collect_counted(cx.session, &what, df)
+        let kept = super::spill::collect_or_spill(cx.session, &what, &cx.step.name, df)
             .await
-            .map_err(|e| cx.df_err(e))?;
-        let partitions = super::rows::compact(partitions)?;
-        let rows = partitions.iter().flatten().map(|b| b.num_rows()).sum();
-        let bytes = super::rows::register(cx.session, &cx.step.name, schema, partitions)?;
+            .map_err(|e| match e {
+                Error::DataFusion { source, .. } => cx.df_err(source),
+                e => e,
+            })?;
         Ok(StepOutcome {
-            rows,
-            bytes,
+            rows: kept.rows,
+            bytes: kept.held,
+            spilled: kept.spilled,
             elapsed: started.elapsed(),
             timings: Vec::new(),
         })
     }
 
+    /// The session the step's query is planned on: `cx.session`, or when a table it reads is a
+    /// spilled result whose rows would fill half the memory pool, a copy that plans joins as
+    /// sort-merge joins (DataFusion's sorts spill to disk; its hash joins hold the whole build
+    /// side in memory and fail when it does not fit).
+    pub async fn session(&self, cx: &StepContext<'_>) -> Result<SessionContext> {
+        let pool = &cx.session.runtime_env().memory_pool;
+        let datafusion::execution::memory_pool::MemoryLimit::Finite(limit) = pool.memory_limit()
+        else {
+            return Ok(cx.session.clone());
+        };
+        let mut large = Vec::new();
+        for table in self.reads(cx.session, cx.vars).unwrap_or_default() {
+            if let Ok(Some(p)) = cx.session.table_provider(&table).await.map(Some)
+                && let Some(s) = p.downcast_ref::<super::spill::SpilledTable>()
+                && s.bytes() > limit / 2
+            {
+                large.push(format!("{table} ({} MiB)", s.bytes() >> 20));
+            }
+        }
+        if large.is_empty() {
+            return Ok(cx.session.clone());
+        }
+        tracing::info!(
+            step = %cx.step.name,
+            tables = %large.join(", "),
+            "joins planned as sort-merge joins: a hash table of these would not fit the memory limit"
+        );
+        let settings = [(
+            "datafusion.optimizer.prefer_hash_join".to_string(),
+            "false".to_string(),
+        )]
+        .into();
+        crate::engine::session_for_settings(cx.session, &settings, &cx.step.field)
+    }
+
     /// Registers the query as a view (planned now, run when read): for a step whose result
     /// streams straight into its output's files.
-    pub async fn register_view(&self, cx: &StepContext<'_>) -> Result<()> {
-        let df = self.dataframe(cx).await?;
-        cx.session
+    /// Returns the session the view is planned on, which the write must run on too.
+    pub async fn register_view(&self, cx: &StepContext<'_>) -> Result<SessionContext> {
+        let session = self.session(cx).await?;
+        let df = self.dataframe_on(cx, &session).await?;
+        session
             .register_table(&cx.step.name, df.into_view())
             .map_err(|e| cx.df_err(e))?;
-        Ok(())
+        Ok(session)
     }
 
     /// Plans the query without reading data and registers an empty table of its result schema,

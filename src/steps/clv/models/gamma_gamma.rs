@@ -71,11 +71,17 @@ fn chunk_ll(pr: &Params, rows: &[[f64; 5]]) -> (f64, [f64; 3]) {
     (ll, g)
 }
 
+/// Whether [`fit`] uses a customer with `x` repeat purchases of mean value `m` (the others
+/// have no repeat spend to fit).
+pub fn used(x: f64, m: f64) -> bool {
+    x >= 1.0 && m > 0.0 && m.is_finite()
+}
+
 /// Fits the model on (x, mean spend) pairs; customers with x = 0 or m ≤ 0 are ignored.
 pub fn fit(data: &[(f64, f64)]) -> Result<Fit, FitError> {
     let used: Vec<[f64; 2]> = data
         .iter()
-        .filter(|(x, m)| *x >= 1.0 && *m > 0.0 && m.is_finite())
+        .filter(|(x, m)| used(*x, *m))
         .map(|(x, m)| [*x, *m])
         .collect();
     if used.is_empty() {

@@ -113,39 +113,76 @@ impl Hasher for KeyHasher {
 /// and for every input row the index of its group. Rows are compared by their bits (so -0.0
 /// and 0.0 differ, which never matters for the counts and times grouped here).
 pub fn group<const N: usize>(rows: &[[f64; N]]) -> (Vec<([f64; N], f64)>, Vec<u32>) {
-    type Map<const N: usize> = HashMap<[u64; N], u32, BuildHasherDefault<KeyHasher>>;
-    let mut slots: Map<N> = Map::with_capacity_and_hasher(rows.len() / 2, Default::default());
-    let mut distinct: Vec<([f64; N], f64)> = Vec::new();
-    let mut index = Vec::with_capacity(rows.len());
+    let mut g = Grouper::with_capacity(rows.len() / 2);
     for row in rows {
-        let key = row.map(f64::to_bits);
-        let next = distinct.len() as u32;
-        let slot = *slots.entry(key).or_insert(next);
-        if slot == next {
-            distinct.push((*row, 0.0));
+        g.push(*row);
+    }
+    g.finish()
+}
+
+/// [`group`] as the rows arrive (without a copy of all of them first): the same result.
+pub struct Grouper<const N: usize> {
+    slots: HashMap<[u64; N], u32, BuildHasherDefault<KeyHasher>>,
+    distinct: Vec<([f64; N], f64)>,
+    index: Vec<u32>,
+}
+
+impl<const N: usize> Default for Grouper<N> {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl<const N: usize> Grouper<N> {
+    /// Room for `groups` distinct rows before the map grows.
+    pub fn with_capacity(groups: usize) -> Self {
+        Self {
+            slots: HashMap::with_capacity_and_hasher(groups, Default::default()),
+            distinct: Vec::new(),
+            index: Vec::new(),
         }
-        distinct[slot as usize].1 += 1.0;
-        index.push(slot);
     }
-    // Sorted, so results never depend on hashing and runs of equal leading values are adjacent.
-    let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
-    order.sort_unstable_by(|a, b| {
-        let (ra, rb) = (&distinct[*a as usize].0, &distinct[*b as usize].0);
-        ra.iter()
-            .zip(rb)
-            .map(|(x, y)| x.total_cmp(y))
-            .find(|o| o.is_ne())
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    let mut new_slot = vec![0u32; distinct.len()];
-    for (pos, old) in order.iter().enumerate() {
-        new_slot[*old as usize] = pos as u32;
+
+    pub fn push(&mut self, row: [f64; N]) {
+        let key = row.map(f64::to_bits);
+        let next = self.distinct.len() as u32;
+        let slot = *self.slots.entry(key).or_insert(next);
+        if slot == next {
+            self.distinct.push((row, 0.0));
+        }
+        self.distinct[slot as usize].1 += 1.0;
+        self.index.push(slot);
     }
-    let sorted = order.iter().map(|o| distinct[*o as usize]).collect();
-    for i in index.iter_mut() {
-        *i = new_slot[*i as usize];
+
+    /// The distinct rows, sorted, with their counts, and every row's group.
+    pub fn finish(self) -> (Vec<([f64; N], f64)>, Vec<u32>) {
+        let Self {
+            slots,
+            distinct,
+            mut index,
+        } = self;
+        drop(slots);
+        // Sorted, so results never depend on hashing and runs of equal leading values are
+        // adjacent.
+        let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
+        order.sort_unstable_by(|a, b| {
+            let (ra, rb) = (&distinct[*a as usize].0, &distinct[*b as usize].0);
+            ra.iter()
+                .zip(rb)
+                .map(|(x, y)| x.total_cmp(y))
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let mut new_slot = vec![0u32; distinct.len()];
+        for (pos, old) in order.iter().enumerate() {
+            new_slot[*old as usize] = pos as u32;
+        }
+        let sorted = order.iter().map(|o| distinct[*o as usize]).collect();
+        for i in index.iter_mut() {
+            *i = new_slot[*i as usize];
+        }
+        (sorted, index)
     }
-    (sorted, index)
 }
 
 #[cfg(test)]

@@ -1,0 +1,699 @@
+//! Step results on scratch disk: a result that the memory limit does not let the run hold is
+//! written to Parquet files in a scratch folder ([`crate::engine::scratch`]) and registered as a
+//! table over them ([`SpilledTable`]); later steps, outputs and model steps read it like any
+//! table. Two ways in:
+//! - [`collect_or_spill`]: a SQL step's result, partition by partition as DataFusion produces
+//!   it; held in memory while it fits, else every partition goes to its own file;
+//! - [`ResultWriter`]: a model step's result, batch by batch in its rows' order.
+//!
+//! (`rows::register` holds batches already in memory: small tables such as fit reports.)
+//!
+//! Model steps read their input through [`Source`]: the batches of a held or spilled result in
+//! one fixed order, as often as they need (once for the columns a fit needs, once more to
+//! append the results to every row), so they never hold the whole input at once.
+//!
+//! Invariant: the order [`Source::scan`] gives is the same on every call for the same table;
+//! model steps line their computed columns up with the rows by that order.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::Statistics;
+use datafusion::datasource::TableType;
+use datafusion::datasource::listing::ListingTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::memory_pool::MemoryConsumer;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{DataFrame, SessionContext};
+use futures::StreamExt;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use super::rows::{HeldTable, Rows};
+use crate::engine::memory::BufferCounter;
+use crate::engine::scratch::{ResultSpace, ScratchDir};
+use crate::error::{Error, Result};
+
+/// Rows per row group of a scratch file: DataFusion scans row groups in parallel, and a writer
+/// buffers one row group (at 24 columns of 8 bytes, 64 Ki rows are 12 MiB).
+const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+/// A step result in scratch Parquet files (one per partition of the result, in order).
+#[derive(Debug)]
+pub struct SpilledTable {
+    table: Arc<ListingTable>,
+    files: Vec<PathBuf>,
+    rows: usize,
+    bytes: usize,
+    _dir: ScratchDir,
+}
+
+impl SpilledTable {
+    /// Rows in all files.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// What the rows took in memory when they were written (for planning joins over them).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for SpilledTable {
+    fn schema(&self) -> SchemaRef {
+        self.table.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.table.scan(state, projection, filters, limit).await
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.table.supports_filters_pushdown(filters)
+    }
+
+    fn statistics(&self) -> Option<Statistics> {
+        self.table.statistics()
+    }
+}
+
+/// The bytes of the rows of `batch` (of the slice, when its columns are slices of longer
+/// buffers).
+fn slice_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+        .sum()
+}
+
+fn writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
+    let file = File::create(path).map_err(|e| Error::io(path, "create a scratch file", e))?;
+    // Uncompressed: written once, read once or twice, deleted; dictionaries still shrink the
+    // repetitive text columns.
+    let props = WriterProperties::builder()
+        .set_compression(Compression::UNCOMPRESSED)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build();
+    ArrowWriter::try_new(file, schema, Some(props))
+        .map_err(|e| Error::Internal(format!("open scratch file {}: {e}", path.display())))
+}
+
+fn write_err(path: &Path, e: parquet::errors::ParquetError) -> Error {
+    Error::Internal(format!("write scratch file {}: {e}", path.display()))
+}
+
+/// One scratch file being written.
+struct SpillFile {
+    writer: ArrowWriter<File>,
+    path: PathBuf,
+}
+
+impl SpillFile {
+    fn open(dir: &ScratchDir, index: usize, schema: SchemaRef) -> Result<Self> {
+        let path = dir.path().join(format!("part-{index:05}.parquet"));
+        Ok(Self {
+            writer: writer(&path, schema)?,
+            path,
+        })
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.writer
+            .write(batch)
+            .map_err(|e| write_err(&self.path, e))
+    }
+
+    fn close(self) -> Result<PathBuf> {
+        self.writer.close().map_err(|e| write_err(&self.path, e))?;
+        Ok(self.path)
+    }
+}
+
+/// Registers the closed files `files` in `dir` as table `name` (replacing one of that name).
+async fn register_spilled(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    dir: ScratchDir,
+    files: Vec<PathBuf>,
+    rows: usize,
+    bytes: usize,
+) -> Result<()> {
+    let err = |e| Error::df(format!("register the scratch files of `{name}`"), e);
+    let url = format!("{}/", dir.path().display());
+    let table = crate::storage::listing::table(
+        &ctx.state(),
+        &url,
+        crate::storage::listing::Format::Parquet,
+        Some(schema),
+        vec![],
+    )
+    .await
+    .map_err(err)?;
+    ctx.deregister_table(name).map_err(err)?;
+    tracing::info!(
+        table = name,
+        rows,
+        mib = bytes >> 20,
+        folder = %dir.path().display(),
+        "step result does not fit the memory for results: written to scratch files"
+    );
+    let table = SpilledTable {
+        table,
+        files,
+        rows,
+        bytes,
+        _dir: dir,
+    };
+    ctx.register_table(name, Arc::new(table)).map_err(err)?;
+    Ok(())
+}
+
+/// How a step result was kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub rows: usize,
+    /// Bytes held in memory; 0 when written to scratch.
+    pub held: usize,
+    /// Bytes the rows took in memory before they went to scratch; 0 when held.
+    pub spilled: usize,
+}
+
+/// Runs `df` and registers its result as `name`: held in memory (in the plan's partitions)
+/// while the pool and the share for results take it, else written to scratch, one file per
+/// partition. Counted against the memory pool as it arrives (as `what`).
+pub async fn collect_or_spill(
+    ctx: &SessionContext,
+    what: &str,
+    name: &str,
+    df: DataFrame,
+) -> Result<Kept> {
+    let df_err = |e| Error::df(format!("step `{name}`"), e);
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let Some(space) = ResultSpace::of(ctx) else {
+        let parts = crate::engine::memory::collect_counted(ctx, what, df)
+            .await
+            .map_err(df_err)?;
+        let parts = super::rows::compact(parts)?;
+        let rows = parts.iter().flatten().map(|b| b.num_rows()).sum();
+        let held = super::rows::register(ctx, name, schema, parts)?;
+        return Ok(Kept {
+            rows,
+            held,
+            spilled: 0,
+        });
+    };
+    let pool = ctx.runtime_env().memory_pool.clone();
+    let streams = df.execute_stream_partitioned().await.map_err(df_err)?;
+    let dir = Arc::new(space.folder(name)?);
+    let spilling = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicUsize::new(0));
+    let n = streams.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        let reservation = MemoryConsumer::new(what.to_string()).register(&pool);
+        let (space, dir, spilling, total, schema) = (
+            space.clone(),
+            dir.clone(),
+            spilling.clone(),
+            total.clone(),
+            schema.clone(),
+        );
+        tasks.spawn(async move {
+            let mut counter = BufferCounter::default();
+            let mut held = Vec::new();
+            let mut file: Option<SpillFile> = None;
+            let mut rows = 0;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(|e| Error::df("step result", e))?;
+                rows += batch.num_rows();
+                if file.is_none() && !spilling.load(Ordering::Relaxed) {
+                    let add = counter.add(&batch) as usize;
+                    let sum = total.fetch_add(add, Ordering::Relaxed) + add;
+                    if space.may_hold(sum) && reservation.try_grow(add).is_ok() {
+                        held.push(batch);
+                        continue;
+                    }
+                    spilling.store(true, Ordering::Relaxed);
+                } else {
+                    // Written and freed batch by batch: a later batch may reuse a freed
+                    // buffer's address, which the buffer counter would take for a slice of it.
+                    total.fetch_add(slice_bytes(&batch), Ordering::Relaxed);
+                }
+                let f = match &mut file {
+                    Some(f) => f,
+                    None => file.insert(SpillFile::open(&dir, i, schema.clone())?),
+                };
+                for b in held.drain(..) {
+                    f.write(&b)?;
+                }
+                reservation.free();
+                f.write(&batch)?;
+            }
+            Ok::<_, Error>((i, held, file, reservation, rows))
+        });
+    }
+    let mut parts = vec![Vec::new(); n];
+    let mut files: Vec<Option<SpillFile>> = (0..n).map(|_| None).collect();
+    let mut reservations = Vec::with_capacity(n);
+    let mut rows = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (i, held, file, reservation, r) =
+            done.map_err(|e| Error::Internal(format!("a result task failed: {e}")))??;
+        parts[i] = held;
+        files[i] = file;
+        reservations.push(reservation);
+        rows += r;
+    }
+    let bytes = total.load(Ordering::Relaxed);
+    if !spilling.load(Ordering::Relaxed) {
+        drop(reservations);
+        let parts = super::rows::compact(parts)?;
+        let held = super::rows::register(ctx, name, schema, parts)?;
+        return Ok(Kept {
+            rows,
+            held,
+            spilled: 0,
+        });
+    }
+    // Some partition spilled: the others go to their files too, so the table is one kind.
+    let mut paths = Vec::with_capacity(n);
+    for (i, (part, file)) in parts.into_iter().zip(files).enumerate() {
+        let mut f = match file {
+            Some(f) => f,
+            None => SpillFile::open(&dir, i, schema.clone())?,
+        };
+        for b in &part {
+            f.write(b)?;
+        }
+        paths.push(f.close()?);
+    }
+    drop(reservations);
+    let dir = Arc::try_unwrap(dir).map_err(|_| {
+        Error::Internal("scratch folder still shared after the result tasks".into())
+    })?;
+    register_spilled(ctx, name, schema, dir, paths, rows, bytes).await?;
+    Ok(Kept {
+        rows,
+        held: 0,
+        spilled: bytes,
+    })
+}
+
+/// A model step's result, pushed batch by batch (with the index of the input partition it
+/// belongs to): held while the pool and the share for results take it, else written to one
+/// scratch file in the order pushed.
+pub struct ResultWriter {
+    ctx: SessionContext,
+    name: String,
+    schema: SchemaRef,
+    space: Option<Arc<ResultSpace>>,
+    counter: BufferCounter,
+    bytes: usize,
+    rows: usize,
+    reservation: datafusion::execution::memory_pool::MemoryReservation,
+    parts: Vec<Vec<RecordBatch>>,
+    spill: Option<(ScratchDir, SpillFile)>,
+}
+
+impl ResultWriter {
+    pub fn new(ctx: &SessionContext, name: &str, schema: SchemaRef) -> Self {
+        let pool = &ctx.runtime_env().memory_pool;
+        Self {
+            ctx: ctx.clone(),
+            name: name.to_string(),
+            schema,
+            space: ResultSpace::of(ctx),
+            counter: BufferCounter::default(),
+            bytes: 0,
+            rows: 0,
+            reservation: MemoryConsumer::new(format!("step result `{name}`")).register(pool),
+            parts: Vec::new(),
+            spill: None,
+        }
+    }
+
+    pub fn push(&mut self, part: usize, batch: RecordBatch) -> Result<()> {
+        self.rows += batch.num_rows();
+        if self.spill.is_none() {
+            let add = self.counter.add(&batch) as usize;
+            self.bytes += add;
+            let fits = self.space.as_ref().is_none_or(|s| s.may_hold(self.bytes));
+            if fits && self.reservation.try_grow(add).is_ok() {
+                if self.parts.len() <= part {
+                    self.parts.resize_with(part + 1, Vec::new);
+                }
+                self.parts[part].push(batch);
+                return Ok(());
+            }
+            let Some(space) = &self.space else {
+                // No scratch space (a session not made by an engine): as before, the pool
+                // decides, and a full pool is the error.
+                return Err(Error::df(
+                    format!("step `{}`: keeping its result in memory", self.name),
+                    datafusion::error::DataFusionError::ResourcesExhausted(format!(
+                        "step result `{}` needs more than the memory pool holds",
+                        self.name
+                    )),
+                ));
+            };
+            let dir = space.folder(&self.name)?;
+            let mut file = SpillFile::open(&dir, 0, self.schema.clone())?;
+            for b in self.parts.drain(..).flatten() {
+                file.write(&b)?;
+            }
+            self.reservation.free();
+            self.spill = Some((dir, file));
+        }
+        if let Some((_, file)) = &mut self.spill {
+            // See `collect_or_spill`: written batches are counted by their own size.
+            self.bytes += slice_bytes(&batch);
+            file.write(&batch)?;
+        }
+        Ok(())
+    }
+
+    /// Registers the result; returns how it was kept.
+    pub async fn finish(self) -> Result<Kept> {
+        let Self {
+            ctx,
+            name,
+            schema,
+            bytes,
+            rows,
+            reservation,
+            parts,
+            spill,
+            ..
+        } = self;
+        match spill {
+            None => {
+                drop(reservation);
+                let held = super::rows::register(&ctx, &name, schema, parts)?;
+                Ok(Kept {
+                    rows,
+                    held,
+                    spilled: 0,
+                })
+            }
+            Some((dir, file)) => {
+                let path = file.close()?;
+                register_spilled(&ctx, &name, schema, dir, vec![path], rows, bytes).await?;
+                Ok(Kept {
+                    rows,
+                    held: 0,
+                    spilled: bytes,
+                })
+            }
+        }
+    }
+}
+
+/// A step result (or any table) as a model step reads it: every batch, in one fixed order.
+pub enum Source {
+    /// Batches in memory, per partition.
+    Held {
+        schema: SchemaRef,
+        parts: Vec<Vec<RecordBatch>>,
+    },
+    /// Scratch files, in order.
+    Spilled {
+        schema: SchemaRef,
+        files: Vec<PathBuf>,
+        rows: usize,
+    },
+}
+
+impl Source {
+    /// The rows of `table`: a held or spilled step result as it is; any other table (an input)
+    /// read into memory.
+    pub async fn open(
+        ctx: &SessionContext,
+        table: &str,
+    ) -> std::result::Result<Self, DataFusionError> {
+        let provider = ctx.table_provider(table).await?;
+        if let Some(t) = provider.downcast_ref::<HeldTable>() {
+            return Ok(Source::Held {
+                schema: t.schema(),
+                parts: t.parts().to_vec(),
+            });
+        }
+        if let Some(t) = provider.downcast_ref::<SpilledTable>() {
+            return Ok(Source::Spilled {
+                schema: t.schema(),
+                files: t.files.clone(),
+                rows: t.rows,
+            });
+        }
+        let rows = Rows::read(ctx, table).await?;
+        Ok(Source::Held {
+            schema: rows.schema,
+            parts: rows.parts,
+        })
+    }
+
+    /// The rows of `table` without reading them when it is a step result (else counted by
+    /// DataFusion).
+    pub async fn count(
+        ctx: &SessionContext,
+        table: &str,
+    ) -> std::result::Result<usize, DataFusionError> {
+        let provider = ctx.table_provider(table).await?;
+        if let Some(t) = provider.downcast_ref::<HeldTable>() {
+            return Ok(t.parts().iter().flatten().map(|b| b.num_rows()).sum());
+        }
+        if let Some(t) = provider.downcast_ref::<SpilledTable>() {
+            return Ok(t.rows);
+        }
+        ctx.table(table).await?.count().await
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        match self {
+            Source::Held { schema, .. } | Source::Spilled { schema, .. } => schema,
+        }
+    }
+
+    /// Rows in all.
+    pub fn rows(&self) -> usize {
+        match self {
+            Source::Held { parts, .. } => parts.iter().flatten().map(|b| b.num_rows()).sum(),
+            Source::Spilled { rows, .. } => *rows,
+        }
+    }
+
+    /// Calls `f(partition, batch)` for every batch in order, with only `columns` (by name;
+    /// `None`: all). A missing column is [`super::rows::ColumnError::Missing`]-style error.
+    pub fn scan(
+        &self,
+        columns: Option<&[&str]>,
+        mut f: impl FnMut(usize, RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        let schema = self.schema();
+        let indices = match columns {
+            Some(cols) => Some(
+                cols.iter()
+                    .map(|c| {
+                        schema.index_of(c).map_err(|_| {
+                            Error::Internal(format!("a model step's input lacks column `{c}`"))
+                        })
+                    })
+                    .collect::<Result<Vec<usize>>>()?,
+            ),
+            None => None,
+        };
+        match self {
+            Source::Held { parts, .. } => {
+                for (i, part) in parts.iter().enumerate() {
+                    for b in part {
+                        let b = match &indices {
+                            Some(ix) => b
+                                .project(ix)
+                                .map_err(|e| Error::arrow("project a step result", e))?,
+                            None => b.clone(),
+                        };
+                        f(i, b)?;
+                    }
+                }
+            }
+            Source::Spilled { files, .. } => {
+                for (i, path) in files.iter().enumerate() {
+                    let read_err = |e: parquet::errors::ParquetError| -> Error {
+                        Error::Internal(format!("read scratch file {}: {e}", path.display()))
+                    };
+                    let file =
+                        File::open(path).map_err(|e| Error::io(path, "open a scratch file", e))?;
+                    let mut builder =
+                        ParquetRecordBatchReaderBuilder::try_new(file).map_err(read_err)?;
+                    if let Some(ix) = &indices {
+                        let mask = ProjectionMask::roots(builder.parquet_schema(), ix.clone());
+                        builder = builder.with_projection(mask);
+                    }
+                    let reader = builder.with_batch_size(8192).build().map_err(read_err)?;
+                    for b in reader {
+                        let b = b.map_err(|e| Error::arrow("read a scratch file", e))?;
+                        // The declared schema (the file's own may differ in metadata only).
+                        let s = match &indices {
+                            Some(ix) => Arc::new(
+                                schema
+                                    .project(ix)
+                                    .map_err(|e| Error::arrow("project a step result", e))?,
+                            ),
+                            None => schema.clone(),
+                        };
+                        let b = RecordBatch::try_new(s, b.columns().to_vec())
+                            .map_err(|e| Error::arrow("read a scratch file", e))?;
+                        f(i, b)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows of `columns`, in order, as [`Rows`] (one partition): for the columns a fit
+    /// needs, converted batch by batch with `f`.
+    pub fn each_rows(
+        &self,
+        columns: &[&str],
+        mut f: impl FnMut(&Rows) -> Result<()>,
+    ) -> Result<()> {
+        self.scan(Some(columns), |_, b| {
+            let rows = Rows {
+                schema: b.schema(),
+                parts: vec![vec![b]],
+            };
+            f(&rows)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{AsArray, Int64Array};
+    use datafusion::arrow::datatypes::Int64Type;
+
+    /// A session like an engine's, whose pool holds `limit` bytes (results: half of it), with
+    /// scratch under `base`.
+    fn session(limit: usize, base: &Path) -> SessionContext {
+        use datafusion::execution::memory_pool::GreedyMemoryPool;
+        use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(limit)))
+            .build_arc()
+            .unwrap();
+        let config = datafusion::prelude::SessionConfig::new()
+            .with_target_partitions(4)
+            .with_extension(Arc::new(ResultSpace::new(Some(limit / 2), base)));
+        SessionContext::new_with_config_rt(config, runtime)
+    }
+
+    fn ints(ctx: &SessionContext, sql: &str) -> Vec<i64> {
+        let rt = tokio::runtime::Handle::current();
+        let batches = tokio::task::block_in_place(|| {
+            rt.block_on(async { ctx.sql(sql).await.unwrap().collect().await.unwrap() })
+        });
+        let mut v: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_larger_than_the_share_for_results_goes_to_scratch_and_reads_the_same() {
+        let base = std::env::temp_dir().join(format!("clvflow-spill-test-{}", std::process::id()));
+        // 400,000 integers (3.2 MB) against 2 MB for results: spilled.
+        let ctx = session(4 << 20, &base);
+        let df = ctx
+            .sql("SELECT value * 3 AS v FROM generate_series(1, 400000)")
+            .await
+            .unwrap();
+        let kept = collect_or_spill(&ctx, "step `big`: its result", "big", df)
+            .await
+            .unwrap();
+        assert_eq!((kept.rows, kept.held), (400_000, 0));
+        assert!(kept.spilled >= 2_000_000, "{kept:?}");
+        assert_eq!(ctx.runtime_env().memory_pool.reserved(), 0);
+        let provider = ctx.table_provider("big").await.unwrap();
+        let spilled = provider.downcast_ref::<SpilledTable>().unwrap();
+        let folder = spilled.files[0].parent().unwrap().to_path_buf();
+        assert!(folder.is_dir());
+        let want: Vec<i64> = (1..=400_000).map(|v| v * 3).collect();
+        assert_eq!(ints(&ctx, "SELECT v FROM big"), want);
+        // A model step reads it in one order, twice the same.
+        let source = Source::open(&ctx, "big").await.unwrap();
+        assert_eq!(source.rows(), 400_000);
+        let read = |s: &Source| {
+            let mut v = Vec::new();
+            s.scan(Some(&["v"]), |_, b| {
+                v.extend_from_slice(b.column(0).as_primitive::<Int64Type>().values());
+                Ok(())
+            })
+            .unwrap();
+            v
+        };
+        let first = read(&source);
+        assert_eq!(first, read(&source));
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, want);
+        // Its model result, pushed in that order, spills too and keeps the order.
+        let schema = source.schema().clone();
+        let mut w = ResultWriter::new(&ctx, "copy", schema);
+        source.scan(None, |i, b| w.push(i, b)).unwrap();
+        let kept = w.finish().await.unwrap();
+        assert_eq!((kept.rows, kept.held), (400_000, 0));
+        assert_eq!(read(&Source::open(&ctx, "copy").await.unwrap()), first);
+        // Dropping the table removes its files.
+        ctx.deregister_table("big").unwrap();
+        drop((provider, source));
+        assert!(!folder.exists());
+
+        // A small result stays in memory.
+        let df = ctx
+            .sql("SELECT value AS v FROM generate_series(1, 1000)")
+            .await
+            .unwrap();
+        let kept = collect_or_spill(&ctx, "step `small`", "small", df)
+            .await
+            .unwrap();
+        assert!(kept.held > 0 && kept.spilled == 0, "{kept:?}");
+        let provider = ctx.table_provider("small").await.unwrap();
+        assert!(provider.downcast_ref::<HeldTable>().is_some());
+        assert_eq!(
+            ints(&ctx, "SELECT v FROM small"),
+            (1..=1000).collect::<Vec<i64>>()
+        );
+        drop(ctx);
+        let _ = std::fs::remove_dir_all(&base);
+        let _ = Int64Array::from(vec![1]);
+    }
+}
