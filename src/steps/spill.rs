@@ -1,5 +1,5 @@
 //! Step results on scratch disk: a result that the memory limit does not let the run hold is
-//! written to Arrow IPC files in a scratch folder ([`crate::engine::scratch`]) and registered as a
+//! written to Parquet files in a scratch folder ([`crate::engine::scratch`]) and registered as a
 //! table over them ([`SpilledTable`]); later steps, outputs and model steps read it like any
 //! table. Two ways in:
 //! - [`collect_or_spill`]: a SQL step's result, partition by partition as DataFusion produces
@@ -16,15 +16,12 @@
 //! model steps line their computed columns up with the rows by that order.
 
 use std::fs::File;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::ipc::reader::FileReader;
-use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Statistics;
 use datafusion::datasource::TableType;
@@ -35,13 +32,22 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
 
 use super::rows::{HeldTable, Rows};
 use crate::engine::memory::BufferCounter;
 use crate::engine::scratch::{ResultSpace, ScratchDir};
 use crate::error::{Error, Result};
 
-/// A step result in scratch Arrow IPC files (one per partition of the result, in order).
+/// Rows per row group of a scratch file: DataFusion scans row groups in parallel, and a writer
+/// buffers one row group (at 24 columns of 8 bytes, 64 Ki rows are 12 MiB).
+const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+/// A step result in scratch Parquet files (one per partition of the result, in order).
 #[derive(Debug)]
 pub struct SpilledTable {
     table: Arc<ListingTable>,
@@ -105,24 +111,35 @@ fn slice_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
-fn write_err(path: &Path, e: datafusion::arrow::error::ArrowError) -> Error {
+fn writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
+    let file = File::create(path).map_err(|e| Error::io(path, "create a scratch file", e))?;
+    // Uncompressed: written once, read once or twice, deleted; dictionaries still shrink the
+    // repetitive text columns.
+    let props = WriterProperties::builder()
+        .set_compression(Compression::UNCOMPRESSED)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build();
+    ArrowWriter::try_new(file, schema, Some(props))
+        .map_err(|e| Error::Internal(format!("open scratch file {}: {e}", path.display())))
+}
+
+fn write_err(path: &Path, e: parquet::errors::ParquetError) -> Error {
     Error::Internal(format!("write scratch file {}: {e}", path.display()))
 }
 
-/// One scratch file being written: Arrow IPC, uncompressed (written once, read once or twice,
-/// deleted: encoding Parquet cost more than the disk it saves, about 1.5 s of 3.3M wide rows).
+/// One scratch file being written.
 struct SpillFile {
-    writer: FileWriter<BufWriter<File>>,
+    writer: ArrowWriter<File>,
     path: PathBuf,
 }
 
 impl SpillFile {
     fn open(dir: &ScratchDir, index: usize, schema: SchemaRef) -> Result<Self> {
-        let path = dir.path().join(format!("part-{index:05}.arrow"));
-        let file = File::create(&path).map_err(|e| Error::io(&path, "create a scratch file", e))?;
-        let writer =
-            FileWriter::try_new_buffered(file, &schema).map_err(|e| write_err(&path, e))?;
-        Ok(Self { writer, path })
+        let path = dir.path().join(format!("part-{index:05}.parquet"));
+        Ok(Self {
+            writer: writer(&path, schema)?,
+            path,
+        })
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -131,8 +148,8 @@ impl SpillFile {
             .map_err(|e| write_err(&self.path, e))
     }
 
-    fn close(mut self) -> Result<PathBuf> {
-        self.writer.finish().map_err(|e| write_err(&self.path, e))?;
+    fn close(self) -> Result<PathBuf> {
+        self.writer.close().map_err(|e| write_err(&self.path, e))?;
         Ok(self.path)
     }
 }
@@ -152,7 +169,7 @@ async fn register_spilled(
     let table = crate::storage::listing::table(
         &ctx.state(),
         &url,
-        crate::storage::listing::Format::Arrow,
+        crate::storage::listing::Format::Parquet,
         Some(schema),
         vec![],
     )
@@ -310,7 +327,7 @@ pub async fn collect_or_spill(
 
 /// A model step's result, pushed batch by batch (with the index of the input partition it
 /// belongs to): held while the pool and the share for results take it, else written to one
-/// scratch file per partition, in the order pushed.
+/// scratch file in the order pushed.
 pub struct ResultWriter {
     ctx: SessionContext,
     name: String,
@@ -321,8 +338,7 @@ pub struct ResultWriter {
     rows: usize,
     reservation: datafusion::execution::memory_pool::MemoryReservation,
     parts: Vec<Vec<RecordBatch>>,
-    /// When spilled: the folder and one file per partition pushed to.
-    spill: Option<(ScratchDir, Vec<Option<SpillFile>>)>,
+    spill: Option<(ScratchDir, SpillFile)>,
 }
 
 impl ResultWriter {
@@ -367,27 +383,16 @@ impl ResultWriter {
                 ));
             };
             let dir = space.folder(&self.name)?;
-            let mut files: Vec<Option<SpillFile>> = Vec::new();
-            for (i, part) in self.parts.drain(..).enumerate() {
-                let mut file = SpillFile::open(&dir, i, self.schema.clone())?;
-                for b in &part {
-                    file.write(b)?;
-                }
-                files.push(Some(file));
+            let mut file = SpillFile::open(&dir, 0, self.schema.clone())?;
+            for b in self.parts.drain(..).flatten() {
+                file.write(&b)?;
             }
             self.reservation.free();
-            self.spill = Some((dir, files));
+            self.spill = Some((dir, file));
         }
-        if let Some((dir, files)) = &mut self.spill {
+        if let Some((_, file)) = &mut self.spill {
             // See `collect_or_spill`: written batches are counted by their own size.
             self.bytes += slice_bytes(&batch);
-            if files.len() <= part {
-                files.resize_with(part + 1, || None);
-            }
-            let file = match &mut files[part] {
-                Some(f) => f,
-                slot => slot.insert(SpillFile::open(dir, part, self.schema.clone())?),
-            };
             file.write(&batch)?;
         }
         Ok(())
@@ -416,13 +421,9 @@ impl ResultWriter {
                     spilled: 0,
                 })
             }
-            Some((dir, files)) => {
-                let paths = files
-                    .into_iter()
-                    .flatten()
-                    .map(SpillFile::close)
-                    .collect::<Result<Vec<_>>>()?;
-                register_spilled(&ctx, &name, schema, dir, paths, rows, bytes).await?;
+            Some((dir, file)) => {
+                let path = file.close()?;
+                register_spilled(&ctx, &name, schema, dir, vec![path], rows, bytes).await?;
                 Ok(Kept {
                     rows,
                     held: 0,
@@ -542,22 +543,30 @@ impl Source {
             }
             Source::Spilled { files, .. } => {
                 for (i, path) in files.iter().enumerate() {
+                    let read_err = |e: parquet::errors::ParquetError| -> Error {
+                        Error::Internal(format!("read scratch file {}: {e}", path.display()))
+                    };
                     let file =
                         File::open(path).map_err(|e| Error::io(path, "open a scratch file", e))?;
-                    let reader = FileReader::try_new_buffered(file, indices.clone())
-                        .map_err(|e| Error::arrow("read a scratch file", e))?;
-                    // The declared schema (the file's own may differ in metadata only).
-                    let s = match &indices {
-                        Some(ix) => Arc::new(
-                            schema
-                                .project(ix)
-                                .map_err(|e| Error::arrow("project a step result", e))?,
-                        ),
-                        None => schema.clone(),
-                    };
+                    let mut builder =
+                        ParquetRecordBatchReaderBuilder::try_new(file).map_err(read_err)?;
+                    if let Some(ix) = &indices {
+                        let mask = ProjectionMask::roots(builder.parquet_schema(), ix.clone());
+                        builder = builder.with_projection(mask);
+                    }
+                    let reader = builder.with_batch_size(8192).build().map_err(read_err)?;
                     for b in reader {
                         let b = b.map_err(|e| Error::arrow("read a scratch file", e))?;
-                        let b = RecordBatch::try_new(s.clone(), b.columns().to_vec())
+                        // The declared schema (the file's own may differ in metadata only).
+                        let s = match &indices {
+                            Some(ix) => Arc::new(
+                                schema
+                                    .project(ix)
+                                    .map_err(|e| Error::arrow("project a step result", e))?,
+                            ),
+                            None => schema.clone(),
+                        };
+                        let b = RecordBatch::try_new(s, b.columns().to_vec())
                             .map_err(|e| Error::arrow("read a scratch file", e))?;
                         f(i, b)?;
                     }

@@ -21,8 +21,6 @@ pub enum Format {
     Parquet,
     /// Comma-separated with a header row.
     Csv,
-    /// Arrow IPC files (clvflow's own scratch files).
-    Arrow,
 }
 
 impl Format {
@@ -31,7 +29,6 @@ impl Format {
         match self {
             Format::Parquet => ".parquet",
             Format::Csv => ".csv",
-            Format::Arrow => ".arrow",
         }
     }
 
@@ -39,7 +36,6 @@ impl Format {
         match self {
             Format::Parquet => Arc::new(ParquetFormat::default()),
             Format::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
-            Format::Arrow => Arc::new(datafusion::datasource::file_format::arrow::ArrowFormat),
         }
     }
 }
