@@ -143,7 +143,7 @@ pub enum EngineSpec {
         #[serde(default)]
         memory_limit: Option<ByteSize>,
         /// Of `memory_limit`, what step results held between steps may take together (default:
-        /// half); a result beyond it is written to scratch files in `spill_dir`.
+        /// three quarters); a result beyond it is written to scratch files in `spill_dir`.
         #[serde(default)]
         result_memory: Option<ByteSize>,
         /// Folder for spill files; defaults to the OS temp folder.

@@ -7,7 +7,8 @@
 //! - the process has ONE memory pool and one spill folder, shared by every session: runs that
 //!   execute at once (`scheduler.max_active_runs`) share `memory_limit`, they do not get one
 //!   each; model steps take their large buffers from the same pool ([`memory::reserve`]);
-//! - step results held in memory take at most half of that pool; larger ones go to scratch
+//! - step results held in memory take at most three quarters of that pool (`result_memory`);
+//!   larger ones go to scratch
 //!   Parquet files ([`scratch`]);
 //! - every session has clvflow's SQL functions ([`functions`]) and every configured object
 //!   store, and the DataFusion settings of `engine.settings` (a step's own `settings` are
@@ -47,7 +48,7 @@ pub struct LocalEngine {
     pub target_partitions: Option<usize>,
     /// Bytes of the process's memory pool; `None`: unlimited.
     pub memory_limit: Option<u64>,
-    /// Bytes of the pool step results held in memory may take; `None`: half the pool.
+    /// Bytes of the pool step results held in memory may take; `None`: three quarters of it.
     pub result_memory: Option<u64>,
     pub memory_pool: MemoryPoolKind,
     /// Absolute folder for spill files; `None`: the OS temp folder.
@@ -184,7 +185,7 @@ impl Engine {
         let hold = local
             .result_memory
             .map(bytes)
-            .or(local.memory_limit.map(|l| bytes(l) / 2));
+            .or(local.memory_limit.map(|l| bytes(l) / 4 * 3));
         let space = scratch::ResultSpace::new(hold, &scratch_base);
         let config = config.with_extension(Arc::new(space));
         for store in &stores.stores {

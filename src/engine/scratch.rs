@@ -3,8 +3,8 @@
 //!
 //! One [`ResultSpace`] per engine (so per process), reachable from every session as a config
 //! extension ([`ResultSpace::of`]):
-//! - results held in memory may take at most `engine.result_memory` together (default: half
-//!   of `engine.memory_limit`; [`ResultSpace::may_hold`]); the rest stays for DataFusion's
+//! - results held in memory may take at most `engine.result_memory` together (default: three
+//!   quarters of `engine.memory_limit`; [`ResultSpace::may_hold`]); the rest stays for DataFusion's
 //!   operators and the model steps' buffers. A result that would pass that line is written to scratch files instead
 //!   (`crate::steps::spill`);
 //! - scratch files live under `<spill_dir or the OS temp folder>/clvflow-scratch/<pid>-<n>/`,
