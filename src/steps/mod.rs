@@ -13,6 +13,7 @@ pub mod clv;
 pub mod exact;
 pub mod kmeans;
 pub mod rows;
+pub mod source;
 pub mod spill;
 pub mod sql;
 

@@ -8,12 +8,7 @@
 //!
 //! (`rows::register` holds batches already in memory: small tables such as fit reports.)
 //!
-//! Model steps read their input through [`Source`]: the batches of a held or spilled result in
-//! one fixed order, as often as they need (once for the columns a fit needs, once more to
-//! append the results to every row), so they never hold the whole input at once.
-//!
-//! Invariant: the order [`Source::scan`] gives is the same on every call for the same table;
-//! model steps line their computed columns up with the rows by that order.
+//! Model steps read held and spilled results through [`super::source::Source`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,19 +21,15 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Statistics;
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::ListingTable;
-use datafusion::error::DataFusionError;
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt;
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use super::rows::{HeldTable, Rows};
 use crate::engine::memory::BufferCounter;
 use crate::engine::scratch::{ResultSpace, ScratchDir};
 use crate::error::{Error, Result};
@@ -58,6 +49,11 @@ pub struct SpilledTable {
 }
 
 impl SpilledTable {
+    /// The files, in order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     /// Rows in all files.
     pub fn rows(&self) -> usize {
         self.rows
@@ -434,167 +430,10 @@ impl ResultWriter {
     }
 }
 
-/// A step result (or any table) as a model step reads it: every batch, in one fixed order.
-pub enum Source {
-    /// Batches in memory, per partition.
-    Held {
-        schema: SchemaRef,
-        parts: Vec<Vec<RecordBatch>>,
-    },
-    /// Scratch files, in order.
-    Spilled {
-        schema: SchemaRef,
-        files: Vec<PathBuf>,
-        rows: usize,
-    },
-}
-
-impl Source {
-    /// The rows of `table`: a held or spilled step result as it is; any other table (an input)
-    /// read into memory.
-    pub async fn open(
-        ctx: &SessionContext,
-        table: &str,
-    ) -> std::result::Result<Self, DataFusionError> {
-        let provider = ctx.table_provider(table).await?;
-        if let Some(t) = provider.downcast_ref::<HeldTable>() {
-            return Ok(Source::Held {
-                schema: t.schema(),
-                parts: t.parts().to_vec(),
-            });
-        }
-        if let Some(t) = provider.downcast_ref::<SpilledTable>() {
-            return Ok(Source::Spilled {
-                schema: t.schema(),
-                files: t.files.clone(),
-                rows: t.rows,
-            });
-        }
-        let rows = Rows::read(ctx, table).await?;
-        Ok(Source::Held {
-            schema: rows.schema,
-            parts: rows.parts,
-        })
-    }
-
-    /// The rows of `table` without reading them when it is a step result (else counted by
-    /// DataFusion).
-    pub async fn count(
-        ctx: &SessionContext,
-        table: &str,
-    ) -> std::result::Result<usize, DataFusionError> {
-        let provider = ctx.table_provider(table).await?;
-        if let Some(t) = provider.downcast_ref::<HeldTable>() {
-            return Ok(t.parts().iter().flatten().map(|b| b.num_rows()).sum());
-        }
-        if let Some(t) = provider.downcast_ref::<SpilledTable>() {
-            return Ok(t.rows);
-        }
-        ctx.table(table).await?.count().await
-    }
-
-    pub fn schema(&self) -> &SchemaRef {
-        match self {
-            Source::Held { schema, .. } | Source::Spilled { schema, .. } => schema,
-        }
-    }
-
-    /// Rows in all.
-    pub fn rows(&self) -> usize {
-        match self {
-            Source::Held { parts, .. } => parts.iter().flatten().map(|b| b.num_rows()).sum(),
-            Source::Spilled { rows, .. } => *rows,
-        }
-    }
-
-    /// Calls `f(partition, batch)` for every batch in order, with only `columns` (by name;
-    /// `None`: all). A missing column is [`super::rows::ColumnError::Missing`]-style error.
-    pub fn scan(
-        &self,
-        columns: Option<&[&str]>,
-        mut f: impl FnMut(usize, RecordBatch) -> Result<()>,
-    ) -> Result<()> {
-        let schema = self.schema();
-        let indices = match columns {
-            Some(cols) => Some(
-                cols.iter()
-                    .map(|c| {
-                        schema.index_of(c).map_err(|_| {
-                            Error::Internal(format!("a model step's input lacks column `{c}`"))
-                        })
-                    })
-                    .collect::<Result<Vec<usize>>>()?,
-            ),
-            None => None,
-        };
-        match self {
-            Source::Held { parts, .. } => {
-                for (i, part) in parts.iter().enumerate() {
-                    for b in part {
-                        let b = match &indices {
-                            Some(ix) => b
-                                .project(ix)
-                                .map_err(|e| Error::arrow("project a step result", e))?,
-                            None => b.clone(),
-                        };
-                        f(i, b)?;
-                    }
-                }
-            }
-            Source::Spilled { files, .. } => {
-                for (i, path) in files.iter().enumerate() {
-                    let read_err = |e: parquet::errors::ParquetError| -> Error {
-                        Error::Internal(format!("read scratch file {}: {e}", path.display()))
-                    };
-                    let file =
-                        File::open(path).map_err(|e| Error::io(path, "open a scratch file", e))?;
-                    let mut builder =
-                        ParquetRecordBatchReaderBuilder::try_new(file).map_err(read_err)?;
-                    if let Some(ix) = &indices {
-                        let mask = ProjectionMask::roots(builder.parquet_schema(), ix.clone());
-                        builder = builder.with_projection(mask);
-                    }
-                    let reader = builder.with_batch_size(8192).build().map_err(read_err)?;
-                    for b in reader {
-                        let b = b.map_err(|e| Error::arrow("read a scratch file", e))?;
-                        // The declared schema (the file's own may differ in metadata only).
-                        let s = match &indices {
-                            Some(ix) => Arc::new(
-                                schema
-                                    .project(ix)
-                                    .map_err(|e| Error::arrow("project a step result", e))?,
-                            ),
-                            None => schema.clone(),
-                        };
-                        let b = RecordBatch::try_new(s, b.columns().to_vec())
-                            .map_err(|e| Error::arrow("read a scratch file", e))?;
-                        f(i, b)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The rows of `columns`, in order, as [`Rows`] (one partition): for the columns a fit
-    /// needs, converted batch by batch with `f`.
-    pub fn each_rows(
-        &self,
-        columns: &[&str],
-        mut f: impl FnMut(&Rows) -> Result<()>,
-    ) -> Result<()> {
-        self.scan(Some(columns), |_, b| {
-            let rows = Rows {
-                schema: b.schema(),
-                parts: vec![vec![b]],
-            };
-            f(&rows)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::rows::HeldTable;
+    use super::super::source::Source;
     use super::*;
     use datafusion::arrow::array::{AsArray, Int64Array};
     use datafusion::arrow::datatypes::Int64Type;

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Date32Array, Float64Array, Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::models::{ExactSum, Grouper, bgnbd, par_map};
+use super::models::{ExactSum, bgnbd, par_map};
 use crate::error::{Error, Result};
 use crate::steps::rows::{ColumnError, date32};
-use crate::steps::spill::{ResultWriter, Source};
+use crate::steps::source::Source;
+use crate::steps::spill::ResultWriter;
 use crate::steps::{StepContext, require_columns};
 
 /// The columns the backtest reads.
@@ -77,29 +78,19 @@ pub(super) async fn run(
     };
     // The table is read twice in the same order: the calibration histories to fit, then every
     // row to predict and compare.
-    let mut grouper = Grouper::<3>::with_capacity(n / 4);
+    let mut grouper = bgnbd::HistoryGrouper::with_capacity(n / 4);
     let mut first_weeks = None;
     let mut one_length = true;
     source.each_rows(&COLUMNS, |rows| {
         rows.integers("customer_id").map_err(column_err)?;
         rows.floats("x_holdout", None).map_err(column_err)?;
-        let x = rows.floats("x", None).map_err(column_err)?;
-        let t_x = rows.floats("t_x", None).map_err(column_err)?;
-        let t = rows.floats("t", None).map_err(column_err)?;
         for w in rows.floats("holdout_weeks", None).map_err(column_err)? {
             let first = *first_weeks.get_or_insert(w);
             one_length &= w.to_bits() == first.to_bits();
         }
-        for ((x, t_x), t) in x.into_iter().zip(t_x).zip(t) {
-            grouper.push([x, t_x, t]);
-        }
-        Ok(())
+        super::group_histories(rows, &mut grouper).map_err(column_err)
     })?;
-    let (grouped, index) = grouper.finish();
-    let distinct: Vec<(bgnbd::History, f64)> = grouped
-        .into_iter()
-        .map(|([x, t_x, t], w)| (bgnbd::History { x, t_x, t }, w))
-        .collect();
+    let (distinct, index) = grouper.finish();
     // Started from the full-history fit: the calibration optimum is close to it.
     let fit = bgnbd::fit_from(&distinct, Some(start)).map_err(|e| {
         model_err(format!(

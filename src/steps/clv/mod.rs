@@ -225,6 +225,20 @@ fn register_fit(cx: &StepContext<'_>, report: &[(&str, &str, f64)]) -> Result<()
     Ok(())
 }
 
+/// Adds the histories (columns `x`, `t_x`, `t`) of `rows` to `grouper`.
+fn group_histories(
+    rows: &crate::steps::rows::Rows,
+    grouper: &mut models::bgnbd::HistoryGrouper,
+) -> std::result::Result<(), crate::steps::rows::ColumnError> {
+    let x = rows.floats("x", None)?;
+    let t_x = rows.floats("t_x", None)?;
+    let t = rows.floats("t", None)?;
+    for ((x, t_x), t) in x.into_iter().zip(t_x).zip(t) {
+        grouper.push(&models::bgnbd::History { x, t_x, t });
+    }
+    Ok(())
+}
+
 /// The rows of `sql`, run on the step's session; errors name the job and step.
 async fn collect(cx: &StepContext<'_>, sql: &str) -> Result<Vec<RecordBatch>> {
     cx.session

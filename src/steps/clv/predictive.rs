@@ -21,7 +21,8 @@ use super::{ClvStep, backtest, register_fit};
 use crate::config::steps::ClvSpec;
 use crate::error::Result;
 use crate::steps::rows::{Rows, appended_schema, date32, extend_batch};
-use crate::steps::spill::{ResultWriter, Source};
+use crate::steps::source::Source;
+use crate::steps::spill::ResultWriter;
 use crate::steps::{StepContext, StepOutcome, require_columns};
 
 /// Customers up to which the CLV rank is sorted on all cores (see [`clv_ranks`]).
@@ -185,21 +186,11 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     // Customers with the same (x, t_x, T) have the same fit terms and purchase predictions:
     // the fit and the predictions run once per distinct history (a third of the customers on
     // the generator's data; one-time buyers collapse to one row per age).
-    let mut grouper = super::models::Grouper::<3>::with_capacity(n / 4);
+    let mut grouper = bgnbd::HistoryGrouper::with_capacity(n / 4);
     source.each_rows(&BTYD_COLUMNS[1..4], |rows| {
-        let x = rows.floats("x", None).map_err(column_err)?;
-        let t_x = rows.floats("t_x", None).map_err(column_err)?;
-        let t = rows.floats("t", None).map_err(column_err)?;
-        for ((x, t_x), t) in x.into_iter().zip(t_x).zip(t) {
-            grouper.push([x, t_x, t]);
-        }
-        Ok(())
+        super::group_histories(rows, &mut grouper).map_err(column_err)
     })?;
-    let (grouped, index) = grouper.finish();
-    let distinct: Vec<(bgnbd::History, f64)> = grouped
-        .into_iter()
-        .map(|([x, t_x, t], w)| (bgnbd::History { x, t_x, t }, w))
-        .collect();
+    let (distinct, index) = grouper.finish();
     let fit = bgnbd::fit(&distinct).map_err(|e| cx.model_err(format!("BG/NBD: {e}")))?;
     let t_bgnbd = t.elapsed();
     let t = Instant::now();

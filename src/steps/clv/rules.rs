@@ -500,7 +500,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     let started = Instant::now();
     let model = spec.model.name();
     let config = cx.session.state().config().clone();
-    let rows_in_from = crate::steps::spill::Source::count(cx.session, &spec.from)
+    let rows_in_from = crate::steps::source::Source::count(cx.session, &spec.from)
         .await
         .map_err(|e| cx.df_err(e))?;
     // The orders read and, per customer, the sums and the result (about three orders a

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::rows::{Rows, appended_schema, date32, extend_batch, register};
-use super::spill::{ResultWriter, Source};
+use super::source::Source;
+use super::spill::ResultWriter;
 use super::{CheckContext, StepContext, StepOutcome};
 use crate::config::Diagnostic;
 use crate::config::steps::{KmeansK, KmeansSpec};

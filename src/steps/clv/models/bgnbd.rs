@@ -169,13 +169,35 @@ pub fn compress(histories: impl IntoIterator<Item = History>) -> Vec<(History, f
 
 /// Like [`compress`], also giving for every input history the index of its merged row.
 pub fn compress_indexed(histories: &[History]) -> (Vec<(History, f64)>, Vec<u32>) {
-    let rows: Vec<[f64; 3]> = histories.iter().map(|h| [h.x, h.t_x, h.t]).collect();
-    let (distinct, index) = super::group(&rows);
-    let data = distinct
-        .into_iter()
-        .map(|([x, t_x, t], w)| (History { x, t_x, t }, w))
-        .collect();
-    (data, index)
+    let mut g = HistoryGrouper::with_capacity(histories.len() / 2);
+    for h in histories {
+        g.push(h);
+    }
+    g.finish()
+}
+
+/// [`compress_indexed`] as the histories arrive, without holding them all: the same result.
+pub struct HistoryGrouper(super::Grouper<3>);
+
+impl HistoryGrouper {
+    /// Room for `groups` distinct histories before the map grows.
+    pub fn with_capacity(groups: usize) -> Self {
+        Self(super::Grouper::with_capacity(groups))
+    }
+
+    pub fn push(&mut self, h: &History) {
+        self.0.push([h.x, h.t_x, h.t]);
+    }
+
+    /// The distinct histories with their counts, sorted, and every history's index among them.
+    pub fn finish(self) -> (Vec<(History, f64)>, Vec<u32>) {
+        let (distinct, index) = self.0.finish();
+        let data = distinct
+            .into_iter()
+            .map(|([x, t_x, t], w)| (History { x, t_x, t }, w))
+            .collect();
+        (data, index)
+    }
 }
 
 /// Fits the model by maximum likelihood.
