@@ -243,13 +243,13 @@ impl Error {
             MemoryLimit::Unknown => "unknown".into(),
         };
         // The pool's kind is only visible in its debug form (DataFusion's pools are opaque).
-        let hint = if format!("{pool:?}").contains("FairSpillPool") {
-            "raise engine.memory_limit (the pool is already fair: aggregations and sorts spill to \
-             engine.spill_dir, but step results, model buffers and DataFusion's hash joins cannot)"
+        let hint = if format!("{pool:?}").contains("GreedyMemoryPool") {
+            "raise engine.memory_limit, or set engine.memory_pool: balanced (the default) so that \
+             aggregations and sorts share the limit and spill to engine.spill_dir when it is \
+             short (DataFusion's hash joins cannot spill)"
         } else {
-            "raise engine.memory_limit, or set engine.memory_pool: fair so that aggregations and \
-             sorts share the limit and spill to engine.spill_dir (slower; DataFusion's hash joins \
-             cannot spill)"
+            "raise engine.memory_limit (aggregations and sorts already spill to engine.spill_dir; \
+             step results, model buffers and DataFusion's hash joins cannot)"
         };
         Error::OutOfMemory {
             what,

@@ -190,9 +190,14 @@ impl Default for EngineSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemoryPoolKind {
-    /// First come, first served up to the limit; an operator that cannot grow spills (or, if it
-    /// cannot spill, fails). Best when one large operator runs at a time, as in clvflow's steps.
+    /// Greedy while the pool is below three quarters of the limit, fair above it: as fast as
+    /// greedy while the data fits, and no spilling operator starves the others when it does not
+    /// (`engine/pool.rs`).
     #[default]
+    Balanced,
+    /// First come, first served up to the limit; an operator that cannot grow spills (or, if it
+    /// cannot spill, fails). Best when one large operator runs at a time; when the data does not
+    /// fit, partitions of one operator starve each other.
     Greedy,
     /// Each spilling operator gets an equal share of the limit: several operators running at
     /// once never starve each other, at the price of spilling earlier.

@@ -16,6 +16,7 @@
 
 pub mod functions;
 pub mod memory;
+pub mod pool;
 pub mod scratch;
 
 use std::collections::BTreeMap;
@@ -156,11 +157,17 @@ impl Engine {
         }
         apply_settings(&mut config, &local.settings, "engine.settings")?;
         let mut runtime = RuntimeEnvBuilder::new();
+        let mut balanced = None;
         if let Some(limit) = local.memory_limit {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             // Tracked: an error names the consumers that hold the most memory.
             let top = NonZeroUsize::MIN.saturating_add(4);
             let pool: Arc<dyn MemoryPool> = match local.memory_pool {
+                MemoryPoolKind::Balanced => {
+                    let pool = pool::BalancedPool::new(limit);
+                    balanced = Some(pool.clone());
+                    Arc::new(TrackConsumersPool::new(pool, top))
+                }
                 MemoryPoolKind::Greedy => {
                     Arc::new(TrackConsumersPool::new(GreedyMemoryPool::new(limit), top))
                 }
@@ -187,7 +194,10 @@ impl Engine {
             .map(bytes)
             .or(local.memory_limit.map(|l| bytes(l) / 4 * 3));
         let space = scratch::ResultSpace::new(hold, &scratch_base);
-        let config = config.with_extension(Arc::new(space));
+        let mut config = config.with_extension(Arc::new(space));
+        if let Some(pool) = balanced {
+            config = config.with_extension(Arc::new(pool::PoolPeak(pool)));
+        }
         for store in &stores.stores {
             runtime.register_object_store(&store.registry_url, store.object_store.clone());
         }

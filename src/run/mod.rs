@@ -216,6 +216,7 @@ async fn execute(
         }
         let started = Instant::now();
         memory::reset_peak();
+        crate::engine::pool::take_peak(ctx);
         let streamed = staging.is_some_and(|s| s.streamed(i));
         // The session with the step's own settings; a streamed step is computed by its
         // output's write, so that write uses it too.
@@ -251,6 +252,7 @@ async fn execute(
         out.elapsed = started.elapsed();
         info!(job = %job.name, step = %step.name, rows = out.rows, bytes = out.bytes, spilled_bytes = out.spilled,
               ms = out.elapsed.as_millis() as u64, peak_rss_mb = memory::peak_rss().map(mib),
+              pool_peak_mb = crate::engine::pool::take_peak(ctx).map(|b| mib(b as u64)),
               rss_mb = memory::rss().map(mib), streamed, "step done");
         step_report.push((step.name.clone(), out));
         if !streamed && let Some(staging) = staging {

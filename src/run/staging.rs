@@ -72,11 +72,13 @@ impl<'a> Staging<'a> {
             let out = &job.outputs[o];
             let t = Instant::now();
             memory::reset_peak();
+            crate::engine::pool::take_peak(ctx);
             let staged = sink::stage(ctx, out, self.run).await?;
             let took = t.elapsed();
             info!(job = %job.name, output = %out.from, ms = took.as_millis() as u64,
                   rows = staged.rows(), bytes = staged.bytes(),
-                  peak_rss_mb = memory::peak_rss().map(mib), "output staged");
+                  peak_rss_mb = memory::peak_rss().map(mib),
+              pool_peak_mb = crate::engine::pool::take_peak(ctx).map(|b| mib(b as u64)), "output staged");
             if out.from.eq_ignore_ascii_case(&step.name) {
                 written = staged.rows();
                 let read_later = !later.iter().any(|t| t.eq_ignore_ascii_case(&step.name));

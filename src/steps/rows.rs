@@ -77,7 +77,7 @@ pub fn register(
     let table = HeldTable {
         table: MemTable::try_new(schema, parts.clone()).map_err(err)?,
         parts,
-        _reservation: reservation,
+        reservation,
         _counted: counted,
     };
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
@@ -90,7 +90,7 @@ pub struct HeldTable {
     table: MemTable,
     /// The same batches (shared buffers), for model steps that read them in order.
     parts: Vec<Vec<RecordBatch>>,
-    _reservation: MemoryReservation,
+    reservation: MemoryReservation,
     /// Counted against the share of memory for held results.
     _counted: Option<crate::engine::scratch::HeldBytes>,
 }
@@ -104,6 +104,11 @@ impl HeldTable {
     /// The batches, per partition.
     pub fn parts(&self) -> &[Vec<RecordBatch>] {
         &self.parts
+    }
+
+    /// The bytes its batches hold (as counted against the pool).
+    pub fn bytes(&self) -> usize {
+        self.reservation.size()
     }
 }
 

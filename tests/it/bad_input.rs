@@ -353,7 +353,7 @@ fn a_run_that_does_not_fit_its_memory_limit_says_what_to_set() {
         totals,
         1,
         &[
-            "needs more memory than engine.memory_limit (1 MiB) gives it: raise engine.memory_limit, or set engine.memory_pool: fair",
+            "needs more memory than engine.memory_limit (1 MiB) gives it: raise engine.memory_limit (aggregations and sorts already spill",
             "Resources exhausted",
         ],
     );
@@ -364,19 +364,17 @@ fn a_run_that_does_not_fit_its_memory_limit_says_what_to_set() {
             && l.contains("needs more memory")),
         "{err}"
     );
-    // A fair pool is not advised again.
+    // Under the greedy pool, the balanced one is advised.
     p.edit(
         "config.yaml",
         "memory_limit: 1MiB",
-        "memory_limit: 1MiB, memory_pool: fair",
+        "memory_limit: 1MiB, memory_pool: greedy",
     );
     fails(
         &p,
         &snap,
         totals,
         1,
-        &[
-            "gives it: raise engine.memory_limit (the pool is already fair: aggregations and sorts spill",
-        ],
+        &["gives it: raise engine.memory_limit, or set engine.memory_pool: balanced (the default)"],
     );
 }

@@ -53,10 +53,12 @@ pub(super) async fn declare(
 }
 
 /// Refits BG/NBD on the calibration columns of `table`, predicts each customer's purchases in
-/// the holdout, registers `<step>_backtest` and returns the totals for the fit report.
+/// the holdout, registers `<step>_backtest` and returns the totals for the fit report. `from`
+/// is the step's own input, read at the same time.
 pub(super) async fn run(
     cx: &StepContext<'_>,
     table: &str,
+    from: &str,
     start: &bgnbd::Params,
 ) -> Result<Vec<(&'static str, f64)>> {
     let model_err = |message: String| cx.model_err(message);
@@ -64,11 +66,13 @@ pub(super) async fn run(
         .await
         .map_err(|e| cx.df_err(e))?;
     let n = source.rows();
-    let _memory = crate::engine::memory::reserve(
+    let _memory = crate::steps::spill::reserve_evicting(
         cx.session,
         format!("clv step `{}`: backtest buffers", cx.step.name),
         n * BYTES_PER_CUSTOMER,
+        &[table, from],
     )
+    .await
     .map_err(|e| cx.df_err(e))?;
     let column_err = |e: ColumnError| match e {
         ColumnError::Nulls(_) => model_err(format!(

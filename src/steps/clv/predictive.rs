@@ -174,11 +174,13 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         .await
         .map_err(|e| cx.df_err(e))?;
     let n = source.rows();
-    let _memory = crate::engine::memory::reserve(
+    let _memory = crate::steps::spill::reserve_evicting(
         cx.session,
         format!("clv step `{}`: model buffers", cx.step.name),
         n * BYTES_PER_CUSTOMER,
+        &[&spec.from],
     )
+    .await
     .map_err(|e| cx.df_err(e))?;
     let column_err = |e| cx.model_err(format!("`{}`: {e}", spec.from));
 
@@ -333,7 +335,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     ];
     let t = Instant::now();
     if let Some(table) = &spec.backtest {
-        let totals = backtest::run(cx, table, &p).await?;
+        let totals = backtest::run(cx, table, &spec.from, &p).await?;
         report.extend(totals.into_iter().map(|(k, v)| ("backtest", k, v)));
     }
     let t_backtest = t.elapsed();

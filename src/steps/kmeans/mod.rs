@@ -183,11 +183,13 @@ impl KmeansStep {
         // The points (standardised in place), the raw value feature and the assignment: the
         // step's large buffers. The input itself is a step result held or spilled already.
         let buffers = source.rows() * (spec.features.len() * size_of::<f64>() + 8 + 8);
-        let _memory = crate::engine::memory::reserve(
+        let _memory = crate::steps::spill::reserve_evicting(
             cx.session,
             format!("kmeans step `{}`", cx.step.name),
             buffers,
+            &[&spec.from],
         )
+        .await
         .map_err(|e| cx.df_err(e))?;
         let (raw, value, sample_idx) = self.raw_points(cx, &source)?;
         let k_max = match spec.k {
