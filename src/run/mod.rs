@@ -169,7 +169,9 @@ pub async fn run_job(
     }
     let elapsed = started.elapsed();
     info!(job = %job.name, %run_date, run_id, ms = elapsed.as_millis() as u64,
-          max_rss_mb = memory::max_rss().map(mib), "run succeeded");
+          max_rss_mb = memory::max_rss().map(mib),
+          store_retries_in_process = crate::storage::instrumented::StoreOps::global().all_retries(),
+          "run succeeded");
     Ok(RunReport {
         run_id: run_id.to_string(),
         job: job.name.clone(),

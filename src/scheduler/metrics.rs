@@ -107,6 +107,15 @@ impl Metrics {
                 ops.count(op)
             );
         }
+        s.push_str("# HELP clvflow_store_retries_total Object-store operations sent again after a transient fault, by kind.\n# TYPE clvflow_store_retries_total counter\n");
+        for op in Op::ALL {
+            let _ = writeln!(
+                s,
+                "clvflow_store_retries_total{{op=\"{}\"}} {}",
+                op.name(),
+                ops.retries(op)
+            );
+        }
         s
     }
 }

@@ -62,6 +62,7 @@ impl Op {
 #[derive(Debug, Default)]
 pub struct StoreOps {
     counts: [AtomicU64; 8],
+    retries: [AtomicU64; 8],
 }
 
 impl StoreOps {
@@ -73,6 +74,21 @@ impl StoreOps {
 
     fn add(&self, op: Op) {
         self.counts[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a retry of an operation of kind `op` ([`super::retry`]).
+    pub fn retried(&self, op: Op) {
+        self.retries[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Retries of operations of kind `op` so far.
+    pub fn retries(&self, op: Op) -> u64 {
+        self.retries[op as usize].load(Ordering::Relaxed)
+    }
+
+    /// Retries of every kind so far.
+    pub fn all_retries(&self) -> u64 {
+        Op::ALL.iter().map(|&op| self.retries(op)).sum()
     }
 
     /// Operations of kind `op` so far.

@@ -7,6 +7,7 @@
 pub mod footer;
 pub mod instrumented;
 pub mod listing;
+pub mod retry;
 
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
@@ -266,7 +267,13 @@ pub fn build(name: &str, spec: &StoreSpec, base: &FsPath) -> Result<Store, Probl
         name: name.to_string(),
         root,
         registry_url,
-        object_store: instrumented::Instrumented::wrap(object_store),
+        object_store: instrumented::Instrumented::wrap(retry::Retrying::wrap(
+            object_store,
+            retry::Policy {
+                max_retries: spec.max_retries,
+                timeout: spec.retry_timeout.0,
+            },
+        )),
     })
 }
 

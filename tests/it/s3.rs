@@ -13,17 +13,27 @@ fn endpoint() -> String {
 
 /// A project whose store, inputs and outputs are in a fresh bucket.
 fn s3_project() -> (TestProject, String) {
-    let bucket = format!("clvflow-{}", uuid::Uuid::new_v4().simple());
+    s3_project_via("data", &endpoint())
+}
+
+/// Like [`s3_project`], the bucket's name tagged `tag` and the store reached at `via` (the
+/// server itself, or the fault proxy). `config-clean.yaml` reaches the same bucket directly.
+fn s3_project_via(tag: &str, via: &str) -> (TestProject, String) {
+    let bucket = format!("clvflow-{tag}-{}", uuid::Uuid::new_v4().simple());
     py_json(
         "import boto3, sys, json; boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1').create_bucket(Bucket=sys.argv[2]); print(json.dumps(True))",
         &[&endpoint(), &bucket],
     );
     let p = TestProject::shipped();
-    let config = p.read("config.yaml").replace(
-        "stores:\n",
-        &format!("stores:\n  warehouse: {{ url: s3://{bucket}, endpoint: \"{}\", region: us-east-1, allow_http: true }}\n", endpoint()),
-    );
-    p.write("config.yaml", &config);
+    let shipped = p.read("config.yaml");
+    let store = |ep: &str| {
+        shipped.replace(
+            "stores:\n",
+            &format!("stores:\n  warehouse: {{ url: s3://{bucket}, endpoint: \"{ep}\", region: us-east-1, allow_http: true }}\n"),
+        )
+    };
+    p.write("config.yaml", &store(via));
+    p.write("config-clean.yaml", &store(&endpoint()));
     let job = p
         .read("jobs/customer_value.yaml")
         .replace("file://./data/", &format!("s3://{bucket}/"));
@@ -137,4 +147,184 @@ fn a_killed_run_on_s3_leaves_the_output_intact() {
     assert_eq!(read_back(&bucket), before);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     assert_eq!(read_back(&bucket), before);
+}
+
+fn faulty_endpoint() -> String {
+    std::env::var("CLVFLOW_TEST_FAULTY_S3_ENDPOINT").unwrap_or_else(|_| {
+        panic!("CLVFLOW_TEST_FAULTY_S3_ENDPOINT is not set: run the tests with ./scripts/test (it starts the fault proxy)")
+    })
+}
+
+/// What the fault proxy injected for `bucket`, by kind.
+fn injected(bucket: &str) -> Value {
+    let faults = py_json(
+        "import json, sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + '/_faults').read().decode())",
+        &[&faulty_endpoint()],
+    );
+    faults.get(bucket).cloned().unwrap_or(Value::Null)
+}
+
+fn generate_in(p: &TestProject, bucket: &str, config: &str) {
+    p.ok(&[
+        "--config",
+        config,
+        "generate",
+        "--customers",
+        "300",
+        "--end",
+        RUN_DATE,
+        "--url",
+        &format!("s3://{bucket}/exports/"),
+    ]);
+}
+
+fn store_retries(out: &std::process::Output) -> u64 {
+    let err = stderr(out);
+    err.split("store_retries_in_process=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The latest commit of `customer_value` in `bucket` loses nothing: each of its files exists
+/// with its size, in the table or (a committed run whose publish was cut short, which the next
+/// run finishes) still staged. Returns whether the commit is fully published.
+const LATEST_COMMIT_FILES: &str = r#"
+import json, sys, boto3
+s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')
+bucket, table, log = sys.argv[2], 'marts/customer_value', 'marts/_clvflow/customer_value'
+pages = s3.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=log + '/commits/')
+markers = sorted(o['Key'] for p in pages for o in p.get('Contents', []))
+commit = json.loads(s3.get_object(Bucket=bucket, Key=markers[-1])['Body'].read())
+def size(key):
+    try:
+        return s3.head_object(Bucket=bucket, Key=key)['ContentLength']
+    except Exception:
+        return None
+staged = {a['path']: a['staged'] for a in commit['added']}
+missing, unpublished = [], 0
+for f in commit['files']:
+    if size(f'{table}/{f["path"]}') == f['bytes']:
+        continue
+    if f['path'] in staged and size(f'{log}/{staged[f["path"]]}') == f['bytes']:
+        unpublished += 1
+        continue
+    missing.append(f['path'])
+published = json.loads(s3.get_object(Bucket=bucket, Key=log + '/published.json')['Body'].read())
+print(json.dumps({"version": commit['version'], "missing": missing,
+                  "published": published['version'] == commit['version'] and unpublished == 0}))
+"#;
+
+/// [`LATEST_COMMIT_FILES`] holds; when the commit is fully published, a plain folder reader
+/// also sees exactly the complete run (the sums of the raw exports).
+fn committed_state_is_consistent(bucket: &str) {
+    let state = py_json(LATEST_COMMIT_FILES, &[&endpoint(), bucket]);
+    assert_eq!(state["missing"], Value::Array(vec![]), "{state}");
+    if state["published"] == Value::Bool(true) {
+        let back = read_back(bucket);
+        assert_eq!(back["got"][0], back["want"][0], "{back}");
+        assert!(
+            (f64_of(&back["got"][1]) - f64_of(&back["want"][1])).abs() < 0.01,
+            "{back}"
+        );
+        assert_eq!(back["got"][2].as_i64(), Some(1), "{back}");
+    }
+}
+
+/// After a successful run the commit is published and the folder is the complete run.
+fn published_and_complete(bucket: &str) {
+    let state = py_json(LATEST_COMMIT_FILES, &[&endpoint(), bucket]);
+    assert_eq!(state["published"], Value::Bool(true), "{state}");
+    committed_state_is_consistent(bucket);
+}
+
+/// 5 % of the requests fail (503s, dropped connections, lost answers, bodies cut off half-way):
+/// every run succeeds, with the same result as a store without faults.
+#[test]
+fn every_run_succeeds_through_five_percent_transient_s3_faults() {
+    let (p, bucket) = s3_project_via("f5", &faulty_endpoint());
+    generate_in(&p, &bucket, "config.yaml");
+    let mut retries = 0;
+    for _ in 0..10 {
+        let out = p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+        retries += store_retries(&out);
+        published_and_complete(&bucket);
+    }
+    let faults = injected(&bucket);
+    let total: u64 = faults
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    assert!(total >= 20, "too few faults to mean anything: {faults}");
+    assert!(retries > 0, "faults {faults}, but no retry was counted");
+}
+
+/// At 20 % a run may run out of retries: then it fails cleanly (exit 1, one error line), the
+/// committed state stays consistent, and the next run without faults succeeds.
+#[test]
+fn at_twenty_percent_faults_a_run_succeeds_or_fails_cleanly() {
+    let (p, bucket) = s3_project_via("f20", &faulty_endpoint());
+    generate_in(&p, &bucket, "config-clean.yaml");
+    p.ok(&[
+        "--config",
+        "config-clean.yaml",
+        "run",
+        "customer_value",
+        "--date",
+        RUN_DATE,
+    ]);
+    p.edit(
+        "config.yaml",
+        "allow_http: true",
+        "allow_http: true, max_retries: 2",
+    );
+    let mut failed = 0;
+    for _ in 0..4 {
+        let out = p.clvflow(&["run", "customer_value", "--date", RUN_DATE]);
+        if !out.status.success() {
+            failed += 1;
+            assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+            let err = stderr(&out);
+            let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+            assert_eq!(errors.len(), 1, "{err}");
+            eprintln!("20 % faults, a run failed: {}", errors[0]);
+            committed_state_is_consistent(&bucket);
+        } else {
+            published_and_complete(&bucket);
+        }
+    }
+    p.ok(&[
+        "--config",
+        "config-clean.yaml",
+        "run",
+        "customer_value",
+        "--date",
+        RUN_DATE,
+    ]);
+    published_and_complete(&bucket);
+    eprintln!(
+        "20 % faults: {failed} of 4 runs failed cleanly; injected {}",
+        injected(&bucket)
+    );
+    assert!(!injected(&bucket).is_null());
+}
+
+/// Every first conditional put to a key (commit markers, the run's lease) reaches the server
+/// and its answer is lost: the retry finds the object holding its own bytes and goes on.
+#[test]
+fn a_conditional_put_whose_answer_was_lost_is_recognised_as_our_own() {
+    let (p, bucket) = s3_project_via("lost", &faulty_endpoint());
+    let config = p.read("config.yaml").replace(
+        "state: { url: file://./data/_clvflow }",
+        &format!("state: {{ url: s3://{bucket}/_clvflow }}"),
+    );
+    p.write("config.yaml", &config);
+    generate_in(&p, &bucket, "config-clean.yaml");
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    published_and_complete(&bucket);
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    published_and_complete(&bucket);
+    let lost = injected(&bucket)["lost_answer"].as_u64().unwrap_or(0);
+    assert!(lost >= 4, "{}", injected(&bucket));
 }
