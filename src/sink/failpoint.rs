@@ -12,6 +12,8 @@ pub const AFTER_STAGING: &str = "after-staging";
 pub const AFTER_COMMIT: &str = "after-commit";
 /// After the first data file was moved into the table.
 pub const MID_PUBLISH: &str = "mid-publish";
+/// After `published.json` names the new version, before the replaced files are deleted.
+pub const AFTER_PUBLISHED: &str = "after-published";
 
 /// Acts on the failpoint `name` if it is set.
 pub async fn hit(name: &str) -> Result<()> {

@@ -1,12 +1,12 @@
 //! Writing an output table so that a BI reader never sees a half-written table.
 //!
 //! ```text
-//!  recover ─▶ stage ─▶ verify ─▶ COMMIT MARKER ─▶ publish ─▶ published.json
+//!  recover ─▶ stage ─▶ verify ─▶ COMMIT MARKER ─▶ publish
 //!  (finish a    (DataFusion   (footers,  (create-only-  (move staged files in,
-//!   killed       writes to     row        if-absent:     delete replaced files;
-//!   publish,     _clvflow/     counts)    the commit     idempotent, so a killed
-//!   drop         <t>/staging/             point)         publish is rolled forward
-//!   leftovers)   <run>/)                                 by the next run)
+//!   killed       writes to     row        if-absent:     published.json, then
+//!   publish,     _clvflow/     counts)    the commit     delete replaced files;
+//!   drop         <t>/staging/             point)         idempotent, so a killed
+//!   leftovers)   <run>/)                                 publish is rolled forward)
 //! ```
 //!
 //! Guarantees:

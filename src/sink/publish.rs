@@ -1,10 +1,13 @@
 //! Publishing a committed run, and recovering from runs that died.
 //!
-//! Publishing moves each staged file to its place in the table, then deletes the files the
-//! commit replaced, then records `published.json`. Every step is idempotent, so a publish that was
-//! killed half way is simply done again by the next run ("roll forward"): a commit marker, once
-//! created, always ends up fully published. Staged files of runs that never committed are
-//! deleted by the next run.
+//! Publishing moves each staged file to its place in the table, then records `published.json`,
+//! then deletes the files the commit replaced and the run's staging folder. So every file of the
+//! published version exists at any time: before the switch the old version's files are all still
+//! there, after it the new version's files are all moved in. Every step is idempotent, so a
+//! publish that was killed half way is simply done again by the next run ("roll forward"): a
+//! commit marker, once created, always ends up fully published, and the replaced files of the
+//! latest commit are deleted again by every recovery (deleting an absent file is a no-op). Staged
+//! files of runs that never committed are deleted by the next run.
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -37,6 +40,15 @@ pub async fn publish(log: &TableLog, commit: &Commit) -> Result<()> {
     .try_collect::<Vec<()>>()
     .await?;
 
+    log.set_published(commit.version).await?;
+    failpoint::hit(failpoint::AFTER_PUBLISHED).await?;
+    delete_replaced(log, commit).await?;
+    delete_prefix(log, &log.log_path(&format!("staging/{}", commit.run_id))).await
+}
+
+/// Deletes the files `commit` replaced (already gone is fine).
+async fn delete_replaced(log: &TableLog, commit: &Commit) -> Result<()> {
+    let store = log.table.store.object_store.clone();
     // Owned paths: a closure over borrowed items makes this future fail the Send check.
     let removed: Vec<object_store::path::Path> = commit
         .removed
@@ -60,8 +72,7 @@ pub async fn publish(log: &TableLog, commit: &Commit) -> Result<()> {
     .try_collect::<Vec<()>>()
     .await?;
 
-    delete_prefix(log, &log.log_path(&format!("staging/{}", commit.run_id))).await?;
-    log.set_published(commit.version).await
+    Ok(())
 }
 
 /// Moves a staged file into the table. Already moved (staged gone, target there) is fine.
@@ -128,11 +139,14 @@ pub struct Recovery {
 /// a table; the scheduler never runs a job twice at once).
 pub async fn recover(log: &TableLog) -> Result<Recovery> {
     let mut rec = Recovery::default();
-    if let Some(latest) = log.latest().await?
-        && log.published().await? < latest.version
-    {
-        publish(log, &latest).await?;
-        rec.rolled_forward = Some(latest.version);
+    if let Some(latest) = log.latest().await? {
+        if log.published().await? < latest.version {
+            publish(log, &latest).await?;
+            rec.rolled_forward = Some(latest.version);
+        } else {
+            // Published, but the run may have died before its replaced files were all gone.
+            delete_replaced(log, &latest).await?;
+        }
     }
     let staging = log.log_path("staging");
     rec.staged_files_removed = log.list(&staging).await?.len();

@@ -156,3 +156,63 @@ fn sigkill_during_publish_is_rolled_forward_by_the_next_run() {
             .contains("\"version\":3")
     );
 }
+
+#[test]
+fn sigkill_after_the_switch_leaves_every_published_file_readable_and_the_next_run_deletes_the_old()
+{
+    let p = committed();
+    let files = p.snapshot("data/marts/customer_value").len();
+    let totals = summary_totals(&p);
+    set_margin(&p, "0.5");
+    kill_at(&p, "after-published");
+    // published.json names the new version, and every file it lists is there (a manifest
+    // reader never meets a missing file); the replaced files are still in the folder.
+    assert!(
+        p.read("data/marts/_clvflow/customer_value/published.json")
+            .contains("\"version\":2")
+    );
+    let listed = p.ok(&["files", "file://./data/marts/customer_value/"]);
+    let listed: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(listed.len(), files);
+    for f in &listed {
+        let rel = f.trim_start_matches("file://");
+        assert!(
+            std::path::Path::new(rel).exists(),
+            "{f} is listed but missing"
+        );
+    }
+    assert!(p.snapshot("data/marts/customer_value").len() > files);
+    // Read through the manifest: exactly the new run.
+    let list = listed
+        .iter()
+        .map(|f| format!("'{}'", f.trim_start_matches("file://")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let through_manifest = duckdb(
+        p.path(),
+        &format!(
+            "select distinct round(sum(historical_clv) / sum(monetary), 2) from read_parquet([{list}], hive_partitioning = true) group by acquisition_channel"
+        ),
+    );
+    assert_eq!(
+        through_manifest
+            .iter()
+            .map(|r| f64_of(&r[0]))
+            .collect::<Vec<_>>(),
+        vec![0.5]
+    );
+
+    // The next run deletes what the killed one left, then writes its own.
+    set_margin(&p, "0.4");
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    assert_eq!(p.snapshot("data/marts/customer_value").len(), files);
+    assert_eq!(summary_totals(&p).0, totals.0);
+    assert_eq!(margins(&p), vec![0.4]);
+    assert!(
+        p.snapshot("data/marts/_clvflow/customer_value/staging")
+            .is_empty()
+    );
+}
