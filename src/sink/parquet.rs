@@ -166,12 +166,10 @@ async fn stage_files(
     metas.retain(|m| m.location.as_ref().ends_with(".parquet"));
     metas.sort_by(|a, b| a.location.cmp(&b.location));
     let store = log.table.store.object_store.clone();
-    let short = run
-        .run_id
-        .split('-')
-        .next()
-        .unwrap_or(&run.run_id)
-        .to_string();
+    // The whole run id (time and random suffix): two runs that start in the same second must
+    // not name a file alike, or the second one's publish would move its file onto the first
+    // one's name and then delete it as replaced.
+    let short = run.run_id.clone();
     let added: Vec<AddedFile> = futures::stream::iter(metas.into_iter().enumerate())
         .map(|(i, meta)| {
             let store = store.clone();
