@@ -10,6 +10,7 @@
 //! match below. A step knows nothing of jobs: it is given a [`StepContext`].
 
 pub mod clv;
+pub mod evict;
 pub mod exact;
 pub mod kmeans;
 pub mod rows;

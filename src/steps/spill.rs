@@ -124,7 +124,7 @@ fn write_err(path: &Path, e: parquet::errors::ParquetError) -> Error {
 }
 
 /// One scratch file being written.
-struct SpillFile {
+pub(super) struct SpillFile {
     writer: ArrowWriter<File>,
     path: PathBuf,
 }
@@ -134,7 +134,7 @@ impl SpillFile {
         Self::create(dir.path(), index, schema)
     }
 
-    fn create(dir: &Path, index: usize, schema: SchemaRef) -> Result<Self> {
+    pub(super) fn create(dir: &Path, index: usize, schema: SchemaRef) -> Result<Self> {
         let path = dir.join(format!("part-{index:05}.parquet"));
         Ok(Self {
             writer: writer(&path, schema)?,
@@ -142,20 +142,20 @@ impl SpillFile {
         })
     }
 
-    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+    pub(super) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.writer
             .write(batch)
             .map_err(|e| write_err(&self.path, e))
     }
 
-    fn close(self) -> Result<PathBuf> {
+    pub(super) fn close(self) -> Result<PathBuf> {
         self.writer.close().map_err(|e| write_err(&self.path, e))?;
         Ok(self.path)
     }
 }
 
 /// Registers the closed files `files` in `dir` as table `name` (replacing one of that name).
-async fn register_spilled(
+pub(super) async fn register_spilled(
     ctx: &SessionContext,
     name: &str,
     schema: SchemaRef,
@@ -192,103 +192,6 @@ async fn register_spilled(
     };
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
     Ok(())
-}
-
-/// Takes `bytes` of the memory pool for a model step's buffers (as `what`), like
-/// [`crate::engine::memory::reserve`]; when the pool is full, first moves step results held in
-/// memory to scratch files, largest first, until the buffers fit. Held results are a cache: a
-/// result that a later step reads costs a scratch write and read, while a model step that
-/// cannot get its buffers fails the run. `keep` names the tables the step reads (those stay,
-/// since the step holds their batches already). Fails as `reserve` when nothing is left to move.
-pub async fn reserve_evicting(
-    ctx: &SessionContext,
-    what: String,
-    bytes: usize,
-    keep: &[&str],
-) -> datafusion::error::Result<datafusion::execution::memory_pool::MemoryReservation> {
-    use datafusion::error::DataFusionError;
-    loop {
-        let err = match crate::engine::memory::reserve(ctx, what.clone(), bytes) {
-            Ok(r) => return Ok(r),
-            Err(e) => e,
-        };
-        if !matches!(err.find_root(), DataFusionError::ResourcesExhausted(_))
-            || ResultSpace::of(ctx).is_none()
-        {
-            return Err(err);
-        }
-        let Some((name, held)) = largest_held(ctx, keep).await? else {
-            return Err(err);
-        };
-        tracing::info!(table = %name, mib = held >> 20, needed_mib = bytes >> 20, by = %what,
-                       "memory pool full: moving a held step result to scratch files");
-        evict(ctx, &name)
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-    }
-}
-
-/// The held step result with the most bytes, not one of `keep`.
-async fn largest_held(
-    ctx: &SessionContext,
-    keep: &[&str],
-) -> datafusion::error::Result<Option<(String, usize)>> {
-    let state = ctx.state();
-    let options = &state.config().options().catalog;
-    let Some(schema) = ctx
-        .catalog(&options.default_catalog)
-        .and_then(|c| c.schema(&options.default_schema))
-    else {
-        return Ok(None);
-    };
-    let mut best: Option<(String, usize)> = None;
-    for name in schema.table_names() {
-        if keep.iter().any(|k| k.eq_ignore_ascii_case(&name)) {
-            continue;
-        }
-        let Some(provider) = schema.table(&name).await? else {
-            continue;
-        };
-        if let Some(t) = provider.downcast_ref::<super::rows::HeldTable>() {
-            let bytes = t.bytes();
-            if bytes > 0 && best.as_ref().is_none_or(|(_, b)| bytes > *b) {
-                best = Some((name, bytes));
-            }
-        }
-    }
-    Ok(best)
-}
-
-/// Writes held table `name` to scratch files, one per partition, and registers it over them in
-/// its place (its memory goes back to the pool when the last reader lets go).
-async fn evict(ctx: &SessionContext, name: &str) -> Result<()> {
-    let err = |e| Error::df(format!("move step result `{name}` to scratch"), e);
-    let space = ResultSpace::of(ctx)
-        .ok_or_else(|| Error::Internal("no scratch space to move a result to".into()))?;
-    let provider = ctx.table_provider(name).await.map_err(err)?;
-    let Some(held) = provider.downcast_ref::<super::rows::HeldTable>() else {
-        return Ok(());
-    };
-    let (schema, parts, bytes) = (held.schema(), held.parts().to_vec(), held.bytes());
-    drop(provider);
-    let rows = parts.iter().flatten().map(|b| b.num_rows()).sum();
-    let dir = space.folder(name)?;
-    let folder = dir.path().to_path_buf();
-    let file_schema = schema.clone();
-    let paths = tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
-        let mut paths = Vec::with_capacity(parts.len());
-        for (i, part) in parts.into_iter().enumerate() {
-            let mut f = SpillFile::create(&folder, i, file_schema.clone())?;
-            for b in &part {
-                f.write(b)?;
-            }
-            paths.push(f.close()?);
-        }
-        Ok(paths)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("the scratch write task failed: {e}")))??;
-    register_spilled(ctx, name, schema, dir, paths, rows, bytes).await
 }
 
 /// How a step result was kept.
@@ -538,7 +441,7 @@ impl ResultWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::rows::HeldTable;
     use super::super::source::Source;
     use super::*;
@@ -547,7 +450,7 @@ mod tests {
 
     /// A session like an engine's, whose pool holds `limit` bytes (results: half of it), with
     /// scratch under `base`.
-    fn session(limit: usize, base: &Path) -> SessionContext {
+    pub(in crate::steps) fn session(limit: usize, base: &Path) -> SessionContext {
         use datafusion::execution::memory_pool::GreedyMemoryPool;
         use datafusion::execution::runtime_env::RuntimeEnvBuilder;
         let runtime = RuntimeEnvBuilder::new()
@@ -560,7 +463,7 @@ mod tests {
         SessionContext::new_with_config_rt(config, runtime)
     }
 
-    fn ints(ctx: &SessionContext, sql: &str) -> Vec<i64> {
+    pub(in crate::steps) fn ints(ctx: &SessionContext, sql: &str) -> Vec<i64> {
         let rt = tokio::runtime::Handle::current();
         let batches = tokio::task::block_in_place(|| {
             rt.block_on(async { ctx.sql(sql).await.unwrap().collect().await.unwrap() })
@@ -638,54 +541,6 @@ mod tests {
             ints(&ctx, "SELECT v FROM small"),
             (1..=1000).collect::<Vec<i64>>()
         );
-        drop(ctx);
-        let _ = std::fs::remove_dir_all(&base);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_model_step_that_needs_the_memory_moves_held_results_to_scratch() {
-        let base = std::env::temp_dir().join(format!("clvflow-evict-test-{}", std::process::id()));
-        // Two held results of 1.6 MB each in an 8 MB pool (4 MB for results).
-        let ctx = session(8 << 20, &base);
-        for (name, n) in [("a", 200_000), ("b", 190_000)] {
-            let sql = format!("SELECT value AS v FROM generate_series(1, {n})");
-            let df = ctx.sql(&sql).await.unwrap();
-            let kept = collect_or_spill(&ctx, "r", name, df).await.unwrap();
-            assert!(kept.held > 1_500_000, "{kept:?}");
-        }
-        let held = ctx.runtime_env().memory_pool.reserved();
-        // 5 MB of buffers fit once one result (the larger, `a`) has moved; `b` is read by the
-        // step and stays.
-        let r = reserve_evicting(&ctx, "model".into(), 5 << 20, &["B"])
-            .await
-            .unwrap();
-        let kind = |name: &'static str| {
-            let ctx = ctx.clone();
-            async move {
-                let p = ctx.table_provider(name).await.unwrap();
-                (
-                    p.downcast_ref::<HeldTable>().is_some(),
-                    p.downcast_ref::<SpilledTable>().is_some(),
-                )
-            }
-        };
-        assert_eq!(kind("a").await, (false, true));
-        assert_eq!(kind("b").await, (true, false));
-        assert!(ctx.runtime_env().memory_pool.reserved() < held + (5 << 20) - 1_500_000);
-        assert_eq!(
-            ints(&ctx, "SELECT v FROM a"),
-            (1..=200_000).collect::<Vec<i64>>()
-        );
-        // Nothing else may move: the pool's error, naming the consumers.
-        let err = reserve_evicting(&ctx, "model 2".into(), 5 << 20, &["b"])
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("Resources exhausted") && err.contains("model 2"),
-            "{err}"
-        );
-        drop(r);
         drop(ctx);
         let _ = std::fs::remove_dir_all(&base);
     }

@@ -107,17 +107,26 @@ impl Retrying {
         Arc::new(Self { inner, policy, ops })
     }
 
-    /// Waits before retry `attempt` of `op` on `what` after `e`; `false` when `e` is not
-    /// transient or the budget is spent.
-    async fn before_retry(
-        &self,
-        op: Op,
-        what: &str,
-        e: &Error,
-        attempt: usize,
-        started: Instant,
-    ) -> bool {
-        pause(self.policy, self.ops, op, what, e, attempt, started).await
+    /// Runs `call` until it succeeds, fails with an error that is not transient, or the budget
+    /// is spent (each retry waits and is counted as one of `op` on `what`).
+    async fn again<T, F, Fut>(&self, op: Op, what: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    if !pause(self.policy, self.ops, op, what, &e, attempt, started).await {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                }
+            }
+        }
     }
 
     /// Whether `location` holds exactly `payload`: a conditional put that "failed" because its
@@ -247,35 +256,21 @@ impl ObjectStore for Retrying {
         } else {
             Op::Put
         };
-        let started = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match self
-                .inner
-                .put_opts(location, payload.clone(), opts.clone())
-                .await
-            {
-                Ok(r) => return Ok(r),
-                Err(e @ (Error::AlreadyExists { .. } | Error::Precondition { .. }))
-                    if conditional =>
-                {
-                    if let Some(r) = self.holds(location, &payload).await {
-                        tracing::debug!(path = %location, attempt,
+        let put = self.again(op, location.as_ref(), || {
+            self.inner.put_opts(location, payload.clone(), opts.clone())
+        });
+        match put.await {
+            Err(e @ (Error::AlreadyExists { .. } | Error::Precondition { .. })) if conditional => {
+                match self.holds(location, &payload).await {
+                    Some(r) => {
+                        tracing::debug!(path = %location,
                             "object store: a conditional put's earlier attempt had landed");
-                        return Ok(r);
+                        Ok(r)
                     }
-                    return Err(e);
-                }
-                Err(e) => {
-                    if !self
-                        .before_retry(op, location.as_ref(), &e, attempt, started)
-                        .await
-                    {
-                        return Err(e);
-                    }
-                    attempt += 1;
+                    None => Err(e),
                 }
             }
+            r => r,
         }
     }
 
@@ -291,41 +286,17 @@ impl ObjectStore for Retrying {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         let op = if options.head { Op::Head } else { Op::Get };
-        let started = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match self.inner.get_opts(location, options.clone()).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    if !self
-                        .before_retry(op, location.as_ref(), &e, attempt, started)
-                        .await
-                    {
-                        return Err(e);
-                    }
-                    attempt += 1;
-                }
-            }
-        }
+        self.again(op, location.as_ref(), || {
+            self.inner.get_opts(location, options.clone())
+        })
+        .await
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        let started = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match self.inner.get_ranges(location, ranges).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    if !self
-                        .before_retry(Op::Get, location.as_ref(), &e, attempt, started)
-                        .await
-                    {
-                        return Err(e);
-                    }
-                    attempt += 1;
-                }
-            }
-        }
+        self.again(Op::Get, location.as_ref(), || {
+            self.inner.get_ranges(location, ranges)
+        })
+        .await
     }
 
     fn delete_stream(
@@ -392,49 +363,26 @@ impl ObjectStore for Retrying {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        let started = Instant::now();
-        let mut attempt = 0;
         let what = prefix.map(|p| p.to_string()).unwrap_or_default();
-        loop {
-            match self.inner.list_with_delimiter(prefix).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    if !self
-                        .before_retry(Op::List, &what, &e, attempt, started)
-                        .await
-                    {
-                        return Err(e);
-                    }
-                    attempt += 1;
-                }
-            }
-        }
+        self.again(Op::List, &what, || self.inner.list_with_delimiter(prefix))
+            .await
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
         let create = matches!(options.mode, CopyMode::Create);
-        let started = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match self.inner.copy_opts(from, to, options.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e @ Error::AlreadyExists { .. }) if create && attempt > 0 => {
-                    return if self.is_copy(from, to).await {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    };
-                }
-                Err(e) => {
-                    if !self
-                        .before_retry(Op::Copy, to.as_ref(), &e, attempt, started)
-                        .await
-                    {
-                        return Err(e);
-                    }
-                    attempt += 1;
+        let copy = self.again(Op::Copy, to.as_ref(), || {
+            self.inner.copy_opts(from, to, options.clone())
+        });
+        match copy.await {
+            // A create-only copy whose earlier attempt landed: the target is the source.
+            Err(e @ Error::AlreadyExists { .. }) if create => {
+                if self.is_copy(from, to).await {
+                    Ok(())
+                } else {
+                    Err(e)
                 }
             }
+            r => r,
         }
     }
 

@@ -176,7 +176,12 @@ fn sigkill_after_the_switch_leaves_every_published_file_readable_and_the_next_ru
         .lines()
         .map(str::to_string)
         .collect();
-    assert_eq!(listed.len(), files);
+    assert_eq!(
+        listed.len(),
+        files,
+        "{listed:?}\n{}",
+        p.read("data/marts/_clvflow/customer_value/commits/00000000000000000002.json")
+    );
     for f in &listed {
         let rel = f.trim_start_matches("file://");
         assert!(

@@ -69,15 +69,7 @@ fn read_back(bucket: &str) -> Value {
 #[test]
 fn the_job_runs_against_s3_and_reruns_replace() {
     let (p, bucket) = s3_project();
-    p.ok(&[
-        "generate",
-        "--customers",
-        "1200",
-        "--end",
-        RUN_DATE,
-        "--url",
-        &format!("s3://{bucket}/exports/"),
-    ]);
+    generate_in(&p, &bucket, "config.yaml", 1200);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     let first = read_back(&bucket);
     let (got, want) = (&first["got"], &first["want"]);
@@ -93,15 +85,7 @@ fn the_job_runs_against_s3_and_reruns_replace() {
 #[test]
 fn commit_markers_are_create_only_on_s3() {
     let (p, bucket) = s3_project();
-    p.ok(&[
-        "generate",
-        "--customers",
-        "300",
-        "--end",
-        RUN_DATE,
-        "--url",
-        &format!("s3://{bucket}/exports/"),
-    ]);
+    generate_in(&p, &bucket, "config.yaml", 300);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -126,15 +110,7 @@ fn commit_markers_are_create_only_on_s3() {
 #[test]
 fn a_killed_run_on_s3_leaves_the_output_intact() {
     let (p, bucket) = s3_project();
-    p.ok(&[
-        "generate",
-        "--customers",
-        "300",
-        "--end",
-        RUN_DATE,
-        "--url",
-        &format!("s3://{bucket}/exports/"),
-    ]);
+    generate_in(&p, &bucket, "config.yaml", 300);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     let before = read_back(&bucket);
     let out = p
@@ -164,13 +140,14 @@ fn injected(bucket: &str) -> Value {
     faults.get(bucket).cloned().unwrap_or(Value::Null)
 }
 
-fn generate_in(p: &TestProject, bucket: &str, config: &str) {
+/// Sample exports of `customers` customers in `bucket`, written through `config`'s store.
+fn generate_in(p: &TestProject, bucket: &str, config: &str, customers: u32) {
     p.ok(&[
         "--config",
         config,
         "generate",
         "--customers",
-        "300",
+        &customers.to_string(),
         "--end",
         RUN_DATE,
         "--url",
@@ -189,7 +166,8 @@ fn store_retries(out: &std::process::Output) -> u64 {
 
 /// The latest commit of `customer_value` in `bucket` loses nothing: each of its files exists
 /// with its size, in the table or (a committed run whose publish was cut short, which the next
-/// run finishes) still staged. Returns whether the commit is fully published.
+/// run finishes) still staged. `published`: `published.json` names it, every file is in place
+/// and the files it replaced are gone.
 const LATEST_COMMIT_FILES: &str = r#"
 import json, sys, boto3
 s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')
@@ -211,9 +189,10 @@ for f in commit['files']:
         unpublished += 1
         continue
     missing.append(f['path'])
+left = [r for r in commit['removed'] if size(f'{table}/{r}') is not None]
 published = json.loads(s3.get_object(Bucket=bucket, Key=log + '/published.json')['Body'].read())
-print(json.dumps({"version": commit['version'], "missing": missing,
-                  "published": published['version'] == commit['version'] and unpublished == 0}))
+print(json.dumps({"version": commit['version'], "missing": missing, "replaced_left": len(left),
+                  "published": published['version'] == commit['version'] and unpublished == 0 and not left}))
 "#;
 
 /// [`LATEST_COMMIT_FILES`] holds; when the commit is fully published, a plain folder reader
@@ -244,7 +223,7 @@ fn published_and_complete(bucket: &str) {
 #[test]
 fn every_run_succeeds_through_five_percent_transient_s3_faults() {
     let (p, bucket) = s3_project_via("f5", &faulty_endpoint());
-    generate_in(&p, &bucket, "config.yaml");
+    generate_in(&p, &bucket, "config.yaml", 300);
     let mut retries = 0;
     for _ in 0..10 {
         let out = p.ok(&["run", "customer_value", "--date", RUN_DATE]);
@@ -265,7 +244,7 @@ fn every_run_succeeds_through_five_percent_transient_s3_faults() {
 #[test]
 fn at_twenty_percent_faults_a_run_succeeds_or_fails_cleanly() {
     let (p, bucket) = s3_project_via("f20", &faulty_endpoint());
-    generate_in(&p, &bucket, "config-clean.yaml");
+    generate_in(&p, &bucket, "config-clean.yaml", 300);
     p.ok(&[
         "--config",
         "config-clean.yaml",
@@ -320,7 +299,7 @@ fn a_conditional_put_whose_answer_was_lost_is_recognised_as_our_own() {
         &format!("state: {{ url: s3://{bucket}/_clvflow }}"),
     );
     p.write("config.yaml", &config);
-    generate_in(&p, &bucket, "config-clean.yaml");
+    generate_in(&p, &bucket, "config-clean.yaml", 300);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     published_and_complete(&bucket);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);

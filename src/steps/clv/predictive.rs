@@ -174,7 +174,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         .await
         .map_err(|e| cx.df_err(e))?;
     let n = source.rows();
-    let _memory = crate::steps::spill::reserve_evicting(
+    let _memory = crate::steps::evict::reserve_evicting(
         cx.session,
         format!("clv step `{}`: model buffers", cx.step.name),
         n * BYTES_PER_CUSTOMER,

@@ -531,7 +531,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         let rows: usize = orders.iter().map(|b| b.num_rows()).sum();
         let keep = [Some(spec.from.as_str()), spec.acquisition_costs.as_deref()];
         let keep: Vec<&str> = keep.into_iter().flatten().collect();
-        let _memory = crate::steps::spill::reserve_evicting(
+        let _memory = crate::steps::evict::reserve_evicting(
             cx.session,
             format!("clv step `{}`: orders and sums", cx.step.name),
             rows * (24 + 4) + (rows / 2) * 64,

@@ -183,7 +183,7 @@ impl KmeansStep {
         // The points (standardised in place), the raw value feature and the assignment: the
         // step's large buffers. The input itself is a step result held or spilled already.
         let buffers = source.rows() * (spec.features.len() * size_of::<f64>() + 8 + 8);
-        let _memory = crate::steps::spill::reserve_evicting(
+        let _memory = crate::steps::evict::reserve_evicting(
             cx.session,
             format!("kmeans step `{}`", cx.step.name),
             buffers,
