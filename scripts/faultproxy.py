@@ -7,8 +7,9 @@ tests running at once each get their own schedule:
   dropped connection before the request reaches the server; the request forwarded and its
   answer dropped (a write that landed without the client knowing); or the answer's body cut off
   half-way (a GET or LIST body that breaks while streaming);
-- a bucket named `...-lost-...` gets every first conditional PUT (If-None-Match / If-Match) to
-  each key forwarded and its answer dropped;
+- a bucket named `...-lost-...` gets the first create-only PUT (If-None-Match) and the first
+  update PUT (If-Match) to each key forwarded and its answer dropped (counted as `lost_answer`
+  and `lost_update_answer`);
 - any other bucket is forwarded untouched.
 The proxy counts what it injected: GET /_faults answers {"bucket": {"kind": n, ...}, ...}.
 """
@@ -28,13 +29,14 @@ def bucket_of(path):
 
 def choose(bucket, method, headers, path):
     """The fault for this request, or None."""
-    conditional = method == "PUT" and (headers.get("If-None-Match") or headers.get("If-Match"))
+    create = method == "PUT" and headers.get("If-None-Match")
+    update = method == "PUT" and headers.get("If-Match")
     if "-lost-" in bucket:
-        key = path.split("?", 1)[0]
+        key = (path.split("?", 1)[0], bool(update))
         with lock:
-            if conditional and key not in lost_seen:
+            if (create or update) and key not in lost_seen:
                 lost_seen.add(key)
-                return "lost_answer"
+                return "lost_update_answer" if update else "lost_answer"
         return None
     m = re.search(r"-f(\d+)-", bucket)
     if not m:
@@ -103,7 +105,7 @@ class Proxy(BaseHTTPRequestHandler):
         answer = conn.getresponse()
         data = answer.read()
         conn.close()
-        if fault == "lost_answer":
+        if fault in ("lost_answer", "lost_update_answer"):
             self.drop()
             return
         self.send_response_only(answer.status, answer.reason)

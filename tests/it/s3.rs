@@ -289,21 +289,36 @@ fn at_twenty_percent_faults_a_run_succeeds_or_fails_cleanly() {
     assert!(!injected(&bucket).is_null());
 }
 
-/// Every first conditional put to a key (commit markers, the run's lease) reaches the server
-/// and its answer is lost: the retry finds the object holding its own bytes and goes on.
+/// The first create-only put to each key (commit markers, the run's lease) and the first
+/// update of each key (the lease's renewals) reach the server and their answers are lost: the
+/// retry finds the object holding its own bytes and goes on.
 #[test]
 fn a_conditional_put_whose_answer_was_lost_is_recognised_as_our_own() {
     let (p, bucket) = s3_project_via("lost", &faulty_endpoint());
     let config = p.read("config.yaml").replace(
         "state: { url: file://./data/_clvflow }",
-        &format!("state: {{ url: s3://{bucket}/_clvflow }}"),
+        // Renewed every third of a second: runs renew their lease (If-Match) several times.
+        &format!("state: {{ url: s3://{bucket}/_clvflow }}\nscheduler: {{ lease_ttl: 1s }}"),
     );
     p.write("config.yaml", &config);
     generate_in(&p, &bucket, "config-clean.yaml", 300);
-    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
-    published_and_complete(&bucket);
-    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
-    published_and_complete(&bucket);
-    let lost = injected(&bucket)["lost_answer"].as_u64().unwrap_or(0);
-    assert!(lost >= 4, "{}", injected(&bucket));
+    for _ in 0..2 {
+        let out = p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+        // A renewal taken for a conflict would have given the lease up.
+        assert!(
+            !stderr(&out).contains("lost the job's lease"),
+            "{}",
+            show(&out)
+        );
+        published_and_complete(&bucket);
+    }
+    let faults = injected(&bucket);
+    let lost = faults["lost_answer"].as_u64().unwrap_or(0);
+    assert!(lost >= 4, "{faults}");
+    // The lease renewal whose answer was lost was recognised too (else the run had lost its
+    // lease and failed).
+    assert!(
+        faults["lost_update_answer"].as_u64().unwrap_or(0) >= 1,
+        "{faults}"
+    );
 }
