@@ -322,7 +322,12 @@ impl ObjectStore for Retrying {
                             futures::stream::iter(paths.clone().into_iter().map(Ok::<_, Error>));
                         let results: Vec<Result<Path>> =
                             inner.delete_stream(batch.boxed()).collect().await;
-                        let fault = results.iter().find_map(|r| r.as_ref().err());
+                        // Any transient fault sends the batch again, also when another key
+                        // of it failed for good (that error comes back on the retry).
+                        let fault = results
+                            .iter()
+                            .filter_map(|r| r.as_ref().err())
+                            .find(|e| transient(e));
                         if let Some(e) = fault
                             && pause(policy, ops, Op::Delete, &what, e, attempt, started).await
                         {

@@ -155,6 +155,18 @@ fn generate_in(p: &TestProject, bucket: &str, config: &str, customers: u32) {
     ]);
 }
 
+/// Runs the job through `config-clean.yaml` (the S3 server without the proxy).
+fn run_without_faults(p: &TestProject) {
+    p.ok(&[
+        "--config",
+        "config-clean.yaml",
+        "run",
+        "customer_value",
+        "--date",
+        RUN_DATE,
+    ]);
+}
+
 fn store_retries(out: &std::process::Output) -> u64 {
     let err = stderr(out);
     err.split("store_retries_in_process=")
@@ -245,14 +257,7 @@ fn every_run_succeeds_through_five_percent_transient_s3_faults() {
 fn at_twenty_percent_faults_a_run_succeeds_or_fails_cleanly() {
     let (p, bucket) = s3_project_via("f20", &faulty_endpoint());
     generate_in(&p, &bucket, "config-clean.yaml", 300);
-    p.ok(&[
-        "--config",
-        "config-clean.yaml",
-        "run",
-        "customer_value",
-        "--date",
-        RUN_DATE,
-    ]);
+    run_without_faults(&p);
     p.edit(
         "config.yaml",
         "allow_http: true",
@@ -273,14 +278,7 @@ fn at_twenty_percent_faults_a_run_succeeds_or_fails_cleanly() {
             published_and_complete(&bucket);
         }
     }
-    p.ok(&[
-        "--config",
-        "config-clean.yaml",
-        "run",
-        "customer_value",
-        "--date",
-        RUN_DATE,
-    ]);
+    run_without_faults(&p);
     published_and_complete(&bucket);
     eprintln!(
         "20 % faults: {failed} of 4 runs failed cleanly; injected {}",
