@@ -130,6 +130,53 @@ pub enum Command {
         /// The output table URL as written in the job.
         url: String,
     },
+    /// Run a Ballista scheduler or executor with clvflow's SQL functions and the stores of
+    /// config.yaml (for `engine: { kind: ballista }`).
+    Cluster {
+        #[command(subcommand)]
+        process: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The scheduler: clients (`clvflow run` with `kind: ballista`) send it their plans.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+        /// The host name clients and executors reach it at (default: the bind address).
+        #[arg(long)]
+        external_host: Option<String>,
+        /// An executor silent this long is taken for dead and its tasks run elsewhere.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        executor_timeout: std::time::Duration,
+    },
+    /// An executor: runs the tasks the scheduler gives it.
+    Executor {
+        /// The scheduler, HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: String,
+        /// Address of its Arrow Flight service (others fetch results and shuffle data here).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        bind: std::net::SocketAddr,
+        /// Its gRPC port (default: the bind port + 1).
+        #[arg(long)]
+        grpc_port: Option<u16>,
+        /// The host name others reach it at (default: the bind address).
+        #[arg(long)]
+        external_host: Option<String>,
+        /// Tasks at once (default: the number of cores).
+        #[arg(long, default_value_t = 0)]
+        slots: usize,
+        /// Folder for shuffle and spill files (default: a temporary folder).
+        #[arg(long)]
+        work_dir: Option<String>,
+        /// Memory its tasks share, e.g. 4GiB; they spill above it (default: Ballista's share
+        /// of the machine's or cgroup's memory).
+        #[arg(long)]
+        memory_pool_size: Option<crate::config::types::ByteSize>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -232,6 +279,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { date, customers } => Ok(demo::run(&project, date, customers).await?),
+        Command::Cluster { process } => cluster(&project, process).await,
         Command::Files { url } => {
             let loc = project.stores.resolve(&url).map_err(Error::Usage)?;
             let log = TableLog::new(loc)?;
@@ -461,4 +509,55 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// `clvflow cluster scheduler|executor`.
+async fn cluster(project: &Project, process: ClusterCommand) -> anyhow::Result<()> {
+    use crate::engine::processes;
+    match process {
+        ClusterCommand::Scheduler {
+            bind,
+            external_host,
+            executor_timeout,
+        } => processes::scheduler(&project.stores, bind, external_host, executor_timeout).await?,
+        ClusterCommand::Executor {
+            scheduler,
+            bind,
+            grpc_port,
+            external_host,
+            slots,
+            work_dir,
+            memory_pool_size,
+        } => {
+            let (host, port) = scheduler
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--scheduler `{scheduler}`: write HOST:PORT, e.g. 127.0.0.1:50050"
+                    ))
+                })?;
+            let grpc_port = match grpc_port {
+                Some(p) => p,
+                None => bind.port().checked_add(1).ok_or_else(|| {
+                    Error::Usage("--bind: the port is the highest; set --grpc-port".into())
+                })?,
+            };
+            processes::executor(
+                &project.stores,
+                processes::ExecutorOptions {
+                    scheduler_host: host,
+                    scheduler_port: port,
+                    bind,
+                    grpc_port,
+                    external_host,
+                    slots,
+                    work_dir,
+                    memory_pool_size: memory_pool_size.map(|b| b.0),
+                },
+            )
+            .await?
+        }
+    }
+    Ok(())
 }

@@ -171,6 +171,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The cluster engine: the scheduler cannot be reached, or the cluster refused the work.
+    #[error("cluster: {0}")]
+    Cluster(String),
+
     #[error("run cancelled: {0}")]
     Cancelled(String),
 

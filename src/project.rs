@@ -69,7 +69,8 @@ impl Project {
                 Err(p) => diags.extend(doc.source.problems(&format!("stores.{name}"), vec![p])),
             }
         }
-        let engine_config = match EngineConfig::from_spec(&cfg.engine, &root) {
+        let resolver = Stores::new(built.clone(), root.clone());
+        let engine_config = match EngineConfig::from_spec(&cfg.engine, &root, &resolver) {
             Ok(e) => Some(e),
             Err(problems) => {
                 diags.extend(doc.source.problems("engine", problems));

@@ -167,8 +167,43 @@ pub enum EngineSpec {
         #[serde(default)]
         transparent_huge_pages: bool,
     },
-    /// A DataFusion Ballista cluster (`df://host:50050`).
-    Ballista { url: String },
+    /// A DataFusion Ballista cluster: SQL steps run on its executors; model steps, the
+    /// commit protocol and every setting below stay in the `clvflow run` process.
+    Ballista {
+        /// The scheduler, `df://host:50050` (`clvflow cluster scheduler`).
+        scheduler: String,
+        /// Where step results go that the cluster or later steps read (Parquet, one folder per
+        /// run, removed when the run ends; what a killed run left is removed by the job's next
+        /// run). Must be in a store of this file that every executor can reach.
+        scratch: String,
+        /// Partitions of the cluster's plans (default: DataFusion's, the cores of the client).
+        #[serde(default)]
+        target_partitions: Option<usize>,
+        /// Memory of this process (model steps' buffers and the step results they read);
+        /// the executors have their own (`clvflow cluster executor --memory-pool-size`).
+        #[serde(default)]
+        memory_limit: Option<ByteSize>,
+        /// As for `kind: local`.
+        #[serde(default)]
+        result_memory: Option<ByteSize>,
+        /// Folder for this process's spill and scratch files.
+        #[serde(default)]
+        spill_dir: Option<String>,
+        #[serde(default)]
+        batch_size: Option<usize>,
+        #[serde(default)]
+        memory_pool: MemoryPoolKind,
+        /// DataFusion settings, sent with every query to the cluster.
+        #[serde(default)]
+        settings: BTreeMap<String, String>,
+        /// Seconds to wait for the scheduler to answer before the run fails.
+        #[serde(default = "default_connect_timeout")]
+        connect_timeout: DurationSpec,
+    },
+}
+
+fn default_connect_timeout() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(10))
 }
 
 impl Default for EngineSpec {

@@ -133,7 +133,7 @@ async fn show_table(project: &Project, log: TableLog) -> Result<()> {
         println!("  ... {} more folders", folders.len() - 8);
     }
 
-    let ctx = project.engine()?.session();
+    let ctx = project.engine()?.session()?;
     register(&ctx, &log, &commit.partition_by, "t").await?;
     // Wide tables (customer_value has ~40 columns) show their first columns only.
     let df = ctx
@@ -192,7 +192,7 @@ async fn register(
 /// The answers the marketing and finance teams ask for, from the committed outputs of the
 /// shipped customer_value job (skipped when a project has no such outputs).
 async fn summary(project: &Project, plans: &[JobPlan], date: NaiveDate) -> Result<()> {
-    let ctx = project.engine()?.session();
+    let ctx = project.engine()?.session()?;
     let mut have = Vec::new();
     for table in ["customer_value", "value_tiers", "ltv_cac"] {
         if let Some(out) = plans

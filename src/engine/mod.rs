@@ -1,7 +1,8 @@
 //! The engine seam: where SQL runs. One [`Engine`] per process, built from the validated
 //! `engine:` of `config.yaml`; every run (and `validate`, `explain`) takes a fresh session from
-//! it. Today the engine is in-process DataFusion; another one (a Ballista cluster) is a new arm
-//! of [`EngineConfig`] and a file next to this one.
+//! it. The engine is in-process DataFusion (`kind: local`) or a Ballista cluster
+//! (`kind: ballista`, [`cluster`]): the cluster's client session is the local one with
+//! Ballista's query planner, so everything below holds for the client process there too.
 //!
 //! Invariants:
 //! - the process has ONE memory pool and one spill folder, shared by every session: runs that
@@ -14,9 +15,11 @@
 //!   store, and the DataFusion settings of `engine.settings` (a step's own `settings` are
 //!   applied on a copy of the session, [`session_for_settings`]).
 
+pub mod cluster;
 pub mod functions;
 pub mod memory;
 pub mod pool;
+pub mod processes;
 pub mod scratch;
 
 use std::collections::BTreeMap;
@@ -35,12 +38,18 @@ use crate::config::Problem;
 use crate::config::project::{EngineSpec, MemoryPoolKind};
 use crate::error::{Error, Result};
 use crate::storage::Stores;
+use cluster::{Cluster, SchedulerAddr};
 
 /// The checked `engine:` of `config.yaml`.
 #[derive(Debug, Clone)]
 pub enum EngineConfig {
     /// In-process DataFusion.
     Local(LocalEngine),
+    /// A Ballista cluster; `client` is this process's own part (model steps, memory).
+    Ballista {
+        client: LocalEngine,
+        cluster: Box<Cluster>,
+    },
 }
 
 /// The in-process engine's settings.
@@ -61,9 +70,13 @@ pub struct LocalEngine {
 }
 
 impl EngineConfig {
-    /// Checks `spec`; relative folders are taken from `root` (the folder of config.yaml).
-    /// Problems are at fields under `engine`.
-    pub fn from_spec(spec: &EngineSpec, root: &Path) -> std::result::Result<Self, Vec<Problem>> {
+    /// Checks `spec`; relative folders are taken from `root` (the folder of config.yaml), URLs
+    /// resolved against `stores`. Problems are at fields under `engine`.
+    pub fn from_spec(
+        spec: &EngineSpec,
+        root: &Path,
+        stores: &Stores,
+    ) -> std::result::Result<Self, Vec<Problem>> {
         match spec {
             EngineSpec::Local {
                 target_partitions,
@@ -75,26 +88,7 @@ impl EngineConfig {
                 settings,
                 transparent_huge_pages,
             } => {
-                let mut problems: Vec<Problem> = settings
-                    .iter()
-                    .filter_map(|(k, v)| setting_problem(k, v))
-                    .map(|m| Problem::new("settings", m))
-                    .collect();
-                match (result_memory, memory_limit) {
-                    (Some(r), Some(l)) if r.0 > l.0 => problems.push(Problem::new(
-                        "result_memory",
-                        "at most memory_limit: it is the share of memory_limit that step results held between steps may take",
-                    )),
-                    (Some(_), None) => problems.push(Problem::new(
-                        "result_memory",
-                        "a share of memory_limit: set memory_limit too",
-                    )),
-                    _ => {}
-                }
-                if !problems.is_empty() {
-                    return Err(problems);
-                }
-                Ok(Self::Local(LocalEngine {
+                let local = LocalEngine {
                     target_partitions: *target_partitions,
                     memory_limit: memory_limit.map(|b| b.0),
                     result_memory: result_memory.map(|b| b.0),
@@ -103,13 +97,91 @@ impl EngineConfig {
                     batch_size: *batch_size,
                     settings: settings.clone(),
                     transparent_huge_pages: *transparent_huge_pages,
-                }))
+                };
+                let problems = local.problems();
+                if problems.is_empty() {
+                    Ok(Self::Local(local))
+                } else {
+                    Err(problems)
+                }
             }
-            EngineSpec::Ballista { .. } => Err(vec![Problem::new(
-                "kind",
-                "this build runs SQL in-process only; set `kind: local` (Ballista support is not built in yet)",
-            )]),
+            EngineSpec::Ballista {
+                scheduler,
+                scratch,
+                target_partitions,
+                memory_limit,
+                result_memory,
+                spill_dir,
+                batch_size,
+                memory_pool,
+                settings,
+                connect_timeout,
+            } => {
+                let client = LocalEngine {
+                    target_partitions: *target_partitions,
+                    memory_limit: memory_limit.map(|b| b.0),
+                    result_memory: result_memory.map(|b| b.0),
+                    memory_pool: *memory_pool,
+                    spill_dir: spill_dir.as_ref().map(|d| root.join(d)),
+                    batch_size: *batch_size,
+                    settings: settings.clone(),
+                    transparent_huge_pages: false,
+                };
+                let mut problems = client.problems();
+                let scheduler = SchedulerAddr::parse(scheduler)
+                    .map_err(|m| problems.push(Problem::new("scheduler", m)))
+                    .ok();
+                let scratch = match stores.resolve(scratch) {
+                    Ok(loc) => Some(loc),
+                    Err(m) => {
+                        problems.push(Problem::new("scratch", m));
+                        None
+                    }
+                };
+                match (scheduler, scratch) {
+                    (Some(scheduler), Some(scratch)) if problems.is_empty() => Ok(Self::Ballista {
+                        client,
+                        cluster: Box::new(Cluster {
+                            scheduler,
+                            scratch,
+                            connect_timeout: connect_timeout.0,
+                        }),
+                    }),
+                    _ => Err(problems),
+                }
+            }
         }
+    }
+
+    /// The cluster, on the cluster engine.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        match self {
+            EngineConfig::Local(_) => None,
+            EngineConfig::Ballista { cluster, .. } => Some(cluster.as_ref()),
+        }
+    }
+}
+
+impl LocalEngine {
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = self
+            .settings
+            .iter()
+            .filter_map(|(k, v)| setting_problem(k, v))
+            .map(|m| Problem::new("settings", m))
+            .collect();
+        match (self.result_memory, self.memory_limit) {
+            (Some(r), Some(l)) if r > l => problems.push(Problem::new(
+                "result_memory",
+                "at most memory_limit: it is the share of memory_limit that step results held between steps may take",
+            )),
+            (Some(_), None) => problems.push(Problem::new(
+                "result_memory",
+                "a share of memory_limit: set memory_limit too",
+            )),
+            _ => {}
+        }
+        problems
     }
 }
 
@@ -126,6 +198,8 @@ pub struct Engine {
     config: SessionConfig,
     runtime: Arc<RuntimeEnv>,
     description: String,
+    /// On the cluster engine: the cluster its sessions send their queries to.
+    cluster: Option<Cluster>,
 }
 
 impl Engine {
@@ -133,11 +207,25 @@ impl Engine {
     /// process (`crate::project::Project::engine` does): each call makes a new memory pool.
     pub fn new(config: &EngineConfig, stores: &Stores) -> Result<Arc<Self>> {
         match config {
-            EngineConfig::Local(local) => Self::local(local, stores),
+            EngineConfig::Local(local) => Self::local(local, stores).map(Arc::new),
+            EngineConfig::Ballista { client, cluster } => {
+                let mut engine = Self::local(client, stores)?;
+                engine.description = format!(
+                    "ballista (scheduler {}, scratch {}, {} partitions; this process: memory {})",
+                    cluster.scheduler,
+                    cluster.scratch.written,
+                    engine.config.target_partitions(),
+                    client
+                        .memory_limit
+                        .map_or("unlimited".to_string(), |l| format!("{} MiB", l >> 20))
+                );
+                engine.cluster = Some(cluster.as_ref().clone());
+                Ok(Arc::new(engine))
+            }
         }
     }
 
-    fn local(local: &LocalEngine, stores: &Stores) -> Result<Arc<Self>> {
+    fn local(local: &LocalEngine, stores: &Stores) -> Result<Self> {
         // Process-wide, like the engine.
         if !memory::set_huge_pages(local.transparent_huge_pages) && cfg!(target_os = "linux") {
             tracing::warn!(
@@ -208,18 +296,36 @@ impl Engine {
                 .memory_limit
                 .map_or("unlimited".to_string(), |l| format!("{} MiB", l >> 20))
         );
-        Ok(Arc::new(Self {
+        Ok(Self {
             config,
             runtime,
             description,
-        }))
+            cluster: None,
+        })
     }
 
-    /// A new session on the process's runtime, with clvflow's SQL functions.
-    pub fn session(&self) -> SessionContext {
-        let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+    /// A new session on the process's runtime, with clvflow's SQL functions. On the cluster
+    /// engine its queries run on the cluster (each session is its own session there).
+    /// Each session has its own tables (its own catalog), also on the cluster engine.
+    pub fn session(&self) -> Result<SessionContext> {
+        let ctx = match &self.cluster {
+            None => SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone()),
+            Some(cluster) => {
+                let base = datafusion::execution::SessionStateBuilder::new()
+                    .with_default_features()
+                    .with_config(self.config.clone())
+                    .with_runtime_env(self.runtime.clone())
+                    .build();
+                SessionContext::new_with_state(cluster.client_state(base)?)
+            }
+        };
         functions::register(&ctx);
-        ctx
+        Ok(ctx)
+    }
+
+    /// The cluster, on the cluster engine.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
     }
 
     /// What the engine is, for logs and reports (`local (2 partitions, memory 2048 MiB)`).
@@ -299,7 +405,7 @@ mod tests {
     #[test]
     fn sessions_of_one_engine_share_one_memory_limit() {
         let engine = engine(64 << 20);
-        let (a, b) = (engine.session(), engine.session());
+        let (a, b) = (engine.session().unwrap(), engine.session().unwrap());
         let held = memory::reserve(&a, "run a".into(), 40 << 20).unwrap();
         assert!(b.runtime_env().memory_pool.reserved() >= 40 << 20);
         let err = memory::reserve(&b, "run b".into(), 40 << 20).unwrap_err();

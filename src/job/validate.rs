@@ -66,7 +66,7 @@ pub async fn validate_jobs(
 /// columns against the schemas of their steps.
 async fn plan_schemas(project: &Project, job: &JobPlan) -> Result<Vec<Diagnostic>> {
     let engine = project.engine()?;
-    let session = engine.session();
+    let session = engine.session()?;
     // Spans of identifiers: "column not found" then points at its place in the SQL file.
     session
         .state_ref()

@@ -3,6 +3,7 @@
 //! operator's rows, time and memory (for tuning SQL).
 
 use chrono::NaiveDate;
+use datafusion::prelude::SessionContext;
 
 use crate::engine;
 use crate::error::{Error, Result};
@@ -26,17 +27,37 @@ pub async fn explain_step(
             names.join(", ")
         )));
     };
-    let plan = &job.steps[pos];
-    let StepKind::Sql(sql) = &plan.kind else {
+    if !job.steps[pos].kind.is_sql() {
         return Err(Error::Usage(format!(
             "step `{step}` is not a SQL step; only SQL steps have a query plan"
         )));
+    }
+    let engine = project.engine()?;
+    let ctx = engine.session()?;
+    let scratch =
+        super::begin_cluster_run(&engine, &ctx, &job.name, &super::new_run_id(), false).await?;
+    let text = explain_on(&ctx, job, run_date, pos, analyze).await;
+    if let Some(scratch) = scratch {
+        scratch.remove().await;
+    }
+    text
+}
+
+async fn explain_on(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    pos: usize,
+    analyze: bool,
+) -> Result<String> {
+    let plan = &job.steps[pos];
+    let StepKind::Sql(sql) = &plan.kind else {
+        return Err(Error::Internal("explain of a step that is not SQL".into()));
     };
-    let ctx = project.engine()?.session();
     // The inputs and the steps before `step` (each result dropped once `step` and the steps
     // before it no longer need it); `step` and the ones after it are skipped.
-    super::run_steps_before(&ctx, job, run_date, pos).await?;
-    let step_ctx = engine::session_for_settings(&ctx, &plan.settings, &plan.field)?;
+    super::run_steps_before(ctx, job, run_date, pos).await?;
+    let step_ctx = engine::session_for_settings(ctx, &plan.settings, &plan.field)?;
     let vars = job.vars(run_date);
     let cx = StepContext {
         session: &step_ctx,

@@ -112,7 +112,44 @@ pub async fn run_job(
     let started = Instant::now();
     let engine = project.engine()?;
     info!(job = %job.name, %run_date, run_id, engine = engine.describe(), "run started");
-    let ctx = engine.session();
+    let ctx = engine.session()?;
+    // The caller holds the job's lease: scratch folders of earlier runs of the job are dead.
+    let scratch = begin_cluster_run(&engine, &ctx, &job.name, run_id, true).await?;
+    let result = run_job_on(&ctx, job, run_date, run_id, cancel, started).await;
+    if let Some(scratch) = scratch {
+        scratch.remove().await;
+    }
+    result
+}
+
+/// On the cluster engine: checks that the scheduler answers and starts the run's scratch
+/// folder on `ctx` (see [`engine::cluster`]); `None` on the local engine.
+async fn begin_cluster_run(
+    engine: &engine::Engine,
+    ctx: &SessionContext,
+    job: &str,
+    run_id: &str,
+    remove_stale: bool,
+) -> Result<Option<std::sync::Arc<engine::cluster::RunScratch>>> {
+    let Some(cluster) = engine.cluster() else {
+        return Ok(None);
+    };
+    cluster.check_reachable().await?;
+    cluster
+        .begin_run(ctx, job, run_id, remove_stale)
+        .await
+        .map(Some)
+}
+
+async fn run_job_on(
+    ctx: &SessionContext,
+    job: &JobPlan,
+    run_date: NaiveDate,
+    run_id: &str,
+    cancel: &CancellationToken,
+    started: Instant,
+) -> Result<RunReport> {
+    let ctx = ctx.clone();
     let run = RunInfo {
         run_id: run_id.to_string(),
         job: job.name.clone(),
@@ -241,7 +278,19 @@ async fn execute(
                     ..StepOutcome::default()
                 }
             }
-            (kind, _) => kind.run(&cx).await?,
+            (kind, _) => {
+                let out = kind.run(&cx).await?;
+                // On the cluster, a model step's results (held here) go where the cluster
+                // reads them.
+                if !kind.is_sql()
+                    && let Some(scratch) = engine::cluster::RunScratch::of(ctx)
+                {
+                    for table in kind.produces(&step.name) {
+                        engine::cluster::share(ctx, &scratch, &table).await?;
+                    }
+                }
+                out
+            }
         };
         if !out.timings.is_empty() {
             let ms: Vec<String> = out
@@ -285,7 +334,10 @@ pub async fn run_steps(
     run_date: NaiveDate,
     until: Option<&str>,
 ) -> Result<SessionContext> {
-    let ctx = project.engine()?.session();
+    let engine = project.engine()?;
+    let ctx = engine.session()?;
+    // Its scratch stays while the caller reads the results; the job's next run removes it.
+    begin_cluster_run(&engine, &ctx, &job.name, &new_run_id(), false).await?;
     execute(&ctx, job, run_date, until, &[], None, None).await?;
     Ok(ctx)
 }

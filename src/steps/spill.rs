@@ -214,6 +214,15 @@ pub async fn collect_or_spill(
     df: DataFrame,
 ) -> Result<Kept> {
     let df_err = |e| Error::df(format!("step `{name}`"), e);
+    if let Some(scratch) = crate::engine::cluster::RunScratch::of(ctx) {
+        // On the cluster: the executors write it where they and later steps read it.
+        let rows = crate::engine::cluster::write_result(ctx, &scratch, name, df).await?;
+        return Ok(Kept {
+            rows,
+            held: 0,
+            spilled: 0,
+        });
+    }
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let Some(space) = ResultSpace::of(ctx) else {
         let parts = crate::engine::memory::collect_counted(ctx, what, df)

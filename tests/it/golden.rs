@@ -209,7 +209,7 @@ fn every_sql_file_matches_its_golden_table() {
                 .unwrap_or_else(|| panic!("sql/{name}.sql is used by no step named `{name}` in jobs/: give it one, and a golden test"));
             // Model steps (K-means, BG/NBD) are not run on this tiny fixture: their results are
             // fixed columns (above), so the SQL after them is checked on its own.
-            let ctx = project.engine().unwrap().session();
+            let ctx = project.engine().unwrap().session().unwrap();
             run_with_fixed_models(&ctx, job, date, &step.name).await;
             let batches = ctx.sql(&format!("select * from {} order by 1, 2", step.name)).await.unwrap().collect().await.unwrap();
             let got = pretty_format_batches(&batches).unwrap().to_string();

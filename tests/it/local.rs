@@ -405,7 +405,7 @@ fn explain_drops_the_results_the_explained_step_does_not_read() {
         let job = clvflow::job::validate(&project, "customer_value")
             .await
             .unwrap();
-        let ctx = project.engine().unwrap().session();
+        let ctx = project.engine().unwrap().session().unwrap();
         let date = chrono::NaiveDate::parse_from_str(RUN_DATE, "%Y-%m-%d").unwrap();
         let pos = job
             .steps

@@ -1,6 +1,7 @@
 //! The one integration test binary (every extra binary links DataFusion again).
 
 mod bad_input;
+mod cluster;
 mod commit;
 mod common;
 mod golden;

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::common::*;
 
-fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     std::env::var("CLVFLOW_TEST_S3_ENDPOINT")
         .unwrap_or_else(|_| panic!("CLVFLOW_TEST_S3_ENDPOINT is not set: run the tests with ./scripts/test (it starts the S3 server)"))
 }
@@ -18,7 +18,7 @@ fn s3_project() -> (TestProject, String) {
 
 /// Like [`s3_project`], the bucket's name tagged `tag` and the store reached at `via` (the
 /// server itself, or the fault proxy). `config-clean.yaml` reaches the same bucket directly.
-fn s3_project_via(tag: &str, via: &str) -> (TestProject, String) {
+pub(crate) fn s3_project_via(tag: &str, via: &str) -> (TestProject, String) {
     let bucket = format!("clvflow-{tag}-{}", uuid::Uuid::new_v4().simple());
     py_json(
         "import boto3, sys, json; boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1').create_bucket(Bucket=sys.argv[2]); print(json.dumps(True))",
@@ -141,7 +141,7 @@ fn injected(bucket: &str) -> Value {
 }
 
 /// Sample exports of `customers` customers in `bucket`, written through `config`'s store.
-fn generate_in(p: &TestProject, bucket: &str, config: &str, customers: u32) {
+pub(crate) fn generate_in(p: &TestProject, bucket: &str, config: &str, customers: u32) {
     p.ok(&[
         "--config",
         config,

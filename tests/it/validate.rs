@@ -118,7 +118,7 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
         let job = clvflow::job::validate(&project, "customer_value")
             .await
             .unwrap();
-        let ctx = project.engine().unwrap().session();
+        let ctx = project.engine().unwrap().session().unwrap();
         let date = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
         let lifetimes =
             clvflow::run::results::ResultLifetimes::compute(&ctx, &job, &job.vars(date));

@@ -435,7 +435,7 @@ mod tests {
             transparent_huge_pages: false,
         });
         let engine = Engine::new(&config, &crate::storage::Stores::default()).unwrap();
-        let ctx = engine.session();
+        let ctx = engine.session().unwrap();
         let n = 20_000;
         let f = |name: &str| Field::new(name, DataType::Float64, false);
         let schema = Arc::new(Schema::new(vec![
