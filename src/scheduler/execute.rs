@@ -19,7 +19,7 @@ use crate::error::{Error, Result, chain};
 use crate::job::JobPlan;
 use crate::project::Project;
 use crate::run::{self, RunReport};
-use crate::state::{Lease, RunRecord, StateStore, Status, Trigger};
+use crate::state::{Lease, Renewal, RunRecord, StateStore, Status, Trigger};
 
 /// Runs a job for a date. The real one is [`JobExecutor`]; tests script outcomes.
 pub trait Executor: Send + Sync + 'static {
@@ -145,7 +145,9 @@ impl RunContext {
         else {
             return Ok((Outcome::Busy, None));
         };
-        let renewing = renew_while_held(&lease, &job.name);
+        // Cancelled with `cancel`, and when the lease is lost.
+        let cancel = &cancel.child_token();
+        let renewing = renew_while_held(&lease, &job.name, cancel.clone());
         let result = async {
             if !req.force && self.state.succeeded(&job.name, req.run_date).await? {
                 info!(job = %job.name, run_date = %req.run_date, "already succeeded; not run again");
@@ -285,22 +287,39 @@ impl RunContext {
     }
 }
 
-/// Renews `lease` every third of its TTL until the returned token is cancelled; a lease that
-/// could not be renewed is logged (its run goes on: the commit protocol, not the lease, keeps
-/// outputs consistent).
-fn renew_while_held(lease: &Lease, job: &str) -> CancellationToken {
+/// Renews `lease` every third of its TTL until the returned token is cancelled. When the lease
+/// is lost — another process took it over, or no renewal succeeded for a whole TTL, after which
+/// another process may take it — `run` is cancelled: a run without the lease must not go on to
+/// commit, since another process may be running the same job (the commit protocol would keep the
+/// outputs consistent, but two runs would race for them).
+fn renew_while_held(lease: &Lease, job: &str, run: CancellationToken) -> CancellationToken {
     let stop = CancellationToken::new();
-    if let Some(every) = lease.renew_every() {
+    if let (Some(every), Some(ttl)) = (lease.renew_every(), lease.ttl()) {
         let (lease, stop, job) = (lease.clone(), stop.clone(), job.to_string());
         tokio::spawn(async move {
+            let mut renewed = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(every) => {
-                        if !lease.renew().await {
-                            warn!(job = %job, "lost the job's lease (not renewed in time)");
-                            break;
-                        }
+                        let why = match lease.renew().await {
+                            Renewal::Renewed => {
+                                renewed = tokio::time::Instant::now();
+                                continue;
+                            }
+                            Renewal::Lost => "another process took it over".to_string(),
+                            Renewal::Failed(e) if renewed.elapsed() + every / 2 >= ttl => {
+                                format!("no renewal succeeded for {ttl:?}; the last error: {e}")
+                            }
+                            Renewal::Failed(e) => {
+                                warn!(job = %job, error = %e, "could not renew the job's lease; trying again");
+                                continue;
+                            }
+                        };
+                        tracing::error!(job = %job, reason = %why,
+                            "lost the job's lease: the run is cancelled (nothing it has not committed is published)");
+                        run.cancel();
+                        break;
                     }
                 }
             }

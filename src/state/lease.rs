@@ -16,6 +16,17 @@ use serde::{Deserialize, Serialize};
 use super::StateStore;
 use crate::error::{Error, Result};
 
+/// What a renewal of a lease came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    Renewed,
+    /// Another process holds it now (the lease object changed or went): never ours again.
+    Lost,
+    /// The store did not answer or refused for another reason; the lease is still ours until
+    /// its TTL runs out since the last renewal.
+    Failed(String),
+}
+
 impl StateStore {
     /// Takes the lease of `job`, or None when another process holds it.
     pub async fn acquire(&self, job: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
@@ -134,10 +145,13 @@ pub struct RemoteLease {
 
 impl Lease {
     /// Extends the lease; false if it was lost (taken over after it expired).
-    pub async fn renew(&self) -> bool {
-        let Lease::Remote(r) = self else { return true };
-        let Ok(body) = lease_body(&r.owner, r.ttl) else {
-            return false;
+    pub async fn renew(&self) -> Renewal {
+        let Lease::Remote(r) = self else {
+            return Renewal::Renewed;
+        };
+        let body = match lease_body(&r.owner, r.ttl) {
+            Ok(b) => b,
+            Err(e) => return Renewal::Failed(e.to_string()),
         };
         let mut v = r.version.lock().await;
         let opts = PutOptions {
@@ -150,9 +164,21 @@ impl Lease {
                     e_tag: res.e_tag,
                     version: res.version,
                 };
-                true
+                Renewal::Renewed
             }
-            Err(_) => false,
+            // Changed since our last write: another process took the lease over.
+            Err(
+                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
+            ) => Renewal::Lost,
+            Err(e) => Renewal::Failed(e.to_string()),
+        }
+    }
+
+    /// The lease's time to live (how long it is ours without a renewal).
+    pub fn ttl(&self) -> Option<Duration> {
+        match self {
+            Lease::Local(_) => None,
+            Lease::Remote(r) => Some(r.ttl),
         }
     }
 

@@ -320,3 +320,65 @@ fn a_conditional_put_whose_answer_was_lost_is_recognised_as_our_own() {
         "{faults}"
     );
 }
+
+/// Waits for the run's lease object and overwrites it, as a process taking it over would.
+const TAKE_OVER_LEASE: &str = r#"
+import json, sys, time, boto3
+s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')
+key = '_clvflow/leases/customer_value.json'
+deadline = time.time() + 60
+while True:
+    try:
+        s3.head_object(Bucket=sys.argv[2], Key=key)
+        break
+    except Exception:
+        if time.time() > deadline:
+            print(json.dumps(False)); sys.exit()
+        time.sleep(0.05)
+s3.put_object(Bucket=sys.argv[2], Key=key, Body=json.dumps({"owner": "intruder", "expires": "2999-01-01T00:00:00Z"}).encode())
+print(json.dumps(True))
+"#;
+
+/// Before, a lease that could not be renewed was only logged and the run went on to commit
+/// while another process could be running the same job.
+#[test]
+fn a_run_whose_lease_is_taken_over_is_cancelled_before_it_commits() {
+    let (p, bucket) = s3_project();
+    let config = p.read("config.yaml").replace(
+        "state: { url: file://./data/_clvflow }",
+        &format!("state: {{ url: s3://{bucket}/_clvflow }}\nscheduler: {{ lease_ttl: 1s }}"),
+    );
+    p.write("config.yaml", &config);
+    generate_in(&p, &bucket, "config.yaml", 300);
+    // Held after staging its outputs, renewing its lease every third of a second.
+    let mut run = p
+        .command(&["run", "customer_value", "--date", RUN_DATE])
+        .env("CLVFLOW_FAILPOINT", "after-staging:sleep")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let taken = py_json(TAKE_OVER_LEASE, &[&endpoint(), &bucket]);
+    let started = std::time::Instant::now();
+    while run.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            run.kill().unwrap();
+            panic!("the run went on for 60 s after its lease was taken over");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(taken, Value::Bool(true), "the run never took its lease");
+    let out = run.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("lost the job's lease") && err.contains("another process took it over"),
+        "{err}"
+    );
+    // Nothing of it was committed.
+    let committed = py_json(
+        "import json, sys, boto3; s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1'); r = s3.list_objects_v2(Bucket=sys.argv[2], Prefix='marts/'); print(json.dumps([o['Key'] for o in r.get('Contents', []) if '/commits/' in o['Key'] or o['Key'].endswith('published.json')]))",
+        &[&endpoint(), &bucket],
+    );
+    assert_eq!(committed, Value::Array(vec![]), "{err}");
+}

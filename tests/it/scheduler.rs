@@ -15,7 +15,7 @@ use clvflow::run::RunReport;
 use clvflow::scheduler::execute::{Executor, Outcome, Request, RunContext};
 use clvflow::scheduler::metrics::Metrics;
 use clvflow::scheduler::{self, Dispatcher};
-use clvflow::state::{RunRecord, StateStore, Status, Trigger};
+use clvflow::state::{Renewal, RunRecord, StateStore, Status, Trigger};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
@@ -448,15 +448,16 @@ async fn an_expired_s3_lease_is_taken_over_and_a_live_one_is_not() {
             .unwrap()
             .is_none()
     );
-    assert!(held.renew().await, "the holder can renew");
+    assert_eq!(held.renew().await, Renewal::Renewed, "the holder can renew");
     tokio::time::sleep(Duration::from_millis(500)).await; // the holder "crashed": no renewal
     let taken = state
         .acquire("a", "other", Duration::from_secs(30))
         .await
         .unwrap();
     assert!(taken.is_some(), "an expired lease must be taken over");
-    assert!(
-        !held.renew().await,
+    assert_eq!(
+        held.renew().await,
+        Renewal::Lost,
         "the old holder has lost it (If-Match fails)"
     );
     assert!(
