@@ -52,14 +52,18 @@ def run(config):
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-4000:]}")
     steps = {}
+    scratch = 0
     for line in p.stderr.splitlines():
         if not line.startswith("{"):
             continue
         f = json.loads(line)["fields"]
+        if f.get("message", "").startswith("step result written to scratch") or f.get("message", "").startswith("step result uploaded to scratch"):
+            scratch += f.get("bytes", 0)
         if f.get("message") == "step done":
             steps[f["step"]] = f["ms"]
         elif f.get("message") == "output staged":
             steps["write " + f["output"]] = f["ms"]
+    steps["(scratch MiB)"] = scratch / 2**20
     return secs, steps
 
 

@@ -286,7 +286,9 @@ pub async fn write_result(
         .map_err(|e| Error::df(format!("step `{name}` on the cluster"), e))?;
     let rows = count_rows(&written);
     register_folder(ctx, name, &folder, schema).await?;
-    tracing::debug!(table = name, rows, folder = %folder.written, "step result written to scratch by the cluster");
+    let (files, bytes) = folder_size(&folder).await;
+    tracing::info!(table = name, rows, files, bytes, folder = %folder.written,
+        "step result written to scratch by the cluster");
     Ok(rows)
 }
 
@@ -389,8 +391,22 @@ pub async fn share(ctx: &SessionContext, scratch: &RunScratch, name: &str) -> Re
     drop(source);
     register_folder(ctx, name, &folder, schema).await?;
     crate::engine::memory::release();
-    tracing::debug!(table = name, files, rows, folder = %folder.written, "step result uploaded to scratch for the cluster");
+    let (_, bytes) = folder_size(&folder).await;
+    tracing::info!(table = name, files, rows, bytes, folder = %folder.written,
+        "step result uploaded to scratch for the cluster");
     Ok(())
+}
+
+/// Files and bytes under `folder` (for the log; 0 when it cannot be listed).
+async fn folder_size(folder: &Location) -> (usize, u64) {
+    let listed: Vec<object_store::ObjectMeta> = folder
+        .store
+        .object_store
+        .list(Some(&folder.path))
+        .try_collect()
+        .await
+        .unwrap_or_default();
+    (listed.len(), listed.iter().map(|m| m.size).sum())
 }
 
 #[cfg(test)]

@@ -33,6 +33,11 @@ pub async fn explain_step(
         )));
     }
     let engine = project.engine()?;
+    if analyze && engine.cluster().is_some() {
+        return Err(Error::Usage(
+            "explain --analyze needs per-operator metrics, which clvflow's executors do not report to the Ballista scheduler (see README, Running on a cluster); run it with engine kind: local, or drop --analyze for the distributed plan".into(),
+        ));
+    }
     let ctx = engine.session()?;
     let scratch =
         super::begin_cluster_run(&engine, &ctx, &job.name, &super::new_run_id(), false).await?;

@@ -251,6 +251,27 @@ fn the_shipped_job_on_a_cluster_gives_the_local_engines_outputs() {
             cluster.log(&format!("executor-{i}.log"))
         );
     }
+    // explain shows the distributed plan: stages joined by shuffles.
+    let plan = p.ok(&["explain", "customer_value", "rfm", "--date", RUN_DATE]);
+    let plan = String::from_utf8_lossy(&plan.stdout).to_string();
+    assert!(
+        plan.contains("ShuffleWriterExec") && plan.contains("UnresolvedShuffleExec"),
+        "{plan}"
+    );
+    let analyze = p.clvflow(&[
+        "explain",
+        "customer_value",
+        "rfm",
+        "--date",
+        RUN_DATE,
+        "--analyze",
+    ]);
+    assert_eq!(analyze.status.code(), Some(2), "{}", show(&analyze));
+    assert!(
+        stderr(&analyze).contains("kind: local"),
+        "{}",
+        show(&analyze)
+    );
     // Nothing is left in the scratch folder.
     let left = py_json(
         "import json, sys, boto3; s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1'); r = s3.list_objects_v2(Bucket=sys.argv[2], Prefix='_clvflow/scratch/'); print(json.dumps([o['Key'] for o in r.get('Contents', [])]))",
@@ -348,7 +369,8 @@ fn a_bad_cluster_engine_is_a_config_error_at_its_fields() {
     let err = stderr(&out);
     for want in [
         format!("config.yaml:{line}:"),
-        "engine.scheduler: `http://sched:50050` is not a scheduler address; write df://host:port".into(),
+        "engine.scheduler: `http://sched:50050` is not a scheduler address; write df://host:port"
+            .into(),
         "engine.scratch: `s3://nowhere/scratch` is in no store of config.yaml".into(),
     ] {
         assert!(err.contains(&want), "missing {want:?} in:\n{err}");
