@@ -98,7 +98,13 @@ impl EngineConfig {
                     settings: settings.clone(),
                     transparent_huge_pages: *transparent_huge_pages,
                 };
-                let problems = local.problems();
+                let mut problems = local.problems();
+                problems.extend(local.settings.keys().filter(|k| is_ballista_key(k)).map(|k| {
+                    Problem::new(
+                        "settings",
+                        format!("`{k}` is a setting of the cluster engine (engine.kind: ballista); the local engine has no use for it"),
+                    )
+                }));
                 if problems.is_empty() {
                     Ok(Self::Local(local))
                 } else {
@@ -200,6 +206,8 @@ pub struct Engine {
     description: String,
     /// On the cluster engine: the cluster its sessions send their queries to.
     cluster: Option<Cluster>,
+    /// `engine.settings` (set again on each cluster session, after Ballista's upgrade).
+    settings: BTreeMap<String, String>,
 }
 
 impl Engine {
@@ -301,6 +309,7 @@ impl Engine {
             runtime,
             description,
             cluster: None,
+            settings: local.settings.clone(),
         })
     }
 
@@ -316,7 +325,11 @@ impl Engine {
                     .with_config(self.config.clone())
                     .with_runtime_env(self.runtime.clone())
                     .build();
-                SessionContext::new_with_state(cluster.client_state(base)?)
+                let mut state = cluster.client_state(base)?;
+                // `ballista.*` keys exist only once the state is Ballista's; the others are
+                // set again so that the user's values win over Ballista's defaults.
+                apply_settings(state.config_mut(), &self.settings, "engine.settings")?;
+                SessionContext::new_with_state(state)
             }
         };
         functions::register(&ctx);
@@ -334,12 +347,23 @@ impl Engine {
     }
 }
 
+/// Sets `settings` on `config`. `ballista.*` keys are the cluster's: on a session that is not
+/// a Ballista client's (the local engine, or before the upgrade) they are left out.
 fn apply_settings(
     config: &mut SessionConfig,
     settings: &BTreeMap<String, String>,
     field: &str,
 ) -> Result<()> {
+    let ballista = config
+        .options()
+        .extensions
+        .get::<ballista_core::config::BallistaConfig>()
+        .is_some();
     for (key, value) in settings {
+        if is_ballista_key(key) && !ballista {
+            tracing::debug!(key = %key, "a ballista.* setting: it takes effect on the cluster engine only");
+            continue;
+        }
         // Checked when the config was loaded.
         config
             .options_mut()
@@ -367,7 +391,24 @@ pub fn session_for_settings(
 
 /// What is wrong with the DataFusion setting `key: value` (`engine.settings`, a step's
 /// `settings`), if anything: DataFusion's message and its first cause.
+/// Whether `key` is one of Ballista's settings (`ballista.shuffle.compression.codec`, ...).
+fn is_ballista_key(key: &str) -> bool {
+    key.starts_with("ballista.")
+}
+
 pub fn setting_problem(key: &str, value: &str) -> Option<String> {
+    if is_ballista_key(key) {
+        use ballista_core::config::BallistaConfig;
+        // Ballista keeps its values as text and parses them when it reads them: check both here.
+        return match BallistaConfig::valid_entries().get(key) {
+            None => Some(format!(
+                "`{key}: {value}`: Ballista has no such setting (see ballista_core::config for its keys)"
+            )),
+            Some(entry) => BallistaConfig::parse_value(value, entry.data_type().clone())
+                .err()
+                .map(|e| format!("`{key}: {value}`: {e}")),
+        };
+    }
     let mut options = datafusion::config::ConfigOptions::new();
     let e = options.set(key, value).err()?;
     let message = e.strip_backtrace();
@@ -378,7 +419,7 @@ pub fn setting_problem(key: &str, value: &str) -> Option<String> {
         .take(2)
         .collect();
     Some(format!(
-        "`{key}: {value}`: {} (keys are DataFusion configuration keys such as datafusion.execution.batch_size)",
+        "`{key}: {value}`: {} (keys are DataFusion configuration keys such as datafusion.execution.batch_size, or on the cluster engine Ballista's, such as ballista.shuffle.compression.codec)",
         lines.join(": ")
     ))
 }
@@ -413,5 +454,56 @@ mod tests {
         assert!(text.contains("run b") && text.contains("run a"), "{text}");
         drop(held);
         memory::reserve(&b, "run b".into(), 40 << 20).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn ballista_settings_are_checked_against_ballistas_own_keys() {
+        assert_eq!(
+            setting_problem("ballista.shuffle.compression.codec", "none"),
+            None
+        );
+        assert_eq!(
+            setting_problem("ballista.planner.adaptive.enabled", "false"),
+            None
+        );
+        let bad = setting_problem("ballista.no.such.key", "1").unwrap();
+        assert!(bad.contains("ballista.no.such.key"), "{bad}");
+        let bad = setting_problem("ballista.planner.adaptive.enabled", "perhaps").unwrap();
+        assert!(bad.contains("perhaps"), "{bad}");
+    }
+
+    #[test]
+    fn a_ballista_setting_on_the_local_engine_is_a_problem_and_skipped_by_sessions() {
+        let settings: BTreeMap<String, String> =
+            [("ballista.shuffle.compression.codec".into(), "none".into())].into();
+        let mut config = SessionConfig::new();
+        apply_settings(&mut config, &settings, "engine.settings").unwrap();
+        let mut upgraded = SessionConfig::new()
+            .with_option_extension(ballista_core::config::BallistaConfig::default());
+        apply_settings(&mut upgraded, &settings, "engine.settings").unwrap();
+        let codec = upgraded
+            .options()
+            .extensions
+            .get::<ballista_core::config::BallistaConfig>()
+            .map(|c| c.shuffle_compression_codec().map_err(|e| e.to_string()));
+        assert_eq!(codec, Some(Ok(None)), "the codec is set to none");
+
+        let mut spec = crate::config::project::EngineSpec::default();
+        if let crate::config::project::EngineSpec::Local { settings: s, .. } = &mut spec {
+            *s = settings.clone();
+        }
+        let problems = EngineConfig::from_spec(&spec, Path::new("."), &Stores::default())
+            .err()
+            .unwrap_or_default();
+        assert!(
+            problems.iter().any(|p| p.field == "settings"
+                && p.message.contains("ballista.shuffle.compression.codec")),
+            "{problems:?}"
+        );
     }
 }
