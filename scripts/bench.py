@@ -96,11 +96,39 @@ for name, ms in step_ms.items():
     print(f"  {name:<28} {spread(ms, '{:.0f}'):>22} {max(step_rss[name]):>13.0f}")
 print(f"  end to end: {spread(walls)} s; peak RSS {max(peaks):.0f} MiB sampled from outside, "
       f"{max(logged_peaks):.0f} MiB by clvflow's own count")
-fit = {k: [m[k] for m in models] for k in ["bgnbd_ms", "gamma_gamma_ms", "predict_ms", "backtest_ms"]}
-print(f"  models: BG/NBD fit {spread(fit['bgnbd_ms'], '{:.0f}')} ms, Gamma-Gamma fit "
+fit = {k: [m[k] for m in models] for k in ["transaction_model_ms", "gamma_gamma_ms", "predict_ms", "backtest_ms"]}
+print(f"  models: BG/NBD fit {spread(fit['transaction_model_ms'], '{:.0f}')} ms, Gamma-Gamma fit "
       f"{spread(fit['gamma_gamma_ms'], '{:.0f}')} ms, 12-month CLV for all {spread(fit['predict_ms'], '{:.0f}')} ms, "
       f"backtest refit + holdout prediction {spread(fit['backtest_ms'], '{:.0f}')} ms")
 print(f"  K-means step (read, choose k by silhouette on a sample, cluster all): {spread(step_ms['clusters'], '{:.0f}')} ms\n")
+
+# --- the other transaction models, and model: auto -----------------------------------------
+job_file = os.path.join(work, "jobs", "customer_value.yaml")
+with open(job_file) as f:
+    shipped_job = f.read()
+print("transaction models in the clv step (one run each; fit = on all customers, with standard errors):")
+try:
+    for model in ["mbgnbd_gamma_gamma", "pareto_nbd_gamma_gamma", "auto"]:
+        variant = shipped_job.replace("model: bgnbd_gamma_gamma,", f"model: {model},")
+        assert variant != shipped_job, "jobs/customer_value.yaml has no `model: bgnbd_gamma_gamma,`"
+        with open(job_file, "w") as f:
+            f.write(variant)
+        secs, peak, logs = clvflow(["run", "customer_value", "--date", run_date])
+        t = next({k: float(v) for k, v in (x.split("=") for x in l["timings"].split())}
+                 for l in logs if l.get("message") == "models fitted" and l.get("step") == "clv")
+        chosen = next((l["model"] for l in logs if l.get("message", "").startswith("model: auto: chose")), None)
+        if model == "auto":
+            print(f"  auto: 3 calibration fits + holdout scoring {t['backtest_ms']:.0f} ms, refit of the chosen "
+                  f"({chosen}) {t['transaction_model_ms']:.0f} ms: {t['backtest_ms'] + t['transaction_model_ms']:.0f} ms "
+                  f"(target <= 8000); job {secs:.2f} s")
+        else:
+            target = " (target <= 3000)" if model.startswith("pareto") else ""
+            print(f"  {model}: fit {t['transaction_model_ms']:.0f} ms{target}, backtest refit "
+                  f"{t['backtest_ms']:.0f} ms; job {secs:.2f} s")
+finally:
+    with open(job_file, "w") as f:
+        f.write(shipped_job)
+print()
 
 # --- the same job under a 1 GiB memory limit ----------------------------------------------
 with open(os.path.join(work, "config.yaml")) as f:

@@ -174,11 +174,14 @@ fn default_sample() -> usize {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClvSpec {
-    /// For `bgnbd_gamma_gamma`: a step with `customer_id`, `x`, `t_x`, `t` (weeks) and
+    /// For the predictive models (`bgnbd_gamma_gamma`, `mbgnbd_gamma_gamma`,
+    /// `pareto_nbd_gamma_gamma`, `auto`): a step with `customer_id`, `x`, `t_x`, `t` (weeks) and
     /// `mean_repeat_spend`, such as `sql/customer_features.sql`. For the other models: an order table
     /// with `customer_id`, `order_ts` and `net_amount`, such as `sql/orders_clean.sql`.
     pub from: String,
-    /// `bgnbd_gamma_gamma` (default), `historical`, `formula`, `formula_retention` or `discounted`.
+    /// `bgnbd_gamma_gamma` (default), `mbgnbd_gamma_gamma`, `pareto_nbd_gamma_gamma`, `auto`
+    /// (the one of those three with the smallest holdout error), `historical`, `formula`,
+    /// `formula_retention` or `discounted`.
     #[serde(default)]
     pub model: ClvModel,
     /// Months of future purchases valued (`bgnbd_gamma_gamma`).
@@ -210,7 +213,7 @@ pub struct ClvSpec {
     /// `discounted`: relationship years counted (t = 1..years). Unset: all years so far.
     #[serde(default)]
     pub years: Option<u32>,
-    /// `bgnbd_gamma_gamma`: a calibration/holdout table (`customer_id`, `x`, `t_x`, `t`,
+    /// The predictive models: a calibration/holdout table (`customer_id`, `x`, `t_x`, `t`,
     /// `x_holdout`, `holdout_weeks`, such as `sql/btyd_backtest.sql`). The step refits the model on
     /// the calibration columns and writes `<step>_backtest`: predicted vs actual holdout purchases.
     #[serde(default)]
@@ -222,6 +225,10 @@ pub struct ClvSpec {
 pub enum ClvModel {
     #[default]
     BgnbdGammaGamma,
+    MbgnbdGammaGamma,
+    ParetoNbdGammaGamma,
+    /// BG/NBD, MBG/NBD and Pareto/NBD compared on the backtest's holdout.
+    Auto,
     Historical,
     Formula,
     FormulaRetention,
@@ -229,9 +236,20 @@ pub enum ClvModel {
 }
 
 impl ClvModel {
+    /// Whether this is one of the predictive (transaction + spend) models.
+    pub fn is_predictive(self) -> bool {
+        matches!(
+            self,
+            Self::BgnbdGammaGamma | Self::MbgnbdGammaGamma | Self::ParetoNbdGammaGamma | Self::Auto
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::BgnbdGammaGamma => "bgnbd_gamma_gamma",
+            Self::MbgnbdGammaGamma => "mbgnbd_gamma_gamma",
+            Self::ParetoNbdGammaGamma => "pareto_nbd_gamma_gamma",
+            Self::Auto => "auto",
             Self::Historical => "historical",
             Self::Formula => "formula",
             Self::FormulaRetention => "formula_retention",

@@ -177,7 +177,17 @@ fn the_clv_job_recovers_the_generators_bgnbd_parameters() {
             ((got - want) / want).abs() < tol,
             "{name}: fitted {got}, generator {want}: {rows:?}"
         );
+        // The standard errors say how far off a fit may be: the generator's value is inside
+        // a few of them, and inside the reported interval widened a little (the SQL's day
+        // grouping makes the data not exactly BG/NBD's).
+        let se = get(&format!("{name}_se"));
+        assert!(
+            se > 0.0 && (got - want).abs() < 4.0 * se,
+            "{name}: fitted {got} ± {se}, generator {want}"
+        );
+        assert!(get(&format!("{name}_ci_low")) < got && got < get(&format!("{name}_ci_high")));
     }
+    assert_eq!(get("hessian_positive_definite"), 1.0);
     let clv = duckdb(
         p.path(),
         "select count(*), min(p_alive), max(p_alive), min(clv), count(*) filter (where isnan(clv) or clv is null) from read_parquet('data/marts/customer_clv/*/*.parquet', hive_partitioning = true)",
@@ -189,6 +199,70 @@ fn the_clv_job_recovers_the_generators_bgnbd_parameters() {
     );
     assert!(f64_of(&clv[0][3]) >= 0.0, "{clv:?}");
     assert_eq!(clv[0][4].as_i64().unwrap(), 0, "NaN or NULL CLV: {clv:?}");
+}
+
+/// `model: auto` fits BG/NBD, MBG/NBD and Pareto/NBD on the calibration period, keeps the one
+/// with the smallest holdout error by calibration frequency, and reports every candidate.
+#[test]
+fn model_auto_compares_the_three_models_on_the_holdout_and_reports_why() {
+    let p = TestProject::shipped();
+    p.generate(8000);
+    p.edit(
+        "jobs/customer_value.yaml",
+        "model: bgnbd_gamma_gamma,",
+        "model: auto,",
+    );
+    p.ok(&["validate"]);
+    let out = p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    assert!(
+        stderr(&out).contains("model: auto: chose the model"),
+        "{}",
+        show(&out)
+    );
+    let rows = duckdb(
+        p.path(),
+        "select model, name, value from read_parquet('data/marts/clv_fit/*/*.parquet', hive_partitioning = true) order by model, name",
+    );
+    let get = |m: &str, n: &str| {
+        rows.iter()
+            .find(|r| r[0] == m && r[1] == n)
+            .map(|r| f64_of(&r[2]))
+            .unwrap_or_else(|| panic!("no {m}.{n} in {rows:?}"))
+    };
+    let candidates = ["bgnbd", "mbgnbd", "pareto_nbd"];
+    let chosen: Vec<&str> = candidates
+        .iter()
+        .copied()
+        .filter(|m| get(&format!("candidate_{m}"), "chosen") == 1.0)
+        .collect();
+    assert_eq!(chosen.len(), 1, "{rows:?}");
+    let best = chosen[0];
+    // The chosen one has the smallest error by frequency of the three.
+    let err = |m: &str| get(&format!("candidate_{m}"), "frequency_error");
+    for m in candidates {
+        assert!(err(best) <= err(m), "{best} chosen over {m}: {rows:?}");
+        for n in [
+            "calibration_log_likelihood",
+            "calibration_aic",
+            "calibration_bic",
+            "mean_abs_error",
+        ] {
+            assert!(get(&format!("candidate_{m}"), n).is_finite(), "{m}.{n}");
+        }
+    }
+    // Its fit on all data is reported with standard errors, and the backtest is its own.
+    assert_eq!(get(best, "hessian_positive_definite"), 1.0);
+    assert!(get(best, "r_se") > 0.0 && get(best, "alpha_se") > 0.0);
+    assert_eq!(get("backtest", "frequency_error"), err(best));
+    let other: Vec<&str> = candidates.iter().copied().filter(|m| *m != best).collect();
+    assert!(
+        rows.iter().all(|r| !other.iter().any(|m| r[0] == *m)),
+        "only the chosen model's full fit is reported: {rows:?}"
+    );
+    // Which one wins on the generator's data (BG/NBD purchases through day grouping and the
+    // cleaning SQL) is not asserted: with 6,600 calibration customers MBG/NBD's error by
+    // frequency came out smaller once although BG/NBD's likelihood was higher. The choice on
+    // data drawn from each model is tested in `steps::clv::backtest::tests`.
 }
 
 #[test]

@@ -107,6 +107,18 @@ fn clv_model_options_are_checked_per_model() {
             && err.contains("steps[2].clv: the `formula` model needs `expected_years`"),
         "{err}"
     );
+    // auto compares the models on a holdout: without a backtest table it has none.
+    p.edit(
+        "jobs/customer_clv.yaml",
+        "model: formula, horizon_months: 12",
+        "model: auto, horizon_months: 12",
+    );
+    let err = stderr(&p.clvflow(&["validate", "customer_clv"]));
+    assert!(
+        err.contains("customer_clv.yaml:")
+            && err.contains("steps[2].clv: `model: auto` picks the model with the smallest holdout error: it needs `backtest`"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -82,11 +82,7 @@ impl ClvStep {
                 model == M::Discounted,
             ),
             ("years", spec.years.is_some(), model == M::Discounted),
-            (
-                "backtest",
-                spec.backtest.is_some(),
-                model == M::BgnbdGammaGamma,
-            ),
+            ("backtest", spec.backtest.is_some(), model.is_predictive()),
         ];
         for (key, given, read) in only {
             if given && !read {
@@ -95,6 +91,12 @@ impl ClvStep {
                     format!("not used by the `{}` model; remove it", model.name()),
                 ));
             }
+        }
+        if model == M::Auto && spec.backtest.is_none() {
+            diags.push(cx.diag(
+                "clv",
+                "`model: auto` picks the model with the smallest holdout error: it needs `backtest` (a calibration/holdout table such as sql/btyd_backtest.sql)",
+            ));
         }
         if model == M::Formula && spec.expected_years.is_none() {
             diags.push(cx.diag(
@@ -138,6 +140,18 @@ impl ClvStep {
         }
     }
 
+    /// The transaction model of a predictive step; `None` for `model: auto` (chosen by the
+    /// backtest) and for the rule-based models.
+    pub fn transaction_model(&self) -> Option<models::transaction::Model> {
+        use models::transaction::Model;
+        match self.spec.model {
+            ClvModel::BgnbdGammaGamma => Some(Model::BgNbd),
+            ClvModel::MbgnbdGammaGamma => Some(Model::MbgNbd),
+            ClvModel::ParetoNbdGammaGamma => Some(Model::ParetoNbd),
+            _ => None,
+        }
+    }
+
     /// The margin the models use.
     pub fn margin(&self) -> f64 {
         self.spec.margin.unwrap_or(DEFAULT_MARGIN)
@@ -172,7 +186,7 @@ impl ClvStep {
         cx: &StepContext<'_>,
     ) -> std::result::Result<Vec<(String, SchemaRef)>, String> {
         let name = &cx.step.name;
-        let mut tables = if self.spec.model == ClvModel::BgnbdGammaGamma {
+        let mut tables = if self.spec.model.is_predictive() {
             predictive::declare(cx, &self.spec).await?
         } else {
             rules::declare(cx, &self.spec).await?
@@ -186,7 +200,7 @@ impl ClvStep {
 
     /// Runs the step with the model its spec names.
     pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
-        if self.spec.model == ClvModel::BgnbdGammaGamma {
+        if self.spec.model.is_predictive() {
             predictive::run(cx, self).await
         } else {
             rules::run(cx, self).await
@@ -205,13 +219,20 @@ pub fn fit_schema() -> SchemaRef {
 }
 
 /// Registers the fit report `report` as `<step>_fit`.
-fn register_fit(cx: &StepContext<'_>, report: &[(&str, &str, f64)]) -> Result<()> {
+fn register_fit(
+    cx: &StepContext<'_>,
+    report: &[(impl AsRef<str>, impl AsRef<str>, f64)],
+) -> Result<()> {
     let batch = RecordBatch::try_new(
         fit_schema(),
         vec![
             Arc::new(Date32Array::from(vec![date32(cx.run_date); report.len()])),
-            Arc::new(StringArray::from_iter_values(report.iter().map(|r| r.0))),
-            Arc::new(StringArray::from_iter_values(report.iter().map(|r| r.1))),
+            Arc::new(StringArray::from_iter_values(
+                report.iter().map(|r| r.0.as_ref()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                report.iter().map(|r| r.1.as_ref()),
+            )),
             Arc::new(Float64Array::from_iter_values(report.iter().map(|r| r.2))),
         ],
     )

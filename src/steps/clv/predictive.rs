@@ -16,6 +16,7 @@ use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array};
 use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
 
 use super::models::special::SeriesError;
+use super::models::transaction::{Model, Params, aic_bic};
 use super::models::{bgnbd, gamma_gamma, par_map};
 use super::{ClvStep, backtest, register_fit};
 use crate::config::steps::ClvSpec;
@@ -111,6 +112,38 @@ fn ranks_sorted(mut order: Vec<(u64, i64, u32)>, parallel_max: usize) -> Vec<u32
     rank
 }
 
+/// Adds a fitted parameter block: each value, and with standard errors its `_se` and the 95 %
+/// interval `_ci_low`/`_ci_high` (Wald on the log scale, exp(ln θ ± 1.96 se/θ): inside the
+/// positive range the parameters live in), then `hessian_positive_definite` (1, or 0 when the
+/// observed information could not be inverted: no standard errors then).
+fn push_params<const N: usize>(
+    report: &mut Vec<(&'static str, String, f64)>,
+    component: &'static str,
+    names: &[&'static str; N],
+    values: &[f64; N],
+    errors: &std::result::Result<[f64; N], String>,
+) {
+    for i in 0..N {
+        report.push((component, names[i].to_string(), values[i]));
+    }
+    if let Ok(se) = errors {
+        for i in 0..N {
+            let (name, v, e) = (names[i], values[i], se[i]);
+            let half = 1.96 * e / v;
+            report.extend([
+                (component, format!("{name}_se"), e),
+                (component, format!("{name}_ci_low"), v * (-half).exp()),
+                (component, format!("{name}_ci_high"), v * half.exp()),
+            ]);
+        }
+    }
+    report.push((
+        component,
+        "hessian_positive_definite".to_string(),
+        if errors.is_ok() { 1.0 } else { 0.0 },
+    ));
+}
+
 /// For `validate`: the schemas of `<step>` (and `<step>_backtest`).
 pub(super) async fn declare(
     cx: &StepContext<'_>,
@@ -148,13 +181,13 @@ fn horizon(spec: &ClvSpec) -> (Vec<f64>, Vec<f64>) {
 /// For one history: expected purchases over the whole horizon, and the discounted sum of each
 /// month's expected purchases (CLV = margin × expected spend × that sum).
 pub fn horizon_purchases(
-    p: &bgnbd::Params,
+    p: &Params,
     h: &bgnbd::History,
     weeks: &[f64],
     discounts: &[f64],
 ) -> std::result::Result<(f64, f64), SeriesError> {
     let mut cumulative = vec![0.0; weeks.len()];
-    bgnbd::expected_purchases_many(p, h, weeks, &mut cumulative)?;
+    p.expected_purchases_many(h, weeks, &mut cumulative)?;
     let (mut prev, mut value) = (0.0, 0.0);
     for (e, d) in cumulative.iter().zip(discounts) {
         value += (e - prev) * d;
@@ -193,8 +226,37 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         super::group_histories(rows, &mut grouper).map_err(column_err)
     })?;
     let (distinct, index) = grouper.finish();
-    let fit = bgnbd::fit(&distinct).map_err(|e| cx.model_err(format!("BG/NBD: {e}")))?;
-    let t_bgnbd = t.elapsed();
+    // `model: auto` scores the candidates on the backtest first; the chosen model is then
+    // fitted on all data, from its calibration fit. A named model is fitted on all data first
+    // and its backtest starts from that fit.
+    let (fit, backtest_report, t_backtest) = match step.transaction_model() {
+        Some(model) => {
+            let fit = model
+                .fit(&distinct, None)
+                .map_err(|e| cx.model_err(format!("{}: {e}", model.title())))?;
+            (fit, None, std::time::Duration::ZERO)
+        }
+        None => {
+            let table = spec
+                .backtest
+                .as_deref()
+                .ok_or_else(|| cx.model_err("`model: auto` needs `backtest`".to_string()))?;
+            let tb = Instant::now();
+            let candidates: Vec<_> = Model::ALL.iter().map(|m| (*m, None)).collect();
+            let outcome = backtest::run(cx, table, &spec.from, &candidates).await?;
+            let model = outcome.calibration.params.model();
+            let t_backtest = tb.elapsed();
+            let fit = model
+                .fit(&distinct, Some(&outcome.calibration.params))
+                .map_err(|e| {
+                    cx.model_err(format!("{} (chosen by model: auto): {e}", model.title()))
+                })?;
+            (fit, Some(outcome.report), t_backtest)
+        }
+    };
+    let model = fit.params.model();
+    let std_errors = fit.params.standard_errors(&distinct);
+    let t_bgnbd = t.elapsed() - t_backtest;
     let t = Instant::now();
     let x_of = |i: usize| distinct[index[i] as usize].0.x;
     // Gamma-Gamma fits on the repeat buyers only (it ignores the others); no repeat purchase,
@@ -218,6 +280,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     })?;
     let gg =
         gamma_gamma::fit(&spend_data).map_err(|e| cx.model_err(format!("Gamma-Gamma: {e}")))?;
+    let gg_errors = gamma_gamma::standard_errors(&gg.params, &spend_data);
     drop(spend_data);
     let t_gg = t.elapsed();
 
@@ -226,7 +289,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     let (weeks, discounts) = horizon(spec);
     // Per distinct history: P(alive), purchases over the horizon, their discounted sum.
     let per_history = par_map(&distinct, |(h, _)| {
-        horizon_purchases(&p, h, &weeks, &discounts).map(|(e, d)| [bgnbd::p_alive(&p, h), e, d])
+        horizon_purchases(&p, h, &weeks, &discounts).and_then(|(e, d)| Ok([p.p_alive(h)?, e, d]))
     })
     .ok_or_else(|| cx.model_err("a prediction thread failed"))?
     .into_iter()
@@ -318,27 +381,70 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     drop((rank, index, distinct, per_history, _memory));
     crate::engine::memory::release();
 
-    let mut report: Vec<(&str, &str, f64)> = vec![
-        ("bgnbd", "r", p.r),
-        ("bgnbd", "alpha", p.alpha),
-        ("bgnbd", "a", p.a),
-        ("bgnbd", "b", p.b),
-        ("bgnbd", "log_likelihood", fit.log_likelihood),
-        ("bgnbd", "iterations", fit.iterations as f64),
-        ("bgnbd", "customers", fit.customers as f64),
-        ("gamma_gamma", "p", gg.params.p),
-        ("gamma_gamma", "q", gg.params.q),
-        ("gamma_gamma", "gamma", gg.params.gamma),
-        ("gamma_gamma", "log_likelihood", gg.log_likelihood),
-        ("gamma_gamma", "iterations", gg.iterations as f64),
-        ("gamma_gamma", "customers", gg.customers as f64),
-    ];
-    let t = Instant::now();
-    if let Some(table) = &spec.backtest {
-        let totals = backtest::run(cx, table, &spec.from, &p).await?;
-        report.extend(totals.into_iter().map(|(k, v)| ("backtest", k, v)));
+    let name = model.name();
+    let mut report: Vec<(&'static str, String, f64)> = Vec::new();
+    let values = p.values();
+    let (aic, bic) = aic_bic(fit.log_likelihood, fit.customers);
+    push_params(
+        &mut report,
+        name,
+        &model.param_names(),
+        &values,
+        &std_errors,
+    );
+    let rows = |c: &'static str, rows: &[(&str, f64)]| -> Vec<(&'static str, String, f64)> {
+        rows.iter().map(|(n, v)| (c, n.to_string(), *v)).collect()
+    };
+    report.extend(rows(
+        name,
+        &[
+            ("log_likelihood", fit.log_likelihood),
+            ("aic", aic),
+            ("bic", bic),
+            ("iterations", fit.iterations as f64),
+            ("customers", fit.customers as f64),
+        ],
+    ));
+    let gg_values = [gg.params.p, gg.params.q, gg.params.gamma];
+    push_params(
+        &mut report,
+        "gamma_gamma",
+        &["p", "q", "gamma"],
+        &gg_values,
+        &gg_errors,
+    );
+    report.extend(rows(
+        "gamma_gamma",
+        &[
+            ("log_likelihood", gg.log_likelihood),
+            ("iterations", gg.iterations as f64),
+            ("customers", gg.customers as f64),
+        ],
+    ));
+    for (component, e) in [
+        (name, std_errors.as_ref().err()),
+        ("gamma_gamma", gg_errors.as_ref().err()),
+    ] {
+        if let Some(e) = e {
+            tracing::warn!(job = %cx.job, step = %cx.step.name, model = component, why = %e,
+                "no standard errors for the fitted parameters");
+        }
     }
-    let t_backtest = t.elapsed();
+    let t = Instant::now();
+    match (backtest_report, &spec.backtest) {
+        (Some(done), _) => report.extend(done.into_iter().map(|(c, n, v)| (c, n.to_string(), v))),
+        (None, Some(table)) => {
+            let outcome = backtest::run(cx, table, &spec.from, &[(model, Some(p))]).await?;
+            report.extend(
+                outcome
+                    .report
+                    .into_iter()
+                    .map(|(c, n, v)| (c, n.to_string(), v)),
+            );
+        }
+        (None, None) => {}
+    }
+    let t_backtest = t_backtest + t.elapsed();
     register_fit(cx, &report)?;
     Ok(StepOutcome {
         rows: n,
@@ -346,7 +452,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         spilled: kept.spilled,
         elapsed: started.elapsed(),
         timings: vec![
-            ("bgnbd_ms", t_bgnbd),
+            ("transaction_model_ms", t_bgnbd),
             ("gamma_gamma_ms", t_gg),
             ("predict_ms", t_predict),
             ("backtest_ms", t_backtest),

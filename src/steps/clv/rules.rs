@@ -91,7 +91,11 @@ fn model_fields(model: ClvModel) -> Vec<Field> {
                 f("acquisition_cost"),
             ]);
         }
-        ClvModel::Historical | ClvModel::BgnbdGammaGamma => {}
+        ClvModel::Historical
+        | ClvModel::BgnbdGammaGamma
+        | ClvModel::MbgnbdGammaGamma
+        | ClvModel::ParetoNbdGammaGamma
+        | ClvModel::Auto => {}
     }
     fields.push(f("clv"));
     fields
@@ -426,10 +430,14 @@ pub fn compute(
                     ]);
                     accs.iter().map(|a| a.discounted.value() - a.cost).collect()
                 }
-                ClvModel::BgnbdGammaGamma => {
-                    return Err(Error::Internal(
-                        "bgnbd_gamma_gamma is not a rule-based model".into(),
-                    ));
+                ClvModel::BgnbdGammaGamma
+                | ClvModel::MbgnbdGammaGamma
+                | ClvModel::ParetoNbdGammaGamma
+                | ClvModel::Auto => {
+                    return Err(Error::Internal(format!(
+                        "{} is not a rule-based model",
+                        spec.model.name()
+                    )));
                 }
             };
             total_clv += clv.iter().sum::<f64>();

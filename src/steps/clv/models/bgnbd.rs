@@ -35,7 +35,7 @@ pub enum FitError {
     #[error("no customers to fit")]
     Empty,
     #[error(
-        "no customer made a repeat purchase: BG/NBD cannot be fitted (it needs repeat purchases to learn purchase rates and drop-out)"
+        "no customer made a repeat purchase: the model cannot be fitted (it needs repeat purchases to learn purchase rates and drop-out)"
     )]
     NoRepeats,
     #[error("invalid history: {0}")]
@@ -208,21 +208,7 @@ pub fn fit(data: &[(History, f64)]) -> Result<Fit, FitError> {
 /// Fits the model by maximum likelihood, starting from `start` when given (a fit of similar
 /// data, e.g. the full history for a calibration-period refit: fewer iterations to converge).
 pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, FitError> {
-    let n: f64 = data.iter().map(|(_, w)| w).sum();
-    if n <= 0.0 {
-        return Err(FitError::Empty);
-    }
-    if let Some((h, _)) = data.iter().find(|(h, _)| {
-        !(h.x >= 0.0 && h.t_x >= 0.0 && h.t > 0.0 && h.t_x <= h.t && h.x.fract() == 0.0)
-    }) {
-        return Err(FitError::Invalid(format!(
-            "x = {}, t_x = {}, T = {} (need whole x ≥ 0 and 0 ≤ t_x ≤ T, T > 0)",
-            h.x, h.t_x, h.t
-        )));
-    }
-    if data.iter().all(|(h, _)| h.x == 0.0) {
-        return Err(FitError::NoRepeats);
-    }
+    let n = check_histories(data)?;
     let mean_t = data.iter().map(|(h, w)| h.t * w).sum::<f64>() / n;
     // Minimise the mean negative log-likelihood over log-parameters.
     let objective = |phi: &[f64]| {
@@ -248,7 +234,40 @@ pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, 
         _ => vec![0.0, mean_t.max(1e-3).ln(), 0.0, 0.0],
     };
     let m: Minimum = lbfgs(objective, x0, 1000, 1e-9);
-    let names = ["r", "alpha", "a", "b"];
+    let [r, alpha, a, b] = checked_params(&m, ["r", "alpha", "a", "b"])?;
+    Ok(Fit {
+        params: Params { r, alpha, a, b },
+        log_likelihood: -m.value * n,
+        iterations: m.iterations,
+        customers: n as u64,
+    })
+}
+
+/// The checks every transaction model makes of its data before a fit: some customers, valid
+/// histories (whole x ≥ 0, 0 ≤ t_x ≤ T, T > 0), at least one repeat purchase. Returns the
+/// number of customers (the sum of the weights).
+pub fn check_histories(data: &[(History, f64)]) -> Result<f64, FitError> {
+    let n: f64 = data.iter().map(|(_, w)| w).sum();
+    if n <= 0.0 {
+        return Err(FitError::Empty);
+    }
+    if let Some((h, _)) = data.iter().find(|(h, _)| {
+        !(h.x >= 0.0 && h.t_x >= 0.0 && h.t > 0.0 && h.t_x <= h.t && h.x.fract() == 0.0)
+    }) {
+        return Err(FitError::Invalid(format!(
+            "x = {}, t_x = {}, T = {} (need whole x ≥ 0 and 0 ≤ t_x ≤ T, T > 0)",
+            h.x, h.t_x, h.t
+        )));
+    }
+    if data.iter().all(|(h, _)| h.x == 0.0) {
+        return Err(FitError::NoRepeats);
+    }
+    Ok(n)
+}
+
+/// The parameters at a minimum over log-parameters, refused when one ran off (the data do not
+/// identify it) or the likelihood is not finite.
+pub fn checked_params<const N: usize>(m: &Minimum, names: [&str; N]) -> Result<[f64; N], FitError> {
     if let Some((i, v)) =
         m.x.iter()
             .enumerate()
@@ -265,18 +284,11 @@ pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, 
             "the likelihood is not finite".into(),
         ));
     }
-    let params = Params {
-        r: m.x[0].exp(),
-        alpha: m.x[1].exp(),
-        a: m.x[2].exp(),
-        b: m.x[3].exp(),
-    };
-    Ok(Fit {
-        params,
-        log_likelihood: -m.value * n,
-        iterations: m.iterations,
-        customers: n as u64,
-    })
+    let mut out = [0.0; N];
+    for (o, v) in out.iter_mut().zip(&m.x) {
+        *o = v.exp();
+    }
+    Ok(out)
 }
 
 /// P(alive | x, t_x, T).
@@ -319,12 +331,24 @@ pub fn expected_purchases_many(
     ts: &[f64],
     out: &mut [f64],
 ) -> Result<(), SeriesError> {
+    expected_purchases_with(p, h, ts, out, false)
+}
+
+/// [`expected_purchases_many`]; with `dropout_at_zero`, the drop-out term of the denominator is
+/// there for x = 0 too (MBG/NBD, whose expressions are these with b + 1 for b).
+pub(super) fn expected_purchases_with(
+    p: &Params,
+    h: &History,
+    ts: &[f64],
+    out: &mut [f64],
+    dropout_at_zero: bool,
+) -> Result<(), SeriesError> {
     let Params { r, alpha, b, .. } = *p;
     let a = off_one(p.a);
     let History { x, t_x, t: big_t } = *h;
     let zs: Vec<f64> = ts.iter().map(|t| t / (alpha + big_t + t)).collect();
     hyp2f1_many(a + b - 1.0 - r, a - 1.0, a + b + x - 1.0, &zs, out)?;
-    let den = if x > 0.0 {
+    let den = if x > 0.0 || dropout_at_zero {
         1.0 + a / (b + x - 1.0) * ((alpha + big_t) / (alpha + t_x)).powf(r + x)
     } else {
         1.0

@@ -79,22 +79,11 @@ pub fn used(x: f64, m: f64) -> bool {
 
 /// Fits the model on (x, mean spend) pairs; customers with x = 0 or m ≤ 0 are ignored.
 pub fn fit(data: &[(f64, f64)]) -> Result<Fit, FitError> {
-    let used: Vec<[f64; 2]> = data
-        .iter()
-        .filter(|(x, m)| used(*x, *m))
-        .map(|(x, m)| [*x, *m])
-        .collect();
-    if used.is_empty() {
+    let rows = rows_of(data);
+    if rows.is_empty() {
         return Err(FitError::Empty);
     }
-    let n = used.len() as f64;
-    // Identical (x, m) rows merged with weights, sorted by x, with ln m and ln x precomputed:
-    // the x-only terms are computed once per x.
-    let rows: Vec<[f64; 5]> = super::group(&used)
-        .0
-        .into_iter()
-        .map(|([x, m], w)| [x, m, m.ln(), x.ln(), w])
-        .collect();
+    let n: f64 = rows.iter().map(|r| r[4]).sum();
     // From the sorted rows, not the input's order (which changes from run to run): the start,
     // and so the optimum found, is the same for the same customers.
     let mean_m = rows.iter().map(|r| r[1] * r[4]).sum::<f64>() / n;
@@ -134,6 +123,44 @@ pub fn fit(data: &[(f64, f64)]) -> Result<Fit, FitError> {
         iterations: m.iterations,
         customers: n as u64,
     })
+}
+
+/// The rows the fit uses: identical (x, m) pairs of the customers it uses merged with weights,
+/// sorted by x, with ln m and ln x precomputed (the x-only terms are computed once per x).
+fn rows_of(data: &[(f64, f64)]) -> Vec<[f64; 5]> {
+    let used: Vec<[f64; 2]> = data
+        .iter()
+        .filter(|(x, m)| used(*x, *m))
+        .map(|(x, m)| [*x, *m])
+        .collect();
+    super::group(&used)
+        .0
+        .into_iter()
+        .map(|([x, m], w)| [x, m, m.ln(), x.ln(), w])
+        .collect()
+}
+
+/// Standard errors of fitted parameters `pr` on `data` (as given to [`fit`]), from the
+/// observed information.
+pub fn standard_errors(pr: &Params, data: &[(f64, f64)]) -> Result<[f64; 3], String> {
+    let rows = rows_of(data);
+    let grad = |v: &[f64]| {
+        if v.len() != 3 || !v.iter().all(|x| *x > 0.0) {
+            return None;
+        }
+        let pr = Params {
+            p: v[0],
+            q: v[1],
+            gamma: v[2],
+        };
+        Some(
+            super::par_sum(&rows, |chunk| chunk_ll(&pr, chunk))
+                .1
+                .to_vec(),
+        )
+    };
+    let se = super::optimize::standard_errors(grad, &[pr.p, pr.q, pr.gamma])?;
+    Ok([se[0], se[1], se[2]])
 }
 
 /// E[spend per transaction | x, m_x]; the population mean for x = 0.

@@ -20,9 +20,15 @@ pub struct Fit<P> {
 }
 
 pub mod bgnbd;
+pub mod dual;
 pub mod gamma_gamma;
+pub mod mbgnbd;
 pub mod optimize;
+pub mod pareto_nbd;
+#[cfg(test)]
+pub mod simulate;
 pub mod special;
+pub mod transaction;
 
 /// Sums `f` over 8 fixed chunks of `data`, on scoped threads when the data are large. The chunks
 /// and the order of the sum do not depend on the machine, so results are identical everywhere.

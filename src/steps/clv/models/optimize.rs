@@ -161,6 +161,14 @@ fn inverse_hessian(
             h[i][j] = (gj.get(i)? - g[i]) / step;
         }
     }
+    symmetric_inverse(h)
+}
+
+/// The inverse of `h` made symmetric (the mean of it and its transpose), if that is finite and
+/// positive definite.
+#[allow(clippy::needless_range_loop)] // matrix code reads best with indices
+fn symmetric_inverse(mut h: Vec<Vec<f64>>) -> Option<Vec<Vec<f64>>> {
+    let n = h.len();
     for i in 0..n {
         for j in 0..i {
             let m = 0.5 * (h[i][j] + h[j][i]);
@@ -201,6 +209,36 @@ fn inverse_hessian(
         }
     }
     inv.iter().flatten().all(|v| v.is_finite()).then_some(inv)
+}
+
+/// Standard errors of the maximum-likelihood estimates `theta`: the square roots of the
+/// diagonal of the inverse observed information −∇²ℓ(θ). The Hessian is taken by central
+/// differences of `grad`, the analytic gradient of the total log-likelihood in these
+/// (natural) parameters (`None` where it cannot be computed). An information matrix that is
+/// not positive definite (a flat direction, or not a maximum) is an error, never hidden.
+pub fn standard_errors(
+    grad: impl Fn(&[f64]) -> Option<Vec<f64>>,
+    theta: &[f64],
+) -> Result<Vec<f64>, String> {
+    let n = theta.len();
+    let mut info = vec![vec![0.0; n]; n];
+    for j in 0..n {
+        let step = 1e-4 * theta[j].abs().max(1e-8);
+        let (mut up, mut down) = (theta.to_vec(), theta.to_vec());
+        up[j] += step;
+        down[j] -= step;
+        let (gu, gd) = match (grad(&up), grad(&down)) {
+            (Some(u), Some(d)) if u.len() == n && d.len() == n => (u, d),
+            _ => return Err("the gradient could not be computed next to the optimum".into()),
+        };
+        for i in 0..n {
+            info[i][j] = -(gu[i] - gd[i]) / (2.0 * step);
+        }
+    }
+    let inv = symmetric_inverse(info).ok_or_else(|| {
+        "the observed information matrix is not positive definite (the likelihood is flat, or not at a maximum, in some direction): no standard errors".to_string()
+    })?;
+    Ok((0..n).map(|i| inv[i][i].sqrt()).collect())
 }
 
 #[cfg(test)]
