@@ -86,7 +86,7 @@ for _ in range(runs):
             key = "write " + l["output"]
             step_ms.setdefault(key, []).append(l["ms"])
             step_rss.setdefault(key, []).append(l.get("peak_rss_mb") or 0)
-        elif msg == "models fitted":
+        elif msg == "models fitted" and l.get("step") == "clv":
             models.append({k: float(v) for k, v in (t.split("=") for t in l["timings"].split())})
         elif msg == "run succeeded":
             logged_peaks.append(l.get("max_rss_mb") or 0)

@@ -353,8 +353,23 @@ con.execute(f"create table clv as select r.*, o.cluster, o.p_alive, o.expected_p
 # read ours. Its clv is checked against the closed form in the unit tests.
 margin = float(params['gross_margin'])
 con.execute(f"create table clv_discounted as select customer_id, historical_clv / {margin} as revenue, discounted_clv as clv from {ours_value}")
-for name in ['customer_value', 'channel_summary', 'value_tiers', 'ltv_cac']:
+for name in ['customer_value', 'channel_summary', 'value_tiers', 'ltv_cac', 'cohort_value']:
     con.execute(f"create table {name} as " + sql(name))
+# Dynamic LTV: every row equal; money to the cent (DuckDB sums the floats in another order).
+dynamic = con.execute(f'''
+    select count(*), count(o.days),
+           count(*) filter (where o.days is null or t.customers <> o.customers or t.observed_days <> o.observed_days
+               or t.payback_day is distinct from o.payback_day or t.below_cac <> o.below_cac
+               or t.repeat_share is distinct from o.repeat_share or t.cac <> o.cac
+               or (t.revenue_per_customer is null) <> (o.revenue_per_customer is null)
+               or abs(t.revenue_per_customer - o.revenue_per_customer) > 0.0100001
+               or abs(t.gross_profit_per_customer - o.gross_profit_per_customer) > 0.0100001
+               or abs(t.predicted_365_per_customer - o.predicted_365_per_customer) > 0.0100001),
+           (select count(*) from {mart('cohort_value')}),
+           count(*) filter (where t.payback_day is not null), count(*) filter (where t.below_cac),
+           count(*) filter (where t.revenue_per_customer is null), count(*) filter (where t.repeat_share > 0)
+    from cohort_value as t
+    left join {mart('cohort_value')} as o using (cohort_month, acquisition_channel, days)''').fetchone()
 def compare(theirs_sql, ours_sql):
     theirs = con.execute(theirs_sql).fetchall(); ours = con.execute(ours_sql).fetchall()
     return {"theirs": len(theirs), "ours": len(ours), "diff": [(a, b) for a, b in zip(theirs, ours) if a != b][:3]}
@@ -366,6 +381,7 @@ out = {
   "ltv_cac": compare("select acquisition_channel, customers, avg_cac, ltv_to_cac, below_break_even from ltv_cac order by 1", f"select acquisition_channel, customers, avg_cac, ltv_to_cac, below_break_even from {mart('ltv_cac')} order by 1"),
   "cohorts": compare("select cohort_month, month_number, cohort_customers, active_customers, retention_rate, repeat_purchase_rate from cohort_retention order by 1, 2", f"select cohort_month, month_number, cohort_customers, active_customers, retention_rate, repeat_purchase_rate from {mart('cohort_retention')} order by 1, 2"),
   "backtest": compare("select customer_id, x, round(t, 9), x_holdout from btyd_backtest order by 1", f"select customer_id, x, round(t, 9), actual_purchases from {mart('clv_backtest')} order by 1"),
+  "dynamic": dynamic,
   "totals": con.execute(f"select sum(actual_purchases), sum(predicted_purchases) from {mart('clv_backtest')}").fetchone(),
   # Realized gross profit: DuckDB sums the floats in another order, so a cent may differ.
   "historical": con.execute(f"select count(*), count(*) filter (where abs(o.historical_clv - round(t.revenue * {margin}, 2)) > 0.0100001) from {ours_value} as o join (select customer_id, sum(net_amount) as revenue from orders_clean group by 1) as t using (customer_id)").fetchone(),
@@ -396,6 +412,25 @@ print(json.dumps(out, default=str))
     assert_eq!(
         r["customer_value"]["ours"].as_i64().unwrap(),
         expected_totals(&p, RUN_DATE).0
+    );
+    // Dynamic LTV: (rows, matched, differing, ours, with payback, below CAC, too young, repeat).
+    let d: Vec<i64> = r["dynamic"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert!(
+        d[0] > 50 && d[1] == d[0] && d[3] == d[0],
+        "cohort_value rows: {d:?}"
+    );
+    assert_eq!(
+        d[2], 0,
+        "cohort_value rows that differ from DuckDB's: {d:?}"
+    );
+    assert!(
+        d[4] > 0 && d[5] > 0 && d[6] > 0 && d[7] > 0,
+        "every case occurs: {d:?}"
     );
     let historical = r["historical"].as_array().unwrap();
     assert_eq!(historical[0], r["customer_value"]["ours"], "{r}");

@@ -94,7 +94,7 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:41:")
+        err.contains("customer_value.yaml:42:")
             && err.contains("steps[2].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
