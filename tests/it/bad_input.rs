@@ -91,7 +91,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:32:",
+            "customer_value.yaml:33:",
             "steps[0].sql: cannot read SQL file `sql/nope.sql`",
         ],
     );
@@ -143,7 +143,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:57:",
+            "customer_value.yaml:59:",
             "outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`",
         ],
     );
@@ -161,7 +161,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:19:",
+            "customer_value.yaml:20:",
             "inputs.orders.url: `s3://nowhere/orders/` is in no store of config.yaml",
         ],
     );

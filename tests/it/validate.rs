@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:51:")
+        lines.iter().any(|l| l.contains("customer_value.yaml:52:")
             && l.contains("steps[8].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:57:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:59:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -144,9 +144,9 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
             .position(|d| d.iter().any(|t| t == table))
             .unwrap_or_else(|| panic!("`{table}` is never dropped: {lifetimes:?}"))
     };
-    // orders_clean: read last by clv_discounted; customer_features: by rfm (btyd_backtest reads
-    // it earlier); the rfm -> clusters -> clv chain: by customer_value.
-    assert_eq!(dropped_after("orders_clean"), step("clv_discounted"));
+    // orders_clean: read last by cohort_value (the dynamic LTV); customer_features: by rfm
+    // (btyd_backtest reads it earlier); the rfm -> clusters -> clv chain: by customer_value.
+    assert_eq!(dropped_after("orders_clean"), step("cohort_value"));
     assert_eq!(dropped_after("customer_features"), step("rfm"));
     assert_eq!(dropped_after("clv"), step("customer_value"));
     assert_eq!(dropped_after("btyd_backtest"), step("clv"));
@@ -197,11 +197,11 @@ fn a_bad_step_setting_is_reported_at_its_key_without_noise_from_later_steps() {
         .collect();
     // Exactly the two settings: the steps that read orders_clean are not planned, not reported.
     assert_eq!(lines.len(), 2, "{err}");
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:34:7: steps[0].settings.datafusion.execution.target_partitions: `datafusion.execution.target_partitions: lots`")
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:35:7: steps[0].settings.datafusion.execution.target_partitions: `datafusion.execution.target_partitions: lots`")
         && l.contains("Error parsing 'lots' as usize")), "{err}");
     assert!(
         lines.iter().any(|l| l.contains(
-            "customer_value.yaml:36:7: steps[0].settings.datafusion.execution.no_such_option:"
+            "customer_value.yaml:37:7: steps[0].settings.datafusion.execution.no_such_option:"
         ) && l.contains("no_such_option")),
         "{err}"
     );
@@ -351,7 +351,7 @@ fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].contains("jobs/customer_value.yaml:63:5: outputs[2].url: job `customer_clv`")
+        lines[0].contains("jobs/customer_value.yaml:65:5: outputs[2].url: job `customer_clv`")
             && lines[0].contains("jobs/customer_clv.yaml:28:")
             && lines[0].contains("outputs[1] `file://./data/marts/clv_fit/`"),
         "{err}"
