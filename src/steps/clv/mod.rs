@@ -12,6 +12,7 @@
 pub mod backtest;
 pub mod models;
 pub mod predictive;
+mod rank;
 pub mod rules;
 
 use std::sync::Arc;

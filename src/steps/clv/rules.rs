@@ -91,11 +91,7 @@ fn model_fields(model: ClvModel) -> Vec<Field> {
                 f("acquisition_cost"),
             ]);
         }
-        ClvModel::Historical
-        | ClvModel::BgnbdGammaGamma
-        | ClvModel::MbgnbdGammaGamma
-        | ClvModel::ParetoNbdGammaGamma
-        | ClvModel::Auto => {}
+        _ => {} // historical: clv alone; the predictive models have their own schema
     }
     fields.push(f("clv"));
     fields
@@ -430,13 +426,10 @@ pub fn compute(
                     ]);
                     accs.iter().map(|a| a.discounted.value() - a.cost).collect()
                 }
-                ClvModel::BgnbdGammaGamma
-                | ClvModel::MbgnbdGammaGamma
-                | ClvModel::ParetoNbdGammaGamma
-                | ClvModel::Auto => {
+                predictive => {
                     return Err(Error::Internal(format!(
                         "{} is not a rule-based model",
-                        spec.model.name()
+                        predictive.name()
                     )));
                 }
             };
