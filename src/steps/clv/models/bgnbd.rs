@@ -210,33 +210,52 @@ pub fn fit(data: &[(History, f64)]) -> Result<Fit, FitError> {
 pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, FitError> {
     let n = check_histories(data)?;
     let mean_t = data.iter().map(|(h, w)| h.t * w).sum::<f64>() / n;
-    // Minimise the mean negative log-likelihood over log-parameters.
-    let objective = |phi: &[f64]| {
-        let p = Params {
-            r: phi[0].exp(),
-            alpha: phi[1].exp(),
-            a: phi[2].exp(),
-            b: phi[3].exp(),
-        };
-        let (ll, g) = log_likelihood(&p, data);
-        let theta = [p.r, p.alpha, p.a, p.b];
-        let grad: Vec<f64> = (0..4).map(|i| -g[i] * theta[i] / n).collect();
-        (-ll / n, grad)
-    };
-    let x0 = match start {
-        Some(p)
-            if [p.r, p.alpha, p.a, p.b]
-                .iter()
-                .all(|v| v.is_finite() && *v > 0.0) =>
-        {
-            vec![p.r.ln(), p.alpha.ln(), p.a.ln(), p.b.ln()]
-        }
-        _ => vec![0.0, mean_t.max(1e-3).ln(), 0.0, 0.0],
-    };
-    let m: Minimum = lbfgs(objective, x0, 1000, 1e-9);
-    let [r, alpha, a, b] = checked_params(&m, ["r", "alpha", "a", "b"])?;
+    let fit = fit_positive(
+        n,
+        start.map(|p| [p.r, p.alpha, p.a, p.b]),
+        [1.0, mean_t.max(1e-3), 1.0, 1.0],
+        ["r", "alpha", "a", "b"],
+        |[r, alpha, a, b]| Some(log_likelihood(&Params { r, alpha, a, b }, data)),
+    )?;
+    let [r, alpha, a, b] = fit.params;
     Ok(Fit {
         params: Params { r, alpha, a, b },
+        log_likelihood: fit.log_likelihood,
+        iterations: fit.iterations,
+        customers: fit.customers,
+    })
+}
+
+/// Maximum likelihood over four positive parameters, shared by the transaction models: L-BFGS
+/// on their logs (so they stay positive) of the mean negative log-likelihood. `ll` gives the
+/// total log-likelihood of the `n` customers and its gradient in the natural parameters (`None`:
+/// not computable there, and the line search steps back). Starts from `start` when it is
+/// finite and positive, else from `default_start`.
+pub fn fit_positive(
+    n: f64,
+    start: Option<[f64; 4]>,
+    default_start: [f64; 4],
+    names: [&str; 4],
+    ll: impl Fn([f64; 4]) -> Option<(f64, [f64; 4])>,
+) -> Result<super::Fit<[f64; 4]>, FitError> {
+    let objective = |phi: &[f64]| {
+        let theta = [phi[0].exp(), phi[1].exp(), phi[2].exp(), phi[3].exp()];
+        match ll(theta) {
+            Some((l, g)) => {
+                let grad: Vec<f64> = (0..4).map(|i| -g[i] * theta[i] / n).collect();
+                (-l / n, grad)
+            }
+            None => (f64::INFINITY, vec![0.0; 4]),
+        }
+    };
+    let x0 = start
+        .filter(|v| v.iter().all(|x| x.is_finite() && *x > 0.0))
+        .unwrap_or(default_start)
+        .map(f64::ln)
+        .to_vec();
+    let m: Minimum = lbfgs(objective, x0, 1000, 1e-9);
+    Ok(super::Fit {
+        params: checked_params(&m, names)?,
         log_likelihood: -m.value * n,
         iterations: m.iterations,
         customers: n as u64,

@@ -10,7 +10,6 @@
 
 use super::bgnbd::{self, FitError, History};
 use super::dual::Dual;
-use super::optimize::{Minimum, lbfgs};
 use super::special::SeriesError;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,35 +82,19 @@ pub fn log_likelihood(p: &Params, data: &[(History, f64)]) -> (f64, [f64; 4]) {
 pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, FitError> {
     let n = bgnbd::check_histories(data)?;
     let mean_t = data.iter().map(|(h, w)| h.t * w).sum::<f64>() / n;
-    let objective = |phi: &[f64]| {
-        let p = Params {
-            r: phi[0].exp(),
-            alpha: phi[1].exp(),
-            a: phi[2].exp(),
-            b: phi[3].exp(),
-        };
-        let (ll, g) = log_likelihood(&p, data);
-        let theta = [p.r, p.alpha, p.a, p.b];
-        let grad: Vec<f64> = (0..4).map(|i| -g[i] * theta[i] / n).collect();
-        (-ll / n, grad)
-    };
-    let x0 = match start {
-        Some(p)
-            if [p.r, p.alpha, p.a, p.b]
-                .iter()
-                .all(|v| v.is_finite() && *v > 0.0) =>
-        {
-            vec![p.r.ln(), p.alpha.ln(), p.a.ln(), p.b.ln()]
-        }
-        _ => vec![0.0, mean_t.max(1e-3).ln(), 0.0, 0.0],
-    };
-    let m: Minimum = lbfgs(objective, x0, 1000, 1e-9);
-    let [r, alpha, a, b] = bgnbd::checked_params(&m, ["r", "alpha", "a", "b"])?;
+    let fit = bgnbd::fit_positive(
+        n,
+        start.map(|p| [p.r, p.alpha, p.a, p.b]),
+        [1.0, mean_t.max(1e-3), 1.0, 1.0],
+        ["r", "alpha", "a", "b"],
+        |[r, alpha, a, b]| Some(log_likelihood(&Params { r, alpha, a, b }, data)),
+    )?;
+    let [r, alpha, a, b] = fit.params;
     Ok(Fit {
         params: Params { r, alpha, a, b },
-        log_likelihood: -m.value * n,
-        iterations: m.iterations,
-        customers: n as u64,
+        log_likelihood: fit.log_likelihood,
+        iterations: fit.iterations,
+        customers: fit.customers,
     })
 }
 

@@ -24,7 +24,6 @@ use std::collections::HashMap;
 
 use super::bgnbd::{FitError, History};
 use super::dual::Dual;
-use super::optimize::{Minimum, lbfgs};
 use super::special::SeriesError;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -206,45 +205,20 @@ pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, 
     let n = super::bgnbd::check_histories(data)?;
     let points = Points::of(data);
     let mean_t = data.iter().map(|(h, w)| h.t * w).sum::<f64>() / n;
-    let objective = |phi: &[f64]| {
-        let p = Params {
-            r: phi[0].exp(),
-            alpha: phi[1].exp(),
-            s: phi[2].exp(),
-            beta: phi[3].exp(),
-        };
-        match log_likelihood(&p, data, &points) {
-            Ok((ll, g)) => {
-                let theta = [p.r, p.alpha, p.s, p.beta];
-                let grad: Vec<f64> = (0..4).map(|i| -g[i] * theta[i] / n).collect();
-                (-ll / n, grad)
-            }
-            // Too far out (a series that does not converge): the line search steps back.
-            Err(_) => (f64::INFINITY, vec![0.0; 4]),
-        }
-    };
-    let x0 = match start {
-        Some(p)
-            if [p.r, p.alpha, p.s, p.beta]
-                .iter()
-                .all(|v| v.is_finite() && *v > 0.0) =>
-        {
-            vec![p.r.ln(), p.alpha.ln(), p.s.ln(), p.beta.ln()]
-        }
-        _ => vec![0.0, mean_t.max(1e-3).ln(), 0.0, mean_t.max(1e-3).ln()],
-    };
-    let m: Minimum = lbfgs(objective, x0, 1000, 1e-9);
-    let params = super::bgnbd::checked_params(&m, ["r", "alpha", "s", "beta"])?;
+    let fit = super::bgnbd::fit_positive(
+        n,
+        start.map(|p| [p.r, p.alpha, p.s, p.beta]),
+        [1.0, mean_t.max(1e-3), 1.0, mean_t.max(1e-3)],
+        ["r", "alpha", "s", "beta"],
+        // A series that does not converge (too far out): the line search steps back.
+        |[r, alpha, s, beta]| log_likelihood(&Params { r, alpha, s, beta }, data, &points).ok(),
+    )?;
+    let [r, alpha, s, beta] = fit.params;
     Ok(Fit {
-        params: Params {
-            r: params[0],
-            alpha: params[1],
-            s: params[2],
-            beta: params[3],
-        },
-        log_likelihood: -m.value * n,
-        iterations: m.iterations,
-        customers: n as u64,
+        params: Params { r, alpha, s, beta },
+        log_likelihood: fit.log_likelihood,
+        iterations: fit.iterations,
+        customers: fit.customers,
     })
 }
 
