@@ -124,22 +124,22 @@ fn horizon(spec: &ClvSpec) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
-/// For one history: expected purchases over the whole horizon, and the discounted sum of each
-/// month's expected purchases (CLV = margin × expected spend × that sum).
+/// For one history: P(alive), expected purchases over the whole horizon, and the discounted
+/// sum of each month's expected purchases (CLV = margin × expected spend × that sum).
 pub fn horizon_purchases(
     p: &Params,
     h: &bgnbd::History,
     weeks: &[f64],
     discounts: &[f64],
-) -> std::result::Result<(f64, f64), SeriesError> {
+) -> std::result::Result<(f64, f64, f64), SeriesError> {
     let mut cumulative = vec![0.0; weeks.len()];
-    p.expected_purchases_many(h, weeks, &mut cumulative)?;
+    let alive = p.predict_many(h, weeks, &mut cumulative)?;
     let (mut prev, mut value) = (0.0, 0.0);
     for (e, d) in cumulative.iter().zip(discounts) {
         value += (e - prev) * d;
         prev = *e;
     }
-    Ok((prev, value))
+    Ok((alive, prev, value))
 }
 
 /// Runs the predictive model. `from` is read three times in the same order (histories for
@@ -235,7 +235,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     let (weeks, discounts) = horizon(spec);
     // Per distinct history: P(alive), purchases over the horizon, their discounted sum.
     let per_history = par_map(&distinct, |(h, _)| {
-        horizon_purchases(&p, h, &weeks, &discounts).and_then(|(e, d)| Ok([p.p_alive(h)?, e, d]))
+        horizon_purchases(&p, h, &weeks, &discounts).map(|(alive, e, d)| [alive, e, d])
     })
     .ok_or_else(|| cx.model_err("a prediction thread failed"))?
     .into_iter()

@@ -250,6 +250,17 @@ pub fn expected_purchases_many(
     ts: &[f64],
     out: &mut [f64],
 ) -> Result<(), SeriesError> {
+    predict_many(p, h, ts, out).map(|_| ())
+}
+
+/// [`expected_purchases_many`], returning P(alive) too: both come from the same two series,
+/// which are summed once.
+pub fn predict_many(
+    p: &Params,
+    h: &History,
+    ts: &[f64],
+    out: &mut [f64],
+) -> Result<f64, SeriesError> {
     let alive = p_alive(p, h)?;
     let k = p.s - 1.0;
     let lead = (p.r + h.x) * (p.beta + h.t) / (p.alpha + h.t);
@@ -263,7 +274,7 @@ pub fn expected_purchases_many(
         };
         *o = lead * g * alive;
     }
-    Ok(())
+    Ok(alive)
 }
 
 pub fn expected_purchases(p: &Params, h: &History, t: f64) -> Result<f64, SeriesError> {

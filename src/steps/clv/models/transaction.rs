@@ -168,6 +168,23 @@ impl Params {
         }
     }
 
+    /// E[Y(t) | x, t_x, T] for the horizons `ts` (into `out`) and P(alive), computing what the
+    /// two share once (Pareto/NBD: both come from the same hypergeometric series).
+    pub fn predict_many(
+        &self,
+        h: &History,
+        ts: &[f64],
+        out: &mut [f64],
+    ) -> Result<f64, SeriesError> {
+        match self {
+            Params::ParetoNbd(p) => pareto_nbd::predict_many(p, h, ts, out),
+            _ => {
+                self.expected_purchases_many(h, ts, out)?;
+                self.p_alive(h)
+            }
+        }
+    }
+
     pub fn expected_purchases(&self, h: &History, t: f64) -> Result<f64, SeriesError> {
         let mut out = [0.0];
         self.expected_purchases_many(h, &[t], &mut out)?;
@@ -374,6 +391,37 @@ mod tests {
             }
             let at_truth = truth.log_likelihood(&data).unwrap().0;
             assert!(fit.log_likelihood >= at_truth - 1e-6);
+        }
+    }
+
+    /// The shared prediction gives exactly what P(alive) and the expectations give alone.
+    #[test]
+    fn predict_many_equals_p_alive_and_expected_purchases_alone() {
+        let ts = [4.0, 26.0, 52.0];
+        for truth in truths() {
+            for h in [
+                History {
+                    x: 0.0,
+                    t_x: 0.0,
+                    t: 30.0,
+                },
+                History {
+                    x: 4.0,
+                    t_x: 21.0,
+                    t: 40.0,
+                },
+            ] {
+                let (mut shared, mut alone) = ([0.0; 3], [0.0; 3]);
+                let alive = truth.predict_many(&h, &ts, &mut shared).unwrap();
+                truth.expected_purchases_many(&h, &ts, &mut alone).unwrap();
+                assert_eq!(
+                    alive,
+                    truth.p_alive(&h).unwrap(),
+                    "{}",
+                    truth.model().title()
+                );
+                assert_eq!(shared, alone, "{}", truth.model().title());
+            }
         }
     }
 
