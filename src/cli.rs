@@ -1,5 +1,5 @@
 //! Command line: `validate`, `run`, `explain`, `generate`, `demo`, `files`, `schedule`,
-//! `backfill`, `history`. The binary's edge: parsing, dispatch and printing; errors reach
+//! `backfill`, `history`, `report`. The binary's edge: parsing, dispatch and printing; errors reach
 //! `main` as anyhow chains; user mistakes exit 2, failed jobs exit 1.
 
 use std::path::PathBuf;
@@ -129,6 +129,18 @@ pub enum Command {
     Files {
         /// The output table URL as written in the job.
         url: String,
+    },
+    /// (Re)build a run's HTML report from the job's committed output tables (and the run's
+    /// history record), without running the job; writes it under the job's `report.url`, or
+    /// to --out.
+    Report {
+        job: String,
+        /// Run date (YYYY-MM-DD).
+        #[arg(long)]
+        date: NaiveDate,
+        /// Write the page to this local file instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run a Ballista scheduler or executor with clvflow's SQL functions and the stores of
     /// config.yaml (for `engine: { kind: ballista }`).
@@ -276,6 +288,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 explain::explain_step(&project, &plan, &step, date, analyze).await?
             );
+            Ok(())
+        }
+        Command::Report { job, date, out } => {
+            let plan = job::validate(&project, &job).await?;
+            // The run that wrote the date's tables: its latest succeeded attempt.
+            let record = StateStore::open(&project)?
+                .runs_on(&job, date)
+                .await?
+                .into_iter()
+                .filter(|r| r.status == Status::Succeeded)
+                .max_by_key(|r| r.started_at);
+            let run = record.as_ref().map(|r| crate::report::RunRef {
+                run_id: &r.run_id,
+                facts: r.facts.as_ref(),
+            });
+            let at = crate::report::rebuild(
+                &project,
+                &plan.subject(),
+                plan.report.as_ref(),
+                date,
+                run,
+                out.as_deref(),
+            )
+            .await?;
+            println!("report of job {job} for {date}: {at}");
             Ok(())
         }
         Command::Demo { date, customers } => Ok(demo::run(&project, date, customers).await?),

@@ -15,6 +15,7 @@ pub mod error;
 pub(crate) mod inputs;
 pub mod job;
 pub mod project;
+pub mod report;
 pub mod run;
 pub mod scheduler;
 pub mod sink;

@@ -42,6 +42,25 @@ pub struct JobSpec {
     /// Tables written back to object storage.
     #[serde(default)]
     pub outputs: Vec<OutputSpec>,
+    /// An HTML page per run date, written after the run's outputs committed.
+    #[serde(default)]
+    pub report: Option<ReportSpec>,
+}
+
+/// `report:` of a job: where each run's `report.html` goes, and how money is shown in it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSpec {
+    /// Folder in a configured store; the page of a run is
+    /// `<url>/<job>/run_date=<date>/report.html`.
+    pub url: String,
+    /// Currency of the exports' amounts (ISO code such as `EUR`, or a symbol); default `USD`.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+}
+
+fn default_currency() -> String {
+    "USD".to_string()
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -9,18 +9,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::NaiveDate;
-use datafusion::arrow::datatypes::DataType;
-use datafusion::prelude::SessionContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::job::{self, JobPlan, graph};
 use crate::project::Project;
+use crate::report::data::register_output;
 use crate::scheduler::execute::{self, JobExecutor, Outcome, Request, RunContext};
 use crate::scheduler::metrics::Metrics;
 use crate::sink::log::TableLog;
 use crate::state::{StateStore, Status, Trigger};
-use crate::storage::listing;
 
 const EXPORTS: &str = "file://./data/exports/";
 
@@ -100,6 +98,16 @@ pub async fn run(project: &Project, date: NaiveDate, customers: u64) -> Result<(
         }
     }
     summary(project, &plans, date).await?;
+    let pages: Vec<String> = plans
+        .iter()
+        .filter_map(|p| p.report.as_ref().map(|r| r.page(&p.name, date).url))
+        .collect();
+    if !pages.is_empty() {
+        println!("\nRun reports (open in a browser):");
+        for url in pages {
+            println!("  {url}");
+        }
+    }
     Ok(())
 }
 
@@ -134,7 +142,7 @@ async fn show_table(project: &Project, log: TableLog) -> Result<()> {
     }
 
     let ctx = project.engine()?.session()?;
-    register(&ctx, &log, &commit.partition_by, "t").await?;
+    register_output(&ctx, &log, &commit.partition_by, "t").await?;
     // Wide tables (customer_value has ~40 columns) show their first columns only.
     let df = ctx
         .sql("SELECT * FROM t LIMIT 3")
@@ -169,26 +177,6 @@ async fn show_table(project: &Project, log: TableLog) -> Result<()> {
     Ok(())
 }
 
-/// Registers a committed output table (Hive folders, partition values as strings) as `name`.
-async fn register(
-    ctx: &SessionContext,
-    log: &TableLog,
-    partition_by: &[String],
-    name: &str,
-) -> Result<()> {
-    let parts: Vec<(String, DataType)> = partition_by
-        .iter()
-        .map(|c| (c.clone(), DataType::Utf8))
-        .collect();
-    let url = log.table.dir_url();
-    let table = listing::table(&ctx.state(), &url, listing::Format::Parquet, None, parts)
-        .await
-        .map_err(df_err("read the table back"))?;
-    ctx.register_table(name, table)
-        .map_err(df_err("read the table back"))?;
-    Ok(())
-}
-
 /// The answers the marketing and finance teams ask for, from the committed outputs of the
 /// shipped customer_value job (skipped when a project has no such outputs).
 async fn summary(project: &Project, plans: &[JobPlan], date: NaiveDate) -> Result<()> {
@@ -201,7 +189,7 @@ async fn summary(project: &Project, plans: &[JobPlan], date: NaiveDate) -> Resul
             .find(|o| o.from == table)
         {
             let log = TableLog::new(out.location.clone())?;
-            register(&ctx, &log, &out.partition_by, table).await?;
+            register_output(&ctx, &log, &out.partition_by, table).await?;
             have.push(table);
         }
     }

@@ -205,6 +205,29 @@ fn build(
         }
     }
 
+    let report = spec.report.as_ref().and_then(|r| {
+        match crate::report::ReportPlan::check(r, &project.stores) {
+            Ok(plan) => {
+                if let Some(o) = outputs.iter().find(|o| {
+                    o.location.overlaps(&plan.location.child(name))
+                }) {
+                    diags.push(source.diag(
+                        "report.url",
+                        format!(
+                            "the reports of this job would be written inside the output table {}; use a folder of its own",
+                            o.location.written
+                        ),
+                    ));
+                }
+                Some(plan)
+            }
+            Err(problems) => {
+                diags.extend(source.problems("report", problems));
+                None
+            }
+        }
+    });
+
     for (i, d) in spec.depends_on.iter().enumerate() {
         if d == name {
             diags.push(source.diag(&format!("depends_on[{i}]"), "a job cannot depend on itself"));
@@ -261,6 +284,7 @@ fn build(
         inputs,
         steps,
         outputs,
+        report,
         left_out: unchecked.into_iter().map(str::to_string).collect(),
     };
     (plan, diags)

@@ -49,6 +49,8 @@ pub struct JobPlan {
     pub inputs: Vec<Input>,
     pub steps: Vec<Step>,
     pub outputs: Vec<Output>,
+    /// Where each run's HTML report goes (None: no report).
+    pub report: Option<crate::report::ReportPlan>,
     /// Steps of the file that did not check (only in a plan with problems, for `validate`).
     left_out: Vec<String>,
 }
@@ -61,6 +63,15 @@ pub struct RetryPolicy {
 }
 
 impl JobPlan {
+    /// What this job's run report is about.
+    pub fn subject(&self) -> crate::report::Subject<'_> {
+        crate::report::Subject {
+            job: &self.name,
+            description: self.description.as_deref(),
+            outputs: &self.outputs,
+        }
+    }
+
     /// Template variables for a run date.
     pub fn vars(&self, run_date: NaiveDate) -> BTreeMap<String, String> {
         let mut v = self.params.clone();

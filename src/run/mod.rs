@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::inputs::{self, InputSummary};
 use crate::job::JobPlan;
 use crate::project::Project;
+use crate::report::{Fact, RunFacts};
 use crate::sink::{self, OutputOutcome, RunInfo, failpoint};
 use crate::steps::{StepContext, StepOutcome};
 use results::ResultLifetimes;
@@ -39,9 +40,48 @@ pub struct RunReport {
     pub steps: Vec<(String, StepOutcome)>,
     pub outputs: Vec<OutputOutcome>,
     pub elapsed: Duration,
+    /// The engine that ran it (`local`, `ballista df://…`).
+    pub engine: String,
+    /// Where the run's HTML report was written (when the job has `report:`).
+    pub report_url: Option<String>,
 }
 
 impl RunReport {
+    /// What the run report and the history keep of this run.
+    pub fn facts(&self) -> RunFacts {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let fact = |name: &str, rows: u64| Fact {
+            name: name.to_string(),
+            rows,
+            files: None,
+            ms: None,
+            version: None,
+        };
+        RunFacts {
+            engine: self.engine.clone(),
+            elapsed_ms: ms(self.elapsed),
+            inputs: (self.inputs.iter())
+                .map(|(n, s)| Fact {
+                    files: Some(s.files as u64),
+                    ..fact(n, s.rows)
+                })
+                .collect(),
+            steps: (self.steps.iter())
+                .map(|(n, s)| Fact {
+                    ms: Some(ms(s.elapsed)),
+                    ..fact(n, s.rows as u64)
+                })
+                .collect(),
+            outputs: (self.outputs.iter())
+                .map(|o| Fact {
+                    files: Some(o.files as u64),
+                    version: Some(o.version),
+                    ..fact(&o.table_url, o.rows)
+                })
+                .collect(),
+        }
+    }
+
     /// Rows and files written in all.
     pub fn totals(&self) -> (u64, u64) {
         (
@@ -83,6 +123,9 @@ impl fmt::Display for RunReport {
                 o.table_url, o.version, o.rows, o.files, o.replaced
             )?;
         }
+        if let Some(url) = &self.report_url {
+            writeln!(f, "  report {url}")?;
+        }
         Ok(())
     }
 }
@@ -119,7 +162,26 @@ pub async fn run_job(
     if let Some(scratch) = scratch {
         scratch.remove().await;
     }
-    result
+    let mut report = result?;
+    report.engine = engine.describe().to_string();
+    // The outputs are committed: a report that cannot be written is a warning, not a failed
+    // run (a retry would redo committed work); `clvflow report` writes it again.
+    let Some(plan) = &job.report else {
+        return Ok(report);
+    };
+    let facts = report.facts();
+    let run = crate::report::RunRef {
+        run_id: &report.run_id,
+        facts: Some(&facts),
+    };
+    match crate::report::write_after_run(project, &job.subject(), plan, run_date, run).await {
+        Ok(url) => report.report_url = Some(url),
+        Err(e) => {
+            tracing::warn!(job = %job.name, %run_date, run_id, error = %crate::error::chain(&e),
+                "the run's outputs are committed, but its report was not written; `clvflow report` writes it")
+        }
+    }
+    Ok(report)
 }
 
 /// On the cluster engine: checks that the scheduler answers and starts the run's scratch
@@ -217,6 +279,8 @@ async fn run_job_on(
         steps: step_report,
         outputs: output_report,
         elapsed,
+        engine: String::new(),
+        report_url: None,
     })
 }
 

@@ -255,6 +255,7 @@ impl RunContext {
             };
             if let Ok(report) = &result {
                 (record.rows, record.files) = report.totals();
+                record.facts = Some(report.facts());
             }
             record.end(status, error);
             self.state.put(&record).await?;

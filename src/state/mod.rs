@@ -96,6 +96,9 @@ pub struct RunRecord {
     pub files: u64,
     pub error: Option<String>,
     pub host: String,
+    /// Rows and times per input, step and output of a succeeded run (for its report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<crate::report::RunFacts>,
 }
 
 /// This machine's name for run records.
@@ -128,6 +131,7 @@ impl RunRecord {
             files: 0,
             error: None,
             host: host(),
+            facts: None,
         }
     }
 

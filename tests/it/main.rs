@@ -6,6 +6,7 @@ mod commit;
 mod common;
 mod golden;
 mod local;
+mod report;
 mod s3;
 mod scheduler;
 mod validate;

@@ -80,6 +80,21 @@ fn the_job_runs_against_s3_and_reruns_replace() {
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     let second = read_back(&bucket);
     assert_eq!(second, first, "a rerun must replace, not duplicate");
+
+    // The run report went through the same store.
+    let page = py_json(
+        "import boto3, sys, json\nb = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1').get_object(Bucket=sys.argv[2], Key=sys.argv[3])['Body'].read().decode()\nprint(json.dumps([b.startswith('<!DOCTYPE html>'), 'RFM segments' in b, 'http://' in b]))",
+        &[
+            &endpoint(),
+            &bucket,
+            "reports/customer_value/run_date=2026-11-22/report.html",
+        ],
+    );
+    assert_eq!(
+        page,
+        serde_json::json!([true, true, false]),
+        "the report on S3"
+    );
 }
 
 #[test]

@@ -93,6 +93,8 @@ impl Executor for Scripted {
                 steps: vec![],
                 outputs: vec![],
                 elapsed: Duration::ZERO,
+                engine: "scripted".into(),
+                report_url: None,
             };
             let result = match act {
                 Act::Ok => Ok(report),
@@ -204,6 +206,7 @@ async fn catch_up_runs_the_most_recent_missed_dates_oldest_first() {
             files: 1,
             error: None,
             host: "h".into(),
+            facts: None,
         };
         ctx.state.put(&rec).await.unwrap();
     }

@@ -42,7 +42,7 @@ fn three_mistakes_are_reported_together_with_positions() {
         .filter(|l| l.contains("jobs/customer_value.yaml:"))
         .collect();
     assert_eq!(lines.len(), 3, "{err}");
-    assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs` (remove it or fix its spelling)") , "{err}");
+    assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs`, `report` (remove it or fix its spelling)") , "{err}");
     assert!(
         lines.iter().any(|l| l.contains("customer_value.yaml:52:")
             && l.contains("steps[8].sql: cannot read SQL file `sql/channel_sumary.sql`")),
@@ -446,4 +446,34 @@ fn a_duration_too_large_is_a_config_error_at_its_line() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_report_setting_is_checked_at_its_line() {
+    let p = TestProject::shipped();
+    let lines = p.read("jobs/customer_value.yaml").lines().count();
+    p.edit(
+        "jobs/customer_value.yaml",
+        "report: { url: file://./data/reports/, currency: USD }",
+        "report: { url: s3://nowhere/reports/, currency: \"\" }",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    for field in ["report.url", "report.currency"] {
+        assert!(
+            err.contains(&format!("customer_value.yaml:{lines}:")) && err.contains(field),
+            "{field}: {err}"
+        );
+    }
+    // Inside an output table: refused.
+    let p = TestProject::shipped();
+    p.edit(
+        "jobs/customer_value.yaml",
+        "report: { url: file://./data/reports/",
+        "report: { url: file://./data/marts/ltv_cac/",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("report.url"), "{}", show(&out));
 }
