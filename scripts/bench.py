@@ -88,6 +88,9 @@ for _ in range(runs):
             step_rss.setdefault(key, []).append(l.get("peak_rss_mb") or 0)
         elif msg == "models fitted" and l.get("step") == "clv":
             models.append({k: float(v) for k, v in (t.split("=") for t in l["timings"].split())})
+        elif msg == "report written":
+            step_ms.setdefault("report.html (after commit)", []).append(l["ms"])
+            step_rss.setdefault("report.html (after commit)", []).append(0)
         elif msg == "run succeeded":
             logged_peaks.append(l.get("max_rss_mb") or 0)
 print("clvflow customer_value (release build, config.yaml as shipped):")

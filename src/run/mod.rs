@@ -174,8 +174,13 @@ pub async fn run_job(
         run_id: &report.run_id,
         facts: Some(&facts),
     };
+    let t = Instant::now();
     match crate::report::write_after_run(project, &job.subject(), plan, run_date, run).await {
-        Ok(url) => report.report_url = Some(url),
+        Ok(url) => {
+            info!(job = %job.name, %run_date, run_id, report = %url, ms = t.elapsed().as_millis() as u64,
+                  "report written");
+            report.report_url = Some(url);
+        }
         Err(e) => {
             tracing::warn!(job = %job.name, %run_date, run_id, error = %crate::error::chain(&e),
                 "the run's outputs are committed, but its report was not written; `clvflow report` writes it")

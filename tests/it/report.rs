@@ -294,3 +294,39 @@ fn a_failed_run_writes_no_report_and_keeps_the_last_one() {
     );
     assert_eq!(p.read(PAGE), before);
 }
+
+#[test]
+fn segment_moves_since_the_previous_run_date_match_duckdb() {
+    let p = TestProject::shipped();
+    p.generate(1500);
+    p.ok(&["run", "customer_value", "--date", "2026-11-01"]);
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    let html = p.read(PAGE);
+    assert!(html.contains("Moves since 2026-11-01"), "no segment moves");
+    // Customers who kept their segment, as DuckDB counts them on the committed table.
+    let rows = duckdb(
+        p.path(),
+        "with t as (select * from read_parquet('data/marts/customer_value/*/*/*.parquet', hive_partitioning = true)),
+              a as (select customer_id, segment from t where run_date = '2026-11-01'),
+              b as (select customer_id, segment from t where run_date = '2026-11-22')
+         select count(*) filter (where a.segment = b.segment), count(*)
+         from a full outer join b on a.customer_id = b.customer_id",
+    );
+    let (stayed, all) = (rows[0][0].as_i64().unwrap(), rows[0][1].as_i64().unwrap());
+    assert!(stayed > 0 && stayed < all, "{rows:?}");
+    let want = format!("{} of {} customers", group(stayed), group(all));
+    assert!(html.contains(&want), "`{want}` is not on the page");
+}
+
+/// `1234` → `1,234`, as the page writes counts.
+fn group(n: i64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
