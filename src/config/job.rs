@@ -59,8 +59,11 @@ pub struct ReportSpec {
     pub currency: String,
 }
 
+/// The currency of a report without `currency:`.
+pub const DEFAULT_CURRENCY: &str = "USD";
+
 fn default_currency() -> String {
-    "USD".to_string()
+    DEFAULT_CURRENCY.to_string()
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -60,7 +60,7 @@ pub async fn segments(t: &Tables, f: &Fmt) -> Result<Option<Section>> {
             "share of value",
         ],
     );
-    for (i, r) in rows.iter().enumerate() {
+    for i in 0..rows.len() {
         table.row(
             &[
                 ("segment", labels[i].clone()),
@@ -74,7 +74,6 @@ pub async fn segments(t: &Tables, f: &Fmt) -> Result<Option<Section>> {
                 pct(values[i] / total_value),
             ],
         );
-        let _ = r;
     }
     body.push_str(&table.html());
     body.push_str(&moves(t, &tab.name, tab.dated).await?);

@@ -90,7 +90,8 @@ pub async fn register_output(
 }
 
 impl Tables {
-    /// The job's outputs that have a committed version, for `date`.
+    /// The job's outputs that have committed rows for `date` (all of a table's rows when it is
+    /// not partitioned by run_date).
     pub async fn open(
         project: &Project,
         job: &super::Subject<'_>,
@@ -118,6 +119,20 @@ impl Tables {
                 format!("CREATE VIEW \"{name}\" AS SELECT * FROM \"{all}\"")
             };
             ctx.sql(&sql).await.map_err(df_err)?;
+            // A table without rows for the date (never written for it) gets no section.
+            let empty = ctx
+                .sql(&format!("SELECT 1 FROM \"{name}\" LIMIT 1"))
+                .await
+                .map_err(df_err)?
+                .collect()
+                .await
+                .map_err(df_err)?
+                .iter()
+                .all(|b| b.num_rows() == 0);
+            if empty {
+                ctx.deregister_table(name.as_str()).map_err(df_err)?;
+                continue;
+            }
             let columns = ctx
                 .table(name.as_str())
                 .await

@@ -105,12 +105,18 @@ pub struct RunRef<'a> {
 pub async fn build(
     project: &Project,
     job: &Subject<'_>,
-    plan: &ReportPlan,
+    currency: &str,
     date: NaiveDate,
     run: Option<RunRef<'_>>,
 ) -> Result<String> {
     let tables = data::Tables::open(project, job, date).await?;
-    let f = Fmt::new(&plan.currency);
+    if tables.list.is_empty() {
+        return Err(Error::Usage(format!(
+            "job `{}` has no committed output rows for {date}: run it for that date first",
+            job.job
+        )));
+    }
+    let f = Fmt::new(currency);
     let mut warnings = Vec::new();
     let mut sections: Vec<Section> = Vec::new();
     for s in [
@@ -232,7 +238,7 @@ pub async fn write_after_run(
     date: NaiveDate,
     run: RunRef<'_>,
 ) -> Result<String> {
-    let page = build(project, job, plan, date, Some(run)).await?;
+    let page = build(project, job, &plan.currency, date, Some(run)).await?;
     let at = plan.page(job.job, date);
     put(&at, page).await?;
     Ok(at.written)
@@ -266,33 +272,22 @@ pub async fn rebuild(
             job.job
         )));
     }
-    let default_plan;
-    let plan = match (plan, out) {
-        (Some(p), _) => p,
-        (None, Some(_)) => {
-            default_plan = ReportPlan {
-                location: project.stores.resolve("file://./").map_err(Error::Usage)?,
-                currency: "USD".into(),
-            };
-            &default_plan
-        }
-        (None, None) => {
-            return Err(Error::Usage(format!(
-                "job `{}` has no `report:` setting; add one, or give --out FILE",
-                job.job
-            )));
-        }
-    };
-    let page = build(project, job, plan, date, run).await?;
-    match out {
-        Some(path) => {
+    let currency = plan.map_or(crate::config::job::DEFAULT_CURRENCY, |p| &p.currency);
+    match (out, plan) {
+        (Some(path), _) => {
+            let page = build(project, job, currency, date, run).await?;
             std::fs::write(path, page).map_err(|e| Error::io(path, "write the report", e))?;
             Ok(path.display().to_string())
         }
-        None => {
+        (None, Some(plan)) => {
+            let page = build(project, job, currency, date, run).await?;
             let at = plan.page(job.job, date);
             put(&at, page).await?;
             Ok(at.written)
         }
+        (None, None) => Err(Error::Usage(format!(
+            "job `{}` has no `report:` setting; add one, or give --out FILE",
+            job.job
+        ))),
     }
 }

@@ -293,6 +293,22 @@ fn a_failed_run_writes_no_report_and_keeps_the_last_one() {
         "a failed run wrote a report"
     );
     assert_eq!(p.read(PAGE), before);
+    // Nor can one be rebuilt for the date that never committed.
+    let out = p.clvflow(&[
+        "report",
+        "customer_value",
+        "--date",
+        "2026-11-23",
+        "--out",
+        "x.html",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("no committed output rows for 2026-11-23"),
+        "{}",
+        show(&out)
+    );
+    assert!(!p.file("x.html").exists());
 }
 
 #[test]
