@@ -45,6 +45,34 @@ fn label_width(labels: &[String]) -> u32 {
     (longest * 7 + 16).clamp(40, 260)
 }
 
+/// The frame of the x–y charts: title, margin, room for the axis labels.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(title, (FONT, 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64);
+    b
+}
+
+/// The legend of the series drawn with a label.
+fn legend<'a, 'b: 'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .label_font((FONT, 12))
+        .draw()
+        .map_err(err)
+}
+
 /// The last key of a segmented axis of `n` segments (plotters makes one segment per key of
 /// an inclusive range).
 fn last(n: i32) -> i32 {
@@ -155,11 +183,7 @@ pub fn lines(spec: &Lines<'_>) -> Result<String> {
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, 400)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(spec.title, (FONT, 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
+        let mut chart = frame(&root, spec.title)
             .build_cartesian_2d(spec.x.clone(), spec.y.clone())
             .map_err(err)?;
         chart
@@ -206,18 +230,14 @@ pub fn lines(spec: &Lines<'_>) -> Result<String> {
                 )))
                 .map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(if spec.legend_lower_right {
+        legend(
+            &mut chart,
+            if spec.legend_lower_right {
                 SeriesLabelPosition::LowerRight
             } else {
                 SeriesLabelPosition::UpperLeft
-            })
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK.mix(0.3))
-            .label_font((FONT, 12))
-            .draw()
-            .map_err(err)?;
+            },
+        )?;
         root.present().map_err(err)?;
     }
     Ok(finish(svg))
@@ -242,11 +262,7 @@ pub fn log_histogram(
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, 360)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
+        let mut chart = frame(&root, title)
             .build_cartesian_2d((lo..hi).log_scale(), 0f64..top)
             .map_err(err)?;
         chart
@@ -380,11 +396,7 @@ pub fn break_even(
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, 460)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, (FONT, 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
+        let mut chart = frame(&root, title)
             .build_cartesian_2d(0f64..max, 0f64..max)
             .map_err(err)?;
         let x_desc = format!("average acquisition cost per customer ({unit})");
@@ -421,14 +433,7 @@ pub fn break_even(
                 )))
                 .map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK.mix(0.3))
-            .label_font((FONT, 12))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         root.present().map_err(err)?;
     }
     Ok(finish(svg))

@@ -208,22 +208,30 @@ pub fn fit(data: &[(History, f64)]) -> Result<Fit, FitError> {
 /// Fits the model by maximum likelihood, starting from `start` when given (a fit of similar
 /// data, e.g. the full history for a calibration-period refit: fewer iterations to converge).
 pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, FitError> {
+    let fit = fit_r_alpha_a_b(
+        data,
+        start.map(|p| [p.r, p.alpha, p.a, p.b]),
+        |[r, alpha, a, b]| log_likelihood(&Params { r, alpha, a, b }, data),
+    )?;
+    Ok(fit.map(|[r, alpha, a, b]| Params { r, alpha, a, b }))
+}
+
+/// The fit of the models with parameters (r, α, a, b) (BG/NBD, MBG/NBD): the histories checked,
+/// the default start (1, mean T, 1, 1), and [`fit_positive`] on `ll`.
+pub fn fit_r_alpha_a_b(
+    data: &[(History, f64)],
+    start: Option<[f64; 4]>,
+    ll: impl Fn([f64; 4]) -> (f64, [f64; 4]),
+) -> Result<super::Fit<[f64; 4]>, FitError> {
     let n = check_histories(data)?;
     let mean_t = data.iter().map(|(h, w)| h.t * w).sum::<f64>() / n;
-    let fit = fit_positive(
+    fit_positive(
         n,
-        start.map(|p| [p.r, p.alpha, p.a, p.b]),
+        start,
         [1.0, mean_t.max(1e-3), 1.0, 1.0],
         ["r", "alpha", "a", "b"],
-        |[r, alpha, a, b]| Some(log_likelihood(&Params { r, alpha, a, b }, data)),
-    )?;
-    let [r, alpha, a, b] = fit.params;
-    Ok(Fit {
-        params: Params { r, alpha, a, b },
-        log_likelihood: fit.log_likelihood,
-        iterations: fit.iterations,
-        customers: fit.customers,
-    })
+        |theta| Some(ll(theta)),
+    )
 }
 
 /// Maximum likelihood over four positive parameters, shared by the transaction models: L-BFGS

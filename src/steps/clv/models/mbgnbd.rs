@@ -80,22 +80,12 @@ pub fn log_likelihood(p: &Params, data: &[(History, f64)]) -> (f64, [f64; 4]) {
 
 /// Fits the model by maximum likelihood, starting from `start` when given.
 pub fn fit_from(data: &[(History, f64)], start: Option<&Params>) -> Result<Fit, FitError> {
-    let n = bgnbd::check_histories(data)?;
-    let mean_t = data.iter().map(|(h, w)| h.t * w).sum::<f64>() / n;
-    let fit = bgnbd::fit_positive(
-        n,
+    let fit = bgnbd::fit_r_alpha_a_b(
+        data,
         start.map(|p| [p.r, p.alpha, p.a, p.b]),
-        [1.0, mean_t.max(1e-3), 1.0, 1.0],
-        ["r", "alpha", "a", "b"],
-        |[r, alpha, a, b]| Some(log_likelihood(&Params { r, alpha, a, b }, data)),
+        |[r, alpha, a, b]| log_likelihood(&Params { r, alpha, a, b }, data),
     )?;
-    let [r, alpha, a, b] = fit.params;
-    Ok(Fit {
-        params: Params { r, alpha, a, b },
-        log_likelihood: fit.log_likelihood,
-        iterations: fit.iterations,
-        customers: fit.customers,
-    })
+    Ok(fit.map(|[r, alpha, a, b]| Params { r, alpha, a, b }))
 }
 
 pub fn fit(data: &[(History, f64)]) -> Result<Fit, FitError> {

@@ -19,6 +19,18 @@ pub struct Fit<P> {
     pub customers: u64,
 }
 
+impl<P> Fit<P> {
+    /// The same fit with its parameters in another form.
+    pub fn map<Q>(self, f: impl FnOnce(P) -> Q) -> Fit<Q> {
+        Fit {
+            params: f(self.params),
+            log_likelihood: self.log_likelihood,
+            iterations: self.iterations,
+            customers: self.customers,
+        }
+    }
+}
+
 pub mod bgnbd;
 pub mod dual;
 pub mod gamma_gamma;
