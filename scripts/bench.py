@@ -83,7 +83,7 @@ for _ in range(runs):
             step_ms.setdefault(l["step"], []).append(l["ms"])
             step_rss.setdefault(l["step"], []).append(l.get("peak_rss_mb") or 0)
         elif msg == "output staged":
-            key = "write " + l["output"]
+            key = "write " + l["output"] + (" (delta)" if l.get("format") == "delta" else "")
             step_ms.setdefault(key, []).append(l["ms"])
             step_rss.setdefault(key, []).append(l.get("peak_rss_mb") or 0)
         elif msg == "models fitted" and l.get("step") == "clv":
@@ -229,3 +229,56 @@ ours_write = [v / 1000 for v in step_ms["write customer_value"]]
 print(f"\nwriting customer_value ({res['rows']} rows x {res['columns']} columns, zstd(1), by run_date, acquisition_channel):")
 print(f"  DuckDB COPY of the same rows from memory {spread(res['times'])} s; clvflow SQL + write "
       f"{spread(ours_write)} s; ratio {med(ours_write) / med(res['times']):.2f} (target <= 1.0)")
+
+# --- The wide table as Parquet and as Delta: the same committed rows read by the same input, ----
+# written once per format by a one-step job (SELECT * of the run date). Each figure is the
+# output's stage (read + write + footer check) plus its commit (Parquet: commit marker and
+# publish; Delta: moving the files into the table and the Delta commit).
+code = r'''
+import duckdb, json, sys
+run_date = sys.argv[1]
+rows = duckdb.connect().execute(f"describe select * from read_parquet('data/marts/customer_value/run_date={run_date}/*/*.parquet')").fetchall()
+print(json.dumps([[r[0], r[1]] for r in rows]))
+'''
+r = subprocess.run([sys.executable, "-c", code, run_date], cwd=work, capture_output=True, text=True, check=True)
+types = {"BIGINT": "int64", "INTEGER": "int32", "DOUBLE": "float64", "FLOAT": "float32", "VARCHAR": "utf8",
+         "DATE": "date", "TIMESTAMP": "timestamp", "BOOLEAN": "bool"}
+columns = []
+for name, t in json.loads(r.stdout):
+    if t not in types:
+        sys.exit(f"bench: no clvflow column type for {name} {t}")
+    columns.append(f"{name}: {types[t]}")
+with open(os.path.join(work, "sql", "bench_write.sql"), "w") as f:
+    f.write(f"SELECT * FROM cv WHERE run_date = DATE '{run_date}'\n")
+for fmt in ["parquet", "delta"]:
+    shutil.rmtree(os.path.join(work, "data", "bench_write"), ignore_errors=True)
+    with open(os.path.join(work, "jobs", f"bench_write_{fmt}.yaml"), "w") as f:
+        f.write(f"""inputs:
+  cv:
+    url: file://./data/marts/customer_value/
+    partitioning: hive
+    partition_columns: {{ run_date: date, acquisition_channel: utf8 }}
+    columns: {{ {", ".join(columns)} }}
+steps:
+  - name: wide
+    sql: sql/bench_write.sql
+outputs:
+  - from: wide
+    url: file://./data/bench_write/{fmt}/
+    format: {fmt}
+    partition_by: [run_date, acquisition_channel]
+    compression: zstd(1)
+""")
+writes = {"parquet": [], "delta": []}
+for _ in range(runs):
+    for fmt in writes:
+        secs, peak, logs = clvflow(["run", f"bench_write_{fmt}", "--date", run_date])
+        c = next(l for l in logs if l.get("message") == "output committed")
+        writes[fmt].append((c["stage_ms"] + c["commit_ms"]) / 1000)
+        wrote = c["rows"]
+for fmt in writes:
+    os.remove(os.path.join(work, "jobs", f"bench_write_{fmt}.yaml"))
+shutil.rmtree(os.path.join(work, "data", "bench_write"), ignore_errors=True)
+print(f"\nwriting customer_value as Parquet and as Delta ({wrote} rows of one run date, read from its committed files):")
+print(f"  Parquet (clvflow commit log) {spread(writes['parquet'])} s; Delta {spread(writes['delta'])} s; "
+      f"ratio {med(writes['delta']) / med(writes['parquet']):.2f} (target <= 1.2)")

@@ -130,6 +130,20 @@ pub enum Command {
         /// The output table URL as written in the job.
         url: String,
     },
+    /// Delete the files of a Delta output table (`format: delta`) that no version inside the
+    /// retention window needs: files replaced longer ago than the window, and files of runs
+    /// that died before their commit (older than the window and a day).
+    Vacuum {
+        /// The table URL as written in the job.
+        url: String,
+        /// The retention window (e.g. 7d, 36h); default the table's own
+        /// (`delta.deletedFileRetentionDuration`, set by the output's `retention:`).
+        #[arg(long, value_parser = parse_duration)]
+        retain: Option<std::time::Duration>,
+        /// Only print what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// (Re)build a run's HTML report from the job's committed output tables (and the run's
     /// history record), without running the job; writes it under the job's `report.url`, or
     /// to --out.
@@ -317,8 +331,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo { date, customers } => Ok(demo::run(&project, date, customers).await?),
         Command::Cluster { process } => cluster(&project, process).await,
+        Command::Vacuum {
+            url,
+            retain,
+            dry_run,
+        } => {
+            let loc = project.stores.resolve(&url).map_err(Error::Usage)?;
+            let done = crate::sink::delta::vacuum(&loc, retain, dry_run).await?;
+            for f in &done.files {
+                println!("{}", loc.child(f).url);
+            }
+            eprintln!(
+                "{} {} file(s) of {url} (retention {})",
+                if dry_run { "would delete" } else { "deleted" },
+                done.files.len(),
+                humantime::format_duration(done.retention)
+            );
+            Ok(())
+        }
         Command::Files { url } => {
             let loc = project.stores.resolve(&url).map_err(Error::Usage)?;
+            if crate::storage::delta::is_delta(&loc).await? {
+                let Some(table) =
+                    crate::storage::delta::open(&loc, &crate::storage::delta::Version::Latest)
+                        .await?
+                else {
+                    return Err(anyhow!("{url} has no Delta log"));
+                };
+                for (path, _, _) in crate::sink::delta::current_files(&table)? {
+                    println!("{}", loc.child(&path).url);
+                }
+                return Ok(());
+            }
             let log = TableLog::new(loc)?;
             let v = log.published().await?;
             if v == 0 {

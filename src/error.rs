@@ -139,6 +139,15 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// A Delta Lake table that cannot be read or committed to (deltalake's error below).
+    #[error("Delta table {url}: {action}")]
+    Delta {
+        url: String,
+        action: String,
+        #[source]
+        source: Box<deltalake_core::DeltaTableError>,
+    },
+
     /// One of clvflow's own objects (a commit marker, a lease, a history record) that is not
     /// what clvflow writes: edited or damaged by hand.
     #[error("{url}: {what} is not valid (was it edited by hand?)")]

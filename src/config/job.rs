@@ -88,6 +88,9 @@ pub enum InputFormat {
     /// Comma-separated with a header row; for small reference tables (e.g. the RFM segment map).
     /// Typed by the declared columns, which must be all its columns, in order.
     Csv,
+    /// A Delta Lake table (its latest version, or `version:` / `as_of:`); partition columns
+    /// come from the table's own metadata.
+    Delta,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -119,6 +122,24 @@ pub struct InputSpec {
     /// Accept an input with no files or no rows (otherwise that is an error).
     #[serde(default)]
     pub allow_empty: bool,
+    /// `format: delta`: read this table version instead of the latest.
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// `format: delta`: read the latest version committed at or before this time (RFC 3339,
+    /// e.g. `2026-11-22T03:00:00Z`).
+    #[serde(default)]
+    pub as_of: Option<String>,
+}
+
+/// How an output table is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormatSpec {
+    /// Hive-partitioned Parquet with clvflow's commit log beside the table.
+    #[default]
+    Parquet,
+    /// A Delta Lake table: one atomic Delta commit per run.
+    Delta,
 }
 
 /// One output table.
@@ -142,6 +163,16 @@ pub struct OutputSpec {
     /// Unset: a NULL partition value is an error.
     #[serde(default)]
     pub null_partition_value: Option<String>,
+    /// `parquet` (default) or `delta`.
+    #[serde(default)]
+    pub format: OutputFormatSpec,
+    /// `format: delta`: how long replaced files (and the versions that need them) are kept for
+    /// time travel before `clvflow vacuum` may delete them; default 7 days.
+    #[serde(default)]
+    pub retention: Option<DurationSpec>,
+    /// `format: delta`: a checkpoint every this many commits; default 10.
+    #[serde(default)]
+    pub checkpoint_interval: Option<u64>,
 }
 
 fn default_row_group_size() -> usize {

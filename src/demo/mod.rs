@@ -94,7 +94,11 @@ pub async fn run(project: &Project, date: NaiveDate, customers: u64) -> Result<(
     println!("\nWhat a BI tool reads now:");
     for plan in &plans {
         for out in &plan.outputs {
-            show_table(project, TableLog::new(out.location.clone())?).await?;
+            if out.format.is_delta() {
+                show_delta_table(project, out).await?;
+            } else {
+                show_table(project, TableLog::new(out.location.clone())?).await?;
+            }
         }
     }
     summary(project, &plans, date).await?;
@@ -111,27 +115,22 @@ pub async fn run(project: &Project, date: NaiveDate, customers: u64) -> Result<(
     Ok(())
 }
 
-async fn show_table(project: &Project, log: TableLog) -> Result<()> {
-    let v = log.published().await?;
-    let commit = log.read_commit(v).await?;
+/// Prints a table's files per partition folder (path relative to the table, rows).
+fn show_files(url: &str, what: &str, files: &[(String, u64)]) {
     let mut folders: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-    for f in &commit.files {
-        let folder = f
-            .path
+    for (path, rows) in files {
+        let folder = path
             .rsplit_once('/')
             .map(|(d, _)| d.to_string())
             .unwrap_or_default();
         let e = folders.entry(folder).or_default();
         e.0 += 1;
-        e.1 += f.rows;
+        e.1 += rows;
     }
-    let total: u64 = commit.files.iter().map(|f| f.rows).sum();
+    let total: u64 = files.iter().map(|f| f.1).sum();
     println!(
-        "\n{}  (commit v{}, {} rows, {} files, {} partition folders)",
-        log.table.url,
-        commit.version,
-        total,
-        commit.files.len(),
+        "\n{url}  ({what}, {total} rows, {} files, {} partition folders)",
+        files.len(),
         folders.len()
     );
     for (folder, (files, rows)) in folders.iter().take(8) {
@@ -140,9 +139,10 @@ async fn show_table(project: &Project, log: TableLog) -> Result<()> {
     if folders.len() > 8 {
         println!("  ... {} more folders", folders.len() - 8);
     }
+}
 
-    let ctx = project.engine()?.session()?;
-    register_output(&ctx, &log, &commit.partition_by, "t").await?;
+/// Prints the first columns of the first rows of table `t` on `ctx`.
+async fn show_rows(ctx: &datafusion::prelude::SessionContext) -> Result<()> {
     // Wide tables (customer_value has ~40 columns) show their first columns only.
     let df = ctx
         .sql("SELECT * FROM t LIMIT 3")
@@ -163,6 +163,57 @@ async fn show_table(project: &Project, log: TableLog) -> Result<()> {
     if names.len() > shown.len() {
         println!("  ... and {} more columns", names.len() - shown.len());
     }
+    Ok(())
+}
+
+async fn show_delta_table(project: &Project, out: &crate::sink::Output) -> Result<()> {
+    let latest = crate::storage::delta::Version::Latest;
+    let Some(table) = crate::storage::delta::open(&out.location, &latest).await? else {
+        return Ok(());
+    };
+    let files: Vec<(String, u64)> = crate::sink::delta::current_files(&table)?
+        .into_iter()
+        .map(|(p, _, rows)| (p, rows.unwrap_or(0)))
+        .collect();
+    let version = table.version().unwrap_or_default();
+    show_files(
+        &out.location.url,
+        &format!("Delta table, version {version}"),
+        &files,
+    );
+    let ctx = project.engine()?.session()?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(df_err("read the Delta table back"))?;
+    ctx.register_table("t", provider)
+        .map_err(df_err("read the Delta table back"))?;
+    show_rows(&ctx).await?;
+    if let Some(path) = out.location.url.strip_prefix("file://") {
+        println!(
+            "  duckdb: LOAD delta; SELECT * FROM delta_scan('{}');",
+            path.trim_end_matches('/')
+        );
+    }
+    Ok(())
+}
+
+async fn show_table(project: &Project, log: TableLog) -> Result<()> {
+    let v = log.published().await?;
+    let commit = log.read_commit(v).await?;
+    let files: Vec<(String, u64)> = commit
+        .files
+        .iter()
+        .map(|f| (f.path.clone(), f.rows))
+        .collect();
+    show_files(
+        &log.table.url,
+        &format!("commit v{}", commit.version),
+        &files,
+    );
+    let ctx = project.engine()?.session()?;
+    register_output(&ctx, &log, &commit.partition_by, "t").await?;
+    show_rows(&ctx).await?;
     if let Some(path) = log
         .table
         .url
@@ -186,7 +237,7 @@ async fn summary(project: &Project, plans: &[JobPlan], date: NaiveDate) -> Resul
         if let Some(out) = plans
             .iter()
             .flat_map(|p| &p.outputs)
-            .find(|o| o.from == table)
+            .find(|o| o.from == table && !o.format.is_delta())
         {
             let log = TableLog::new(out.location.clone())?;
             register_output(&ctx, &log, &out.partition_by, table).await?;

@@ -1,4 +1,4 @@
-//! Input tables, one file per format ([`parquet`], [`csv`]). An [`Input`] is the checked form
+//! Input tables, one file per format ([`parquet`], [`csv`], [`delta`]). An [`Input`] is the checked form
 //! of an `inputs:` entry. Before a run its declared columns are checked against every file
 //! (a missing or mistyped column names the input, the file, the column, expected vs found), then
 //! it is registered on the session exposing exactly the declared columns (plus Hive partition
@@ -6,6 +6,7 @@
 //! is planned against the schema the run will see.
 
 mod csv;
+mod delta;
 mod parquet;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct Input {
     pub partition_columns: Vec<(String, ColumnType)>,
     pub columns: Vec<(String, ColumnType)>,
     pub allow_empty: bool,
+    /// `format: delta`: which version of the table.
+    pub delta_version: crate::storage::delta::Version,
 }
 
 impl Input {
@@ -68,6 +71,44 @@ impl Input {
                 "CSV inputs are single reference tables; they have no partition folders",
             ));
         }
+        let is_delta = spec.format == InputFormat::Delta;
+        if is_delta && spec.partitioning != Partitioning::None {
+            problems.push(Problem::new(
+                "partitioning",
+                "a Delta table carries its own partitioning; list its partition columns under `columns:`",
+            ));
+        }
+        for (set, field) in [
+            (spec.version.is_some(), "version"),
+            (spec.as_of.is_some(), "as_of"),
+        ] {
+            if set && !is_delta {
+                problems.push(Problem::new(
+                    field,
+                    "selects a version of a Delta table: add `format: delta`, or remove it",
+                ));
+            }
+        }
+        if spec.version.is_some() && spec.as_of.is_some() {
+            problems.push(Problem::new(
+                "as_of",
+                "set `version:` or `as_of:`, not both",
+            ));
+        }
+        let delta_version = match (spec.version, spec.as_of.as_deref()) {
+            (Some(v), _) => crate::storage::delta::Version::Number(v),
+            (None, Some(t)) => match chrono::DateTime::parse_from_rfc3339(t) {
+                Ok(t) => crate::storage::delta::Version::AsOf(t.with_timezone(&chrono::Utc)),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        "as_of",
+                        format!("`{t}` is not an RFC 3339 time such as 2026-11-22T03:00:00Z: {e}"),
+                    ));
+                    crate::storage::delta::Version::Latest
+                }
+            },
+            (None, None) => crate::storage::delta::Version::Latest,
+        };
         for k in spec.partition_columns.keys() {
             if spec.columns.get(k).is_some() {
                 problems.push(Problem::new(
@@ -84,6 +125,7 @@ impl Input {
                 partition_columns: spec.partition_columns.0.clone(),
                 columns: spec.columns.0.clone(),
                 allow_empty: spec.allow_empty,
+                delta_version,
             }),
             _ => Err(problems),
         }
@@ -182,6 +224,7 @@ pub async fn register_checked(
     match input.format {
         InputFormat::Parquet => parquet::register(ctx, job, input).await,
         InputFormat::Csv => csv::register(ctx, job, input).await,
+        InputFormat::Delta => delta::register(ctx, job, input).await,
     }
 }
 

@@ -12,6 +12,7 @@ use super::schedule::Schedule;
 use super::{JobPlan, RetryPolicy};
 use crate::config::job::JobSpec;
 use crate::config::{self, Diagnostic, Document};
+use crate::engine::EngineConfig;
 use crate::engine::setting_problem;
 use crate::error::{Error, Result};
 use crate::inputs::Input;
@@ -71,7 +72,17 @@ fn build(
         }
         tables.insert(iname.clone());
         match Input::check(iname, ispec, &project.stores) {
-            Ok(input) => inputs.push(input),
+            Ok(input) => {
+                let on_cluster = matches!(project.engine_config, EngineConfig::Ballista { .. });
+                if on_cluster && input.format == crate::config::job::InputFormat::Delta {
+                    // deltalake's scan is not one Ballista can ship to its executors.
+                    diags.push(source.diag(
+                        &format!("{field}.format"),
+                        "Delta inputs are read on the local engine (`engine: { kind: local }`) only; on a cluster, read the table's Parquet output instead",
+                    ));
+                }
+                inputs.push(input)
+            }
             Err(problems) => diags.extend(source.problems(&field, problems)),
         }
     }

@@ -99,17 +99,32 @@ impl Tables {
     ) -> Result<Self> {
         let ctx = project.engine()?.session()?;
         let mut list = Vec::new();
+        let mut registered = std::collections::BTreeSet::new();
         for out in job.outputs {
-            let log = TableLog::new(out.location.clone())?;
-            if log.published().await? == 0 {
-                continue;
-            }
             let name = out.from.clone();
-            if list.iter().any(|t: &TableInfo| t.name == name) {
+            // A step written twice (as Parquet and as Delta) is read from its first output.
+            if registered.contains(&name) {
                 continue;
             }
             let all = format!("{name}__all");
-            register_output(&ctx, &log, &out.partition_by, &all).await?;
+            if out.format.is_delta() {
+                let latest = crate::storage::delta::Version::Latest;
+                let Some(table) = crate::storage::delta::open(&out.location, &latest).await? else {
+                    continue;
+                };
+                let provider = table
+                    .table_provider()
+                    .await
+                    .map_err(|e| Error::df("read the Delta table back", e))?;
+                ctx.register_table(all.as_str(), provider).map_err(df_err)?;
+            } else {
+                let log = TableLog::new(out.location.clone())?;
+                if log.published().await? == 0 {
+                    continue;
+                }
+                register_output(&ctx, &log, &out.partition_by, &all).await?;
+            }
+            registered.insert(name.clone());
             let dated = out.partition_by.iter().any(|c| c == "run_date");
             let sql = if dated {
                 format!(

@@ -265,7 +265,7 @@ async fn run_job_on(
         if let Some(v) = o.recovery.rolled_forward {
             info!(job = %job.name, output = %out.from, version = v, "finished publishing an interrupted earlier run");
         }
-        info!(job = %job.name, output = %out.from, table = %o.table_url, version = o.version, rows = o.rows,
+        info!(job = %job.name, output = %out.from, format = out.format.name(), table = %o.table_url, version = o.version, rows = o.rows,
               files = o.files, bytes = o.bytes, replaced = %o.replaced,
               stage_ms = staging_time.as_millis() as u64, commit_ms = t.elapsed().as_millis() as u64,
               "output committed");

@@ -83,8 +83,10 @@ impl ResultLifetimes {
                 .iter()
                 .filter(|o| o.from.eq_ignore_ascii_case(&step.name))
                 .collect();
+            // With several outputs (the table as Parquet and as Delta), the first one computes
+            // the step into its files and the others read those (`staging`).
             out.streamed[i] = step.kind.is_sql()
-                && writers.len() == 1
+                && !writers.is_empty()
                 && writers.iter().all(|o| o.null_partition_value.is_none());
         }
         out

@@ -1,6 +1,6 @@
 //! Named points in the commit protocol where tests can make a run fail, abort, or stall (so a
 //! test can SIGKILL it at a known moment). Set `CLVFLOW_FAILPOINT=<name>:<action>`, where action
-//! is `error`, `abort` or `sleep`. Unset (always, in production) it costs one env lookup.
+//! is `error`, `abort`, `sleep` (an hour) or `delay` (three seconds, then on). Unset (always, in production) it costs one env lookup.
 
 use std::time::Duration;
 
@@ -14,6 +14,11 @@ pub const AFTER_COMMIT: &str = "after-commit";
 pub const MID_PUBLISH: &str = "mid-publish";
 /// After `published.json` names the new version, before the replaced files are deleted.
 pub const AFTER_PUBLISHED: &str = "after-published";
+
+/// Delta outputs: after the run's files were moved into the table folder, before the commit.
+pub const DELTA_FILES_IN: &str = "delta-files-in";
+/// Delta outputs: after the commit, before the run's staging folder is deleted.
+pub const DELTA_COMMITTED: &str = "delta-committed";
 
 /// Acts on the failpoint `name` if it is set.
 pub async fn hit(name: &str) -> Result<()> {
@@ -33,6 +38,10 @@ pub async fn hit(name: &str) -> Result<()> {
         "abort" => std::process::abort(),
         "sleep" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+        "delay" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
             Ok(())
         }
         _ => Ok(()),

@@ -22,7 +22,12 @@
 //! the table's commit log is [`log`], publishing and recovery [`publish`]; tests make runs fail
 //! at known points of the protocol with [`failpoint`]. What a plain Hive reader sees during
 //! publish is described in the README ("Output guarantees").
+//!
+//! A `format: delta` output is staged and checked the same way; then, instead of the commit
+//! marker and publish above, its files are moved into the table folder and named by one Delta
+//! commit ([`delta`]; README "Delta Lake tables").
 
+pub mod delta;
 pub mod failpoint;
 pub mod log;
 mod parquet;
@@ -36,7 +41,7 @@ use datafusion::catalog::TableProvider;
 use datafusion::prelude::SessionContext;
 
 use crate::config::Problem;
-use crate::config::job::OutputSpec;
+use crate::config::job::{OutputFormatSpec, OutputSpec};
 use crate::config::types::Compression;
 use crate::error::{Error, Result};
 use crate::storage::{Stores, listing};
@@ -60,6 +65,30 @@ pub struct Output {
 pub enum OutputFormat {
     /// Plain Parquet files with clvflow's commit log beside the table.
     Parquet(ParquetOptions),
+    /// A Delta Lake table (its own log inside the table folder).
+    Delta(delta::DeltaOptions),
+}
+
+impl OutputFormat {
+    /// How its Parquet files are written.
+    pub fn parquet(&self) -> &ParquetOptions {
+        match self {
+            OutputFormat::Parquet(p) => p,
+            OutputFormat::Delta(d) => &d.parquet,
+        }
+    }
+
+    pub fn is_delta(&self) -> bool {
+        matches!(self, OutputFormat::Delta(_))
+    }
+
+    /// `parquet` or `delta`, as in the job file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OutputFormat::Parquet(_) => "parquet",
+            OutputFormat::Delta(_) => "delta",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +123,21 @@ impl Output {
         if spec.row_group_size == 0 {
             problems.push(Problem::new("row_group_size", "must be at least 1"));
         }
+        let delta = spec.format == OutputFormatSpec::Delta;
+        for (set, field) in [
+            (spec.retention.is_some(), "retention"),
+            (spec.checkpoint_interval.is_some(), "checkpoint_interval"),
+        ] {
+            if set && !delta {
+                problems.push(Problem::new(
+                    field,
+                    "is a setting of Delta tables: add `format: delta`, or remove it",
+                ));
+            }
+        }
+        if spec.checkpoint_interval == Some(0) {
+            problems.push(Problem::new("checkpoint_interval", "must be at least 1"));
+        }
         let location = match stores.resolve(&spec.url) {
             Ok(l) if l.split_last().is_none() => {
                 problems.push(Problem::new(
@@ -114,10 +158,23 @@ impl Output {
                 location,
                 partition_by: spec.partition_by.clone(),
                 null_partition_value: spec.null_partition_value.clone(),
-                format: OutputFormat::Parquet(ParquetOptions {
-                    compression: spec.compression,
-                    row_group_size: spec.row_group_size,
-                }),
+                format: {
+                    let parquet = ParquetOptions {
+                        compression: spec.compression,
+                        row_group_size: spec.row_group_size,
+                    };
+                    if delta {
+                        OutputFormat::Delta(delta::DeltaOptions {
+                            parquet,
+                            retention: spec.retention.map_or(delta::DEFAULT_RETENTION, |d| d.0),
+                            checkpoint_interval: spec
+                                .checkpoint_interval
+                                .unwrap_or(delta::DEFAULT_CHECKPOINT_INTERVAL),
+                        })
+                    } else {
+                        OutputFormat::Parquet(parquet)
+                    }
+                },
             }),
             _ => Err(problems),
         }
@@ -220,10 +277,21 @@ pub struct Staged {
 /// to delete.
 pub async fn stage(ctx: &SessionContext, out: &Output, run: &RunInfo) -> Result<Staged> {
     let log = TableLog::new(out.location.clone())?;
-    let recovery = publish::recover(&log).await?;
+    let recovery = match &out.format {
+        OutputFormat::Parquet(_) => publish::recover(&log).await?,
+        OutputFormat::Delta(_) => publish::Recovery {
+            rolled_forward: None,
+            staged_files_removed: delta::recover_staging(&log).await?,
+        },
+    };
     let staging_rel = format!("staging/{}", run.run_id);
-    let OutputFormat::Parquet(options) = &out.format;
-    let written = parquet::write(ctx, out, run, options, &log, &staging_rel).await;
+    let options = out.format.parquet();
+    let mut written = parquet::write(ctx, out, run, options, &log, &staging_rel).await;
+    if let (Ok((schema, _)), OutputFormat::Delta(_)) = (&written, &out.format)
+        && let Err(e) = delta::check_target(out, run, schema).await
+    {
+        written = Err(e);
+    }
     let (schema, added) = match written {
         Ok(w) => w,
         Err(e) => {
@@ -309,6 +377,20 @@ pub async fn commit(staged: Staged) -> Result<OutputOutcome> {
     } = staged;
     let (out, run) = (&out, &run);
     let replaced = replaced_partitions(out, run, &added);
+    if let OutputFormat::Delta(options) = &out.format {
+        let version = delta::commit(&log, out, run, options, &schema, &added, &replaced).await?;
+        failpoint::hit(failpoint::DELTA_COMMITTED).await?;
+        delta::drop_staging(&log, &run.run_id).await?;
+        return Ok(OutputOutcome {
+            table_url: log.table.url.clone(),
+            version,
+            rows: added.iter().map(|a| a.file.rows).sum(),
+            files: added.len(),
+            bytes: added.iter().map(|a| a.file.bytes).sum(),
+            replaced,
+            recovery,
+        });
+    }
     let mut removed = Vec::new();
     for prefix in replaced.prefixes() {
         let base = if prefix.is_empty() {

@@ -143,7 +143,10 @@ async fn prepare(ctx: &SessionContext, out: &Output, run: &RunInfo) -> Result<(D
         .zip(schema.fields())
         .map(|(written, source)| {
             let folder_names = written.data_type() == &functions::date_folder_type();
-            if folder_names && source.data_type() == &DataType::Date32 {
+            // A Delta table keeps a partition column's own type (its partition values are
+            // strings in the log, a mapped NULL folder is a NULL value there).
+            let delta_partition = out.format.is_delta() && out.partition_by.contains(source.name());
+            if (folder_names && source.data_type() == &DataType::Date32) || delta_partition {
                 source.clone()
             } else {
                 written.clone()

@@ -76,7 +76,7 @@ async fn delete_replaced(log: &TableLog, commit: &Commit) -> Result<()> {
 }
 
 /// Moves a staged file into the table. Already moved (staged gone, target there) is fine.
-async fn move_one(
+pub(super) async fn move_one(
     store: &dyn ObjectStore,
     log: &TableLog,
     from: &object_store::path::Path,

@@ -4,6 +4,7 @@
 //! from config and the standard environment. Also [`listing`] (the one place files are listed
 //! and a `ListingTable` is built) and [`footer`] (a Parquet file's schema and row count).
 
+pub mod delta;
 pub mod footer;
 pub mod instrumented;
 pub mod listing;

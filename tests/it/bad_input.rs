@@ -313,7 +313,12 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
         ],
     );
 
-    p.edit("jobs/customer_value.yaml", "partition_by: [run_date, acquisition_channel]", "partition_by: [run_date, acquisition_channel]\n    null_partition_value: __HIVE_DEFAULT_PARTITION__");
+    // Both outputs of the table: the Parquet one and the Delta one.
+    let job = p.read("jobs/customer_value.yaml");
+    p.write(
+        "jobs/customer_value.yaml",
+        &job.replace("partition_by: [run_date, acquisition_channel]", "partition_by: [run_date, acquisition_channel]\n    null_partition_value: __HIVE_DEFAULT_PARTITION__"),
+    );
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     // The NULLs sit in the Hive default folder, which DuckDB (like Hive and Spark) reads as NULL.
     assert!(p.file("data/marts/customer_value/run_date=2026-11-22/acquisition_channel=__HIVE_DEFAULT_PARTITION__").is_dir());
@@ -335,6 +340,12 @@ fn null_partition_values_are_rejected_or_mapped_never_misfiled() {
     );
     let total: i64 = rows.iter().map(|r| r[1].as_i64().unwrap()).sum();
     assert_eq!(total, expected_totals(&p, RUN_DATE).0);
+    // In the Delta table the mapped folder is a NULL partition value, as Delta readers expect.
+    let delta_nulls = crate::delta::delta_py(
+        "import deltalake, json, os, sys\nt = deltalake.DeltaTable(sys.argv[1]).to_pyarrow_dataset().to_table()\nprint(json.dumps(t.column('acquisition_channel').null_count), flush=True)\nos._exit(0)",
+        &[p.file("data/delta/customer_value").to_str().unwrap()],
+    );
+    assert_eq!(delta_nulls.as_i64(), nulls, "{rows:?}");
     assert!(
         !p.file("data/marts/customer_value/run_date=2026-11-22/acquisition_channel=")
             .exists()

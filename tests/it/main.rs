@@ -4,6 +4,7 @@ mod bad_input;
 mod cluster;
 mod commit;
 mod common;
+mod delta;
 mod golden;
 mod local;
 mod report;

@@ -165,7 +165,8 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
             out.from
         );
     }
-    // SQL steps written to exactly one output stream into it; model steps never do.
+    // SQL steps written to outputs stream into the first (the Delta twin of customer_value reads
+    // its files); model steps never stream.
     assert!(lifetimes.streamed[step("customer_value")]);
     assert!(lifetimes.streamed[step("ltv_cac")]);
     assert!(!lifetimes.streamed[step("clv")]);
@@ -476,4 +477,57 @@ fn a_report_setting_is_checked_at_its_line() {
     let out = p.clvflow(&["validate", "customer_value"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(stderr(&out).contains("report.url"), "{}", show(&out));
+}
+
+#[test]
+fn delta_settings_are_checked_at_their_lines() {
+    let p = TestProject::shipped();
+    let job = p.read("jobs/customer_value.yaml");
+    let line_of = |needle: &str| job.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    // `retention:` belongs to Delta outputs only; a checkpoint interval must be positive.
+    let retention = line_of("retention: 7d");
+    p.edit(
+        "jobs/customer_value.yaml",
+        "    format: delta  ",
+        "    format: parquet  ",
+    );
+    p.edit(
+        "jobs/customer_value.yaml",
+        "retention: 7d",
+        "retention: 7d\n    checkpoint_interval: 0",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("customer_value.yaml:{retention}:"))
+            && err.contains("outputs[8].retention"),
+        "{err}"
+    );
+    assert!(
+        err.contains("is a setting of Delta tables: add `format: delta`"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("customer_value.yaml:{}:", retention + 1))
+            && err.contains("outputs[8].checkpoint_interval: must be at least 1"),
+        "{err}"
+    );
+    // A version of a Parquet input, and an unreadable as_of.
+    let p = TestProject::shipped();
+    let orders = line_of("url: file://./data/exports/orders/") + 1;
+    p.edit(
+        "jobs/customer_value.yaml",
+        "url: file://./data/exports/orders/",
+        "url: file://./data/exports/orders/\n    version: 3",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("customer_value.yaml:{orders}:"))
+            && err.contains("inputs.orders.version"),
+        "{err}"
+    );
+    assert!(err.contains("selects a version of a Delta table"), "{err}");
 }
