@@ -19,8 +19,10 @@ use crate::scheduler::daemon::{self, DaemonOptions};
 use crate::scheduler::execute::{self, JobExecutor, Outcome, Request, RunContext};
 use crate::scheduler::metrics::Metrics;
 use crate::scheduler::{self, Dispatcher};
-use crate::sink::log::TableLog;
 use crate::state::{StateStore, Status, Trigger};
+
+mod cluster;
+mod tables;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -330,50 +332,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { date, customers } => Ok(demo::run(&project, date, customers).await?),
-        Command::Cluster { process } => cluster(&project, process).await,
+        Command::Cluster { process } => cluster::run(&project, process).await,
         Command::Vacuum {
             url,
             retain,
             dry_run,
-        } => {
-            let loc = project.stores.resolve(&url).map_err(Error::Usage)?;
-            let done = crate::sink::delta::vacuum(&loc, retain, dry_run).await?;
-            for f in &done.files {
-                println!("{}", loc.child(f).url);
-            }
-            eprintln!(
-                "{} {} file(s) of {url} (retention {})",
-                if dry_run { "would delete" } else { "deleted" },
-                done.files.len(),
-                humantime::format_duration(done.retention)
-            );
-            Ok(())
-        }
-        Command::Files { url } => {
-            let loc = project.stores.resolve(&url).map_err(Error::Usage)?;
-            if crate::storage::delta::is_delta(&loc).await? {
-                let Some(table) =
-                    crate::storage::delta::open(&loc, &crate::storage::delta::Version::Latest)
-                        .await?
-                else {
-                    return Err(anyhow!("{url} has no Delta log"));
-                };
-                for (path, _, _) in crate::sink::delta::current_files(&table)? {
-                    println!("{}", loc.child(&path).url);
-                }
-                return Ok(());
-            }
-            let log = TableLog::new(loc)?;
-            let v = log.published().await?;
-            if v == 0 {
-                return Err(anyhow!("{url} has no published commit yet"));
-            }
-            let commit = log.read_commit(v).await?;
-            for f in &commit.files {
-                println!("{}", log.table.child(&f.path).url);
-            }
-            Ok(())
-        }
+        } => tables::vacuum(&project, &url, retain, dry_run).await,
+        Command::Files { url } => tables::files(&project, &url).await,
     }
 }
 
@@ -590,55 +555,4 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-}
-
-/// `clvflow cluster scheduler|executor`.
-async fn cluster(project: &Project, process: ClusterCommand) -> anyhow::Result<()> {
-    use crate::engine::processes;
-    match process {
-        ClusterCommand::Scheduler {
-            bind,
-            external_host,
-            executor_timeout,
-        } => processes::scheduler(&project.stores, bind, external_host, executor_timeout).await?,
-        ClusterCommand::Executor {
-            scheduler,
-            bind,
-            grpc_port,
-            external_host,
-            slots,
-            work_dir,
-            memory_pool_size,
-        } => {
-            let (host, port) = scheduler
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-                .ok_or_else(|| {
-                    Error::Usage(format!(
-                        "--scheduler `{scheduler}`: write HOST:PORT, e.g. 127.0.0.1:50050"
-                    ))
-                })?;
-            let grpc_port = match grpc_port {
-                Some(p) => p,
-                None => bind.port().checked_add(1).ok_or_else(|| {
-                    Error::Usage("--bind: the port is the highest; set --grpc-port".into())
-                })?,
-            };
-            processes::executor(
-                &project.stores,
-                processes::ExecutorOptions {
-                    scheduler_host: host,
-                    scheduler_port: port,
-                    bind,
-                    grpc_port,
-                    external_host,
-                    slots,
-                    work_dir,
-                    memory_pool_size: memory_pool_size.map(|b| b.0),
-                },
-            )
-            .await?
-        }
-    }
-    Ok(())
 }

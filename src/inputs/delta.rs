@@ -7,7 +7,7 @@ use datafusion::arrow::datatypes::Schema;
 use datafusion::prelude::SessionContext;
 use deltalake_core::kernel::engine::arrow_conversion::TryIntoArrow;
 
-use super::{Input, InputSummary, register_declared, type_matches};
+use super::{Input, InputSummary, column_problems, register_declared};
 use crate::engine::quote_ident;
 use crate::error::{Error, Result};
 use crate::storage::delta;
@@ -43,30 +43,12 @@ pub(super) async fn register(
             e,
         )
     })?;
-    let mut problems = Vec::new();
-    for (name, declared) in &input.columns {
-        match schema.field_with_name(name) {
-            Err(_) => problems.push(format!("missing column `{name}` (declared {declared})")),
-            Ok(f) if !type_matches(*declared, f.data_type()) => problems.push(format!(
-                "column `{name}` is {} in the table, declared {declared}",
-                f.data_type()
-            )),
-            Ok(_) => {}
-        }
-    }
-    if !problems.is_empty() {
-        let found: Vec<String> = schema
-            .fields()
-            .iter()
-            .map(|f| format!("{} {}", f.name(), f.data_type()))
-            .collect();
+    if let Some((problems, found)) = column_problems(input, &schema, "the table") {
         return Err(input.error(
             job,
             format!(
-                "Delta table {} (version {version}): {}; the table has: {}. Fix the table or the `columns:` of this input",
-                loc.written,
-                problems.join("; "),
-                found.join(", ")
+                "Delta table {} (version {version}): {problems}; the table has: {found}. Fix the table or the `columns:` of this input",
+                loc.written
             ),
         ));
     }

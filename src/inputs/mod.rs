@@ -167,6 +167,31 @@ impl Input {
     }
 }
 
+/// What `schema` (of a file, or of a table) lacks or mistypes of `input`'s declared columns,
+/// and the columns it has; `None` when it has them all. `place` names it: "the file".
+fn column_problems(input: &Input, schema: &Schema, place: &str) -> Option<(String, String)> {
+    let mut problems = Vec::new();
+    for (name, declared) in &input.columns {
+        match schema.field_with_name(name) {
+            Err(_) => problems.push(format!("missing column `{name}` (declared {declared})")),
+            Ok(f) if !type_matches(*declared, f.data_type()) => problems.push(format!(
+                "column `{name}` is {} in {place}, declared {declared}",
+                f.data_type()
+            )),
+            Ok(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        return None;
+    }
+    let found: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect();
+    Some((problems.join("; "), found.join(", ")))
+}
+
 /// The Arrow type a declaration stands for when no file is at hand (validate).
 pub fn declared_type(t: ColumnType) -> DataType {
     match t {

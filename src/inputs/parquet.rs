@@ -8,7 +8,7 @@ use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectMeta;
 
-use super::{Input, InputSummary, declared_type, list, register_declared, type_matches};
+use super::{Input, InputSummary, column_problems, declared_type, list, register_declared};
 use crate::error::{Error, Result};
 use crate::storage::{footer, listing};
 
@@ -60,33 +60,22 @@ pub(super) async fn register(
 
     let mut fields = Vec::with_capacity(input.columns.len());
     for (i, (meta, schema, _)) in footers.iter().enumerate() {
-        let mut problems = Vec::new();
-        for (name, declared) in &input.columns {
-            match schema.field_with_name(name) {
-                Err(_) => problems.push(format!("missing column `{name}` (declared {declared})")),
-                Ok(f) if !type_matches(*declared, f.data_type()) => problems.push(format!(
-                    "column `{name}` is {} in the file, declared {declared}",
-                    f.data_type()
-                )),
-                Ok(f) if i == 0 => fields.push(Field::new(name, f.data_type().clone(), true)),
-                Ok(_) => {}
-            }
-        }
-        if !problems.is_empty() {
-            let found: Vec<String> = schema
-                .fields()
-                .iter()
-                .map(|f| format!("{} {}", f.name(), f.data_type()))
-                .collect();
+        if let Some((problems, found)) = column_problems(input, schema, "the file") {
             return Err(input.file_error(
                 job,
                 &meta.location,
                 format!(
-                    "{}; the file has: {}. Fix the export or the `columns:` of this input",
-                    problems.join("; "),
-                    found.join(", ")
+                    "{problems}; the file has: {found}. Fix the export or the `columns:` of this input"
                 ),
             ));
+        }
+        if i == 0 {
+            fields = input
+                .columns
+                .iter()
+                .filter_map(|(name, _)| schema.field_with_name(name).ok())
+                .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+                .collect();
         }
     }
     let rows: u64 = footers.iter().map(|(_, _, r)| r).sum();

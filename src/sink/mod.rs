@@ -32,6 +32,7 @@ pub mod failpoint;
 pub mod log;
 mod parquet;
 pub mod publish;
+pub mod vacuum;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

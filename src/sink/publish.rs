@@ -104,8 +104,16 @@ pub(super) async fn move_one(
 
 /// Deletes everything under `prefix`.
 pub async fn delete_prefix(log: &TableLog, prefix: &object_store::path::Path) -> Result<()> {
-    let store = log.table.store.object_store.clone();
     let metas = log.list(prefix).await?;
+    delete_objects(log, metas).await
+}
+
+/// Deletes these objects of the log's store (already gone is fine).
+pub(super) async fn delete_objects(
+    log: &TableLog,
+    metas: Vec<object_store::ObjectMeta>,
+) -> Result<()> {
+    let store = log.table.store.object_store.clone();
     futures::stream::iter(metas.into_iter().map(|m| {
         let store = store.clone();
         async move {

@@ -146,7 +146,12 @@ pub fn python() -> String {
 
 /// Runs a Python snippet that prints one JSON value; returns it.
 pub fn py_json(code: &str, args: &[&str]) -> Value {
-    let out = Command::new(python())
+    py_json_in(&python(), code, args)
+}
+
+/// [`py_json`] with another Python (the Delta readers' venv).
+pub fn py_json_in(python: &str, code: &str, args: &[&str]) -> Value {
+    let out = Command::new(python)
         .arg("-c")
         .arg(code)
         .args(args)

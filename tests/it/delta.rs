@@ -5,7 +5,7 @@
 //! same rows.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -22,15 +22,7 @@ fn delta_python() -> String {
 }
 
 pub(crate) fn delta_py(code: &str, args: &[&str]) -> Value {
-    let out = Command::new(delta_python())
-        .arg("-c")
-        .arg(code)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "python failed:\n{}", show(&out));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("python printed no JSON ({e}):\n{}", show(&out)))
+    py_json_in(&delta_python(), code, args)
 }
 
 /// Per run date: customers and net revenue, as DuckDB's delta_scan, deltalake (at `version`,
@@ -182,6 +174,16 @@ fn the_delta_output_reads_like_its_parquet_twin_and_reruns_replace_partitions() 
         before_vacuum.len() > current.len(),
         "the replaced files are still there"
     );
+    // Inside the table's retention (the output's `retention: 7d`) nothing goes: time travel to
+    // every version still works.
+    let kept = p.ok(&["vacuum", "file://./data/delta/customer_value/"]);
+    assert_eq!(String::from_utf8_lossy(&kept.stdout).lines().count(), 0);
+    assert!(
+        stderr(&kept).contains("deleted 0 file(s)"),
+        "{}",
+        stderr(&kept)
+    );
+    assert_eq!(on_disk(&p), before_vacuum);
     let dry = p.ok(&[
         "vacuum",
         "file://./data/delta/customer_value/",
@@ -272,6 +274,23 @@ fn a_job_reads_a_delta_table_at_its_latest_or_a_pinned_version() {
     assert_eq!(got(&p), want);
     // The version before the second date: the first date only.
     reader_job(&p, &format!("\n    version: {}", v - 1), cols);
+    p.ok(&["run", "delta_reader", "--date", RUN_DATE]);
+    assert_eq!(
+        got(&p),
+        vec![want.iter().find(|r| r.0 == RUN_DATE).unwrap().clone()]
+    );
+
+    // `as_of` the commit time of version v-1 (a millisecond after it): the same version.
+    let history = latest["history"].as_array().unwrap();
+    let at = history
+        .iter()
+        .find(|h| h["version"].as_u64() == Some(v - 1))
+        .and_then(|h| h["timestamp"].as_i64())
+        .unwrap();
+    let as_of = chrono::DateTime::from_timestamp_millis(at + 1)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    reader_job(&p, &format!("\n    as_of: \"{as_of}\""), cols);
     p.ok(&["run", "delta_reader", "--date", RUN_DATE]);
     assert_eq!(
         got(&p),
@@ -497,4 +516,38 @@ fn the_delta_output_on_s3_commits_by_conditional_put_and_reruns_replace() {
         "0s",
     ]);
     assert_eq!(rows(&read("latest"), "deltalake"), rows(&both, "deltalake"));
+}
+
+#[test]
+fn a_checkpoint_is_written_every_checkpoint_interval_commits() {
+    let p = TestProject::shipped();
+    p.generate(300);
+    p.edit(
+        "jobs/customer_value.yaml",
+        "retention: 7d",
+        "retention: 7d\n    checkpoint_interval: 2",
+    );
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    let log = p.file(&format!("{DELTA}/_delta_log"));
+    let checkpoints = || -> Vec<String> {
+        let mut c: Vec<String> = std::fs::read_dir(&log)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".checkpoint"))
+            .collect();
+        c.sort();
+        c
+    };
+    // A checkpoint after every second commit: versions 0 (the table's creation) and 1 (the run)
+    // are two commits, so version 1 has one; versions 2 and 3 (two more runs) give the next.
+    let name = |v: u64| format!("{v:020}.checkpoint.parquet");
+    assert_eq!(checkpoints(), vec![name(1)]);
+    p.ok(&["run", "customer_value", "--date", OTHER_DATE]);
+    assert_eq!(checkpoints(), vec![name(1)]);
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    assert_eq!(checkpoints(), vec![name(1), name(3)]);
+    let last = std::fs::read_to_string(log.join("_last_checkpoint")).unwrap();
+    assert!(last.contains("\"version\":3"), "{last}");
+    // Readers start from the checkpoint and see both dates.
+    assert_eq!(assert_same_as_twin(&read(&p, None, true)).len(), 2);
 }
