@@ -52,7 +52,7 @@ pub(super) async fn register(
             ),
         ));
     }
-    let files = delta_files(&table)?;
+    let files = crate::sink::delta::current_files(&table)?;
     let rows: u64 = files.iter().map(|f| f.2.unwrap_or(0)).sum();
     let bytes: u64 = files.iter().map(|f| f.1).sum();
     if files.is_empty() && !input.allow_empty {
@@ -85,8 +85,4 @@ pub(super) async fn register(
         rows,
         bytes,
     })
-}
-
-fn delta_files(table: &deltalake_core::DeltaTable) -> Result<Vec<(String, u64, Option<u64>)>> {
-    crate::sink::delta::current_files(table)
 }

@@ -73,29 +73,25 @@ pub fn builder(loc: &Location) -> Result<DeltaTableBuilder> {
     Ok(builder)
 }
 
-/// Whether the folder holds a Delta log.
-pub async fn is_delta(loc: &Location) -> Result<bool> {
-    let log = loc.child(LOG_FOLDER);
-    let store = &loc.store.object_store;
-    let mut listing = store.list(Some(&log.path));
+/// Whether anything is stored below `loc` (one listed object is enough).
+async fn holds_any(loc: &Location, what: &str) -> Result<bool> {
     use futures::StreamExt;
+    let mut listing = loc.store.object_store.list(Some(&loc.path));
     match listing.next().await {
         None => Ok(false),
         Some(Ok(_)) => Ok(true),
-        Some(Err(e)) => Err(Error::store(&log.url, "list the Delta log", e)),
+        Some(Err(e)) => Err(Error::store(&loc.url, format!("list {what}"), e)),
     }
 }
 
-/// Whether the folder holds anything at all.
+/// Whether the folder holds a Delta log.
+pub async fn is_delta(loc: &Location) -> Result<bool> {
+    holds_any(&loc.child(LOG_FOLDER), "the Delta log").await
+}
+
+/// Whether the folder holds nothing at all.
 pub async fn is_empty(loc: &Location) -> Result<bool> {
-    use futures::StreamExt;
-    let store = &loc.store.object_store;
-    let mut listing = store.list(Some(&loc.path));
-    match listing.next().await {
-        None => Ok(true),
-        Some(Ok(_)) => Ok(false),
-        Some(Err(e)) => Err(Error::store(&loc.url, "list the table folder", e)),
-    }
+    Ok(!holds_any(loc, "the table folder").await?)
 }
 
 /// Opens the table at `version`; `None` when the folder holds no Delta log.
