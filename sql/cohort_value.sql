@@ -17,7 +17,7 @@
 --                              model's prediction for the rest: mean predicted_clv (its 12-month
 --                              horizon) times (365 - observed_days) / 365
 --   below_cac                  predicted_365_per_customer < cac
--- Orders before signup are not counted. Runs unchanged on DuckDB.
+-- Orders before signup are not counted (cohort_daily). Runs unchanged on DuckDB.
 with points as (
     select cast(trim(d) as bigint) as days
     from (select unnest(string_to_array('{{ params.ltv_days }}', ',')) as d) as p
@@ -51,32 +51,13 @@ cohorts as (
     group by cohort_month, channel
 ),
 
-orders as (
-    select
-        a.cohort_month,
-        a.channel,
-        a.customer_id,
-        o.order_ts,
-        cast(floor((date_part('epoch', o.order_ts) - date_part('epoch', a.signup_ts)) / 86400) as bigint) as day,
-        o.net_amount
-    from orders_clean as o
-    join acquired as a on a.customer_id = o.customer_id
-    where o.order_ts >= a.signup_ts
-),
-
-daily as (
-    select cohort_month, channel, day, sum(net_amount) as revenue
-    from orders
-    group by cohort_month, channel, day
-),
-
 cumulative as (
     select
         cohort_month,
         channel,
         day,
         sum(revenue) over (partition by cohort_month, channel order by day rows between unbounded preceding and current row) as revenue_to_day
-    from daily
+    from cohort_daily
 ),
 
 payback as (
@@ -89,43 +70,23 @@ payback as (
     group by u.cohort_month, u.channel
 ),
 
--- The day of each customer's second order.
-second_days as (
-    select cohort_month, channel, day, count(*) as buyers
-    from (
-        select
-            cohort_month,
-            channel,
-            day,
-            row_number() over (partition by customer_id order by order_ts, day) as n
-        from orders
-    ) as ranked
-    where n = 2
-    group by cohort_month, channel, day
-),
-
+-- Revenue and second orders in the first `days` days (cohort_daily: one row per cohort, channel
+-- and day with an order).
 at_points as (
-    select c.cohort_month, c.channel, p.days, coalesce(sum(d.revenue), 0) as revenue
+    select c.cohort_month, c.channel, p.days,
+           coalesce(sum(d.revenue), 0) as revenue,
+           coalesce(sum(d.second_buyers), 0) as repeat_buyers
     from cohorts as c
     cross join points as p
-    left join daily as d
+    left join cohort_daily as d
       on d.cohort_month = c.cohort_month and d.channel = c.channel and d.day < p.days
-    group by c.cohort_month, c.channel, p.days
-),
-
-repeats as (
-    select c.cohort_month, c.channel, p.days, coalesce(sum(s.buyers), 0) as repeat_buyers
-    from cohorts as c
-    cross join points as p
-    left join second_days as s
-      on s.cohort_month = c.cohort_month and s.channel = c.channel and s.day < p.days
     group by c.cohort_month, c.channel, p.days
 ),
 
 realized as (
     select c.cohort_month, c.channel, coalesce(sum(d.revenue), 0) as revenue
     from cohorts as c
-    left join daily as d
+    left join cohort_daily as d
       on d.cohort_month = c.cohort_month and d.channel = c.channel and d.day < least(365, c.observed_days)
     group by c.cohort_month, c.channel
 ),
@@ -147,7 +108,7 @@ final as (
         c.observed_days,
         case when c.observed_days >= x.days then round(x.revenue / c.customers, 2) end as revenue_per_customer,
         case when c.observed_days >= x.days then round(x.revenue * {{ params.gross_margin }} / c.customers, 2) end as gross_profit_per_customer,
-        case when c.observed_days >= x.days then round(cast(y.repeat_buyers as double) / c.customers, 4) end as repeat_share,
+        case when c.observed_days >= x.days then round(cast(x.repeat_buyers as double) / c.customers, 4) end as repeat_share,
         round(k.cac, 2) as cac,
         b.payback_day,
         round(r.revenue * {{ params.gross_margin }} / c.customers
@@ -156,7 +117,6 @@ final as (
               + case when c.observed_days < 365 then q.predicted_clv * (365 - c.observed_days) / 365.0 else 0 end < k.cac as below_cac
     from cohorts as c
     join at_points as x on x.cohort_month = c.cohort_month and x.channel = c.channel
-    join repeats as y on y.cohort_month = c.cohort_month and y.channel = c.channel and y.days = x.days
     join channel_cac as k on k.channel = c.channel
     join realized as r on r.cohort_month = c.cohort_month and r.channel = c.channel
     join predicted as q on q.cohort_month = c.cohort_month and q.channel = c.channel

@@ -109,7 +109,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         2,
         &[
             "sql/customer_value.sql:",
-            "steps[7].sql: undefined template variable `params.margin`: add `margin` under `params:`",
+            "steps[8].sql: undefined template variable `params.margin`: add `margin` under `params:`",
         ],
     );
 
@@ -124,7 +124,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         2,
         &[
             "sql/customer_value.sql:",
-            "steps[7].sql: SQL does not plan",
+            "steps[8].sql: SQL does not plan",
             "tenure_weeks",
         ],
     );
@@ -143,7 +143,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:59:",
+            "customer_value.yaml:61:",
             "outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`",
         ],
     );

@@ -342,7 +342,7 @@ mart = lambda t: f"read_parquet('data/marts/{t}/**/*.parquet', hive_partitioning
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view customers as select * from read_parquet('data/exports/customers/*.parquet')")
 con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
-for name in ['orders_clean', 'customer_features', 'rfm', 'btyd_backtest', 'cohort_retention']:
+for name in ['orders_clean', 'customer_features', 'cohort_daily', 'rfm', 'btyd_backtest', 'cohort_retention']:
     con.execute(f"create table {name} as " + sql(name))
 ours_value = mart('customer_value')
 # The model steps append their columns to the rows they read: clusters = rfm + cluster,

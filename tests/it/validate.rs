@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs`, `report` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:52:")
-            && l.contains("steps[8].sql: cannot read SQL file `sql/channel_sumary.sql`")),
+        lines.iter().any(|l| l.contains("customer_value.yaml:54:")
+            && l.contains("steps[9].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:59:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:61:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -144,9 +144,11 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
             .position(|d| d.iter().any(|t| t == table))
             .unwrap_or_else(|| panic!("`{table}` is never dropped: {lifetimes:?}"))
     };
-    // orders_clean: read last by cohort_value (the dynamic LTV); customer_features: by rfm
+    // orders_clean: read last by cohort_daily (the dynamic LTV's pass over the orders, early, so
+    // the largest result is not held through the model steps); customer_features: by rfm
     // (btyd_backtest reads it earlier); the rfm -> clusters -> clv chain: by customer_value.
-    assert_eq!(dropped_after("orders_clean"), step("cohort_value"));
+    assert_eq!(dropped_after("orders_clean"), step("cohort_daily"));
+    assert_eq!(dropped_after("cohort_daily"), step("cohort_value"));
     assert_eq!(dropped_after("customer_features"), step("rfm"));
     assert_eq!(dropped_after("clv"), step("customer_value"));
     assert_eq!(dropped_after("btyd_backtest"), step("clv"));
@@ -352,7 +354,7 @@ fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].contains("jobs/customer_value.yaml:65:5: outputs[2].url: job `customer_clv`")
+        lines[0].contains("jobs/customer_value.yaml:67:5: outputs[2].url: job `customer_clv`")
             && lines[0].contains("jobs/customer_clv.yaml:28:")
             && lines[0].contains("outputs[1] `file://./data/marts/clv_fit/`"),
         "{err}"
