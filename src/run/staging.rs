@@ -68,37 +68,50 @@ impl<'a> Staging<'a> {
             .into_iter()
             .partition(|t| staging.iter().any(|s| s.eq_ignore_ascii_case(t)));
         drop_tables(ctx, &now)?;
-        for (k, &o) in stage_now.iter().enumerate() {
-            let out = &job.outputs[o];
-            let t = Instant::now();
-            memory::reset_peak();
-            crate::engine::pool::take_peak(ctx);
-            let staged = sink::stage(ctx, out, self.run).await?;
-            let took = t.elapsed();
-            info!(job = %job.name, output = %out.from, format = out.format.name(), ms = took.as_millis() as u64,
-                  rows = staged.rows(), bytes = staged.bytes(),
-                  peak_rss_mb = memory::peak_rss().map(mib),
-              pool_peak_mb = crate::engine::pool::take_peak(ctx).map(|b| mib(b as u64)), "output staged");
-            if out.from.eq_ignore_ascii_case(&step.name) {
-                written = staged.rows();
-                let read_later = !later.iter().any(|t| t.eq_ignore_ascii_case(&step.name));
-                // A second output of the same step (the table as Parquet and as Delta) reads
-                // the first one's files instead of computing the step again.
-                let written_again = stage_now[k + 1..]
-                    .iter()
-                    .any(|&o2| job.outputs[o2].from.eq_ignore_ascii_case(&step.name));
-                if streamed && (read_later || written_again) {
-                    ctx.deregister_table(step.name.as_str())
-                        .map_err(|e| Error::df(format!("replace `{}`", step.name), e))?;
-                    ctx.register_table(step.name.as_str(), staged.as_table(ctx).await?)
-                        .map_err(|e| Error::df(format!("read back `{}`", step.name), e))?;
+        // Staged here first, then added to the run's list (also when a later one fails, so
+        // that the run abandons them): a second output of the step may copy a first one's files.
+        let mut this_step: Vec<(usize, Duration, Staged)> = Vec::new();
+        let staged_all = async {
+            for (k, &o) in stage_now.iter().enumerate() {
+                let out = &job.outputs[o];
+                let t = Instant::now();
+                memory::reset_peak();
+                crate::engine::pool::take_peak(ctx);
+                let twin = this_step.iter().find(|(_, _, s)| sink::same_files(out, s));
+                let staged = match twin {
+                    Some((_, _, first)) => sink::stage_copy(ctx, out, self.run, first).await?,
+                    None => sink::stage(ctx, out, self.run).await?,
+                };
+                let took = t.elapsed();
+                info!(job = %job.name, output = %out.from, format = out.format.name(), ms = took.as_millis() as u64,
+                      rows = staged.rows(), bytes = staged.bytes(), copied = twin.is_some(),
+                      peak_rss_mb = memory::peak_rss().map(mib),
+                      pool_peak_mb = crate::engine::pool::take_peak(ctx).map(|b| mib(b as u64)), "output staged");
+                if out.from.eq_ignore_ascii_case(&step.name) && twin.is_none() {
+                    written = staged.rows();
+                    let read_later = !later.iter().any(|t| t.eq_ignore_ascii_case(&step.name));
+                    // A second output of the same step (the table as Parquet and as Delta) that
+                    // cannot copy this one's files reads them instead of computing the step again.
+                    let written_again = stage_now[k + 1..]
+                        .iter()
+                        .any(|&o2| job.outputs[o2].from.eq_ignore_ascii_case(&step.name));
+                    if streamed && (read_later || written_again) {
+                        ctx.deregister_table(step.name.as_str())
+                            .map_err(|e| Error::df(format!("replace `{}`", step.name), e))?;
+                        ctx.register_table(step.name.as_str(), staged.as_table(ctx).await?)
+                            .map_err(|e| Error::df(format!("read back `{}`", step.name), e))?;
+                    }
                 }
+                this_step.push((o, took, staged));
             }
-            self.staged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((o, took, staged));
+            Ok::<_, Error>(())
         }
+        .await;
+        self.staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(this_step);
+        staged_all?;
         drop_tables(ctx, &later)?;
         memory::release();
         Ok(written)

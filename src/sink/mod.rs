@@ -40,6 +40,7 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::catalog::TableProvider;
 use datafusion::prelude::SessionContext;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::config::Problem;
 use crate::config::job::{OutputFormatSpec, OutputSpec};
@@ -277,6 +278,15 @@ pub struct Staged {
 /// table changes; dropping the future (cancellation) leaves only staged files for the next run
 /// to delete.
 pub async fn stage(ctx: &SessionContext, out: &Output, run: &RunInfo) -> Result<Staged> {
+    let (log, recovery) = recover(out).await?;
+    let staging_rel = format!("staging/{}", run.run_id);
+    let options = out.format.parquet();
+    let written = parquet::write(ctx, out, run, options, &log, &staging_rel).await;
+    finish_staging(out, run, log, recovery, staging_rel, written).await
+}
+
+/// The table's log, after finishing what a dead run left (see [`publish::recover`]).
+async fn recover(out: &Output) -> Result<(TableLog, publish::Recovery)> {
     let log = TableLog::new(out.location.clone())?;
     let recovery = match &out.format {
         OutputFormat::Parquet(_) => publish::recover(&log).await?,
@@ -285,9 +295,71 @@ pub async fn stage(ctx: &SessionContext, out: &Output, run: &RunInfo) -> Result<
             staged_files_removed: delta::recover_staging(&log).await?,
         },
     };
+    Ok((log, recovery))
+}
+
+/// Whether `out` can take the files `staged` wrote instead of writing its own: another output of
+/// the same rows, in the same object store, with the same partitioning, NULL folder name and
+/// Parquet settings. (A Delta table's data files are plain Parquet files without the partition
+/// columns, exactly as a Parquet output's.)
+pub fn same_files(out: &Output, staged: &Staged) -> bool {
+    let (a, b) = (out.format.parquet(), staged.out.format.parquet());
+    out.from.eq_ignore_ascii_case(&staged.out.from)
+        && out.partition_by == staged.out.partition_by
+        && out.null_partition_value == staged.out.null_partition_value
+        && a.compression == b.compression
+        && a.row_group_size == b.row_group_size
+        && out.location.store.registry_url == staged.out.location.store.registry_url
+}
+
+/// Stages `out` with copies of the files `from` staged (see [`same_files`]): the store copies
+/// them (a hard link on a local disk, a server-side copy on S3) instead of encoding the rows a
+/// second time. The schema and the target's checks are `out`'s own, as in [`stage`].
+pub async fn stage_copy(
+    ctx: &SessionContext,
+    out: &Output,
+    run: &RunInfo,
+    from: &Staged,
+) -> Result<Staged> {
+    let (log, recovery) = recover(out).await?;
     let staging_rel = format!("staging/{}", run.run_id);
-    let options = out.format.parquet();
-    let mut written = parquet::write(ctx, out, run, options, &log, &staging_rel).await;
+    let copied = async {
+        let (_, schema) = parquet::prepare(ctx, out, run).await?;
+        let store = log.log.store.object_store.clone();
+        let url = from.log.log.url.clone();
+        // Owned paths: a stream over borrowed items makes the run's future not `Send`.
+        let copies: Vec<_> = from
+            .added
+            .iter()
+            .map(|a| (from.log.log_path(&a.staged), log.log_path(&a.staged)))
+            .collect();
+        futures::stream::iter(copies)
+            .map(move |(src, dst)| {
+                let (store, url) = (store.clone(), url.clone());
+                async move {
+                    object_store::ObjectStoreExt::copy(store.as_ref(), &src, &dst)
+                        .await
+                        .map_err(|e| Error::store(url, format!("copy {src} to {dst}"), e))
+                }
+            })
+            .buffer_unordered(16)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok((schema, from.added.clone()))
+    }
+    .await;
+    finish_staging(out, run, log, recovery, staging_rel, copied).await
+}
+
+/// Checks a Delta target, and deletes the staging folder when anything failed.
+async fn finish_staging(
+    out: &Output,
+    run: &RunInfo,
+    log: TableLog,
+    recovery: publish::Recovery,
+    staging_rel: String,
+    mut written: Result<(Schema, Vec<AddedFile>)>,
+) -> Result<Staged> {
     if let (Ok((schema, _)), OutputFormat::Delta(_)) = (&written, &out.format)
         && let Err(e) = delta::check_target(out, run, schema).await
     {

@@ -76,7 +76,11 @@ pub(super) async fn write(
 /// rejected or mapped to `null_partition_value`. Also the schema the table's commit records and
 /// readers see: the written one, except that a DATE partition column, which the writer is handed
 /// as its folder names (see `functions`), stays a DATE.
-async fn prepare(ctx: &SessionContext, out: &Output, run: &RunInfo) -> Result<(DataFrame, Schema)> {
+pub(super) async fn prepare(
+    ctx: &SessionContext,
+    out: &Output,
+    run: &RunInfo,
+) -> Result<(DataFrame, Schema)> {
     let df = ctx
         .table(out.from.as_str())
         .await

@@ -110,6 +110,12 @@ fn the_delta_output_reads_like_its_parquet_twin_and_reruns_replace_partitions() 
     let first = read(&p, None, true);
     let once = assert_same_as_twin(&first);
     assert_eq!(once.len(), 1);
+    // Same rows, partitioning and Parquet settings in the same store: the Delta output's data
+    // files are copies of the Parquet output's (byte for byte), not a second encoding.
+    assert_eq!(
+        data_files(&p, DELTA),
+        data_files(&p, "data/marts/customer_value")
+    );
     let v1 = first["version"].as_u64().unwrap();
     // The commit says which run wrote it.
     let commit = &first["history"][0];
@@ -202,6 +208,52 @@ fn the_delta_output_reads_like_its_parquet_twin_and_reruns_replace_partitions() 
     ]);
     assert_eq!(on_disk(&p).len(), current.len());
     assert_eq!(assert_same_as_twin(&read(&p, None, true)), two);
+
+    // Another compression: the Delta output writes its own files, with the same rows.
+    p.edit(
+        "jobs/customer_value.yaml",
+        "    compression: zstd(1)\n    retention: 7d",
+        "    compression: snappy\n    retention: 7d",
+    );
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    assert_eq!(assert_same_as_twin(&read(&p, None, true)), two);
+    let twin: std::collections::HashMap<String, Vec<u8>> =
+        data_files(&p, "data/marts/customer_value")
+            .into_iter()
+            .collect();
+    let written: Vec<(String, Vec<u8>)> = data_files(&p, DELTA)
+        .into_iter()
+        .filter(|(f, _)| f.contains(&format!("run_date={RUN_DATE}")))
+        .collect();
+    assert!(!written.is_empty());
+    for (f, bytes) in &written {
+        assert_ne!(
+            twin.get(f),
+            Some(bytes),
+            "{f}: a snappy file equals the zstd twin's"
+        );
+    }
+}
+
+/// The current data files of a table (the Delta log's, or the Parquet output's): path below the
+/// table and contents, sorted.
+fn data_files(p: &TestProject, table: &str) -> Vec<(String, Vec<u8>)> {
+    let listed = p.ok(&["files", &format!("file://./{table}/")]);
+    let root = p.file(table);
+    let mut files: Vec<(String, Vec<u8>)> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| {
+            let path = std::path::PathBuf::from(l.trim_start_matches("file://"));
+            let rel = path
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            (rel, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 #[test]
@@ -280,15 +332,18 @@ fn a_job_reads_a_delta_table_at_its_latest_or_a_pinned_version() {
         vec![want.iter().find(|r| r.0 == RUN_DATE).unwrap().clone()]
     );
 
-    // `as_of` the commit time of version v-1 (a millisecond after it): the same version.
-    let history = latest["history"].as_array().unwrap();
-    let at = history
-        .iter()
-        .find(|h| h["version"].as_u64() == Some(v - 1))
-        .and_then(|h| h["timestamp"].as_i64())
-        .unwrap();
-    let as_of = chrono::DateTime::from_timestamp_millis(at + 1)
+    // `as_of` a millisecond after version v-1 was committed: the same version. deltalake goes by
+    // the commit file's modification time (commitInfo.timestamp is taken before the file is
+    // written, so it can be a few milliseconds earlier: a time between the two is version v-2).
+    let commit_file = p.path().join(format!(
+        "data/delta/customer_value/_delta_log/{:020}.json",
+        v - 1
+    ));
+    let written: chrono::DateTime<chrono::Utc> = std::fs::metadata(&commit_file)
+        .and_then(|m| m.modified())
         .unwrap()
+        .into();
+    let as_of = (written + chrono::Duration::milliseconds(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     reader_job(&p, &format!("\n    as_of: \"{as_of}\""), cols);
     p.ok(&["run", "delta_reader", "--date", RUN_DATE]);
