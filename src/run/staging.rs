@@ -90,8 +90,10 @@ impl<'a> Staging<'a> {
                 if out.from.eq_ignore_ascii_case(&step.name) && twin.is_none() {
                     written = staged.rows();
                     let read_later = !later.iter().any(|t| t.eq_ignore_ascii_case(&step.name));
-                    // A second output of the same step (the table as Parquet and as Delta) that
-                    // cannot copy this one's files reads them instead of computing the step again.
+                    // A second output of the same step (the table as Parquet and as Delta)
+                    // copies these files or, when it cannot (other settings or store), reads
+                    // them instead of computing the step again; either way it plans the step's
+                    // table, which must then be these files, not the consumed stream.
                     let written_again = stage_now[k + 1..]
                         .iter()
                         .any(|&o2| job.outputs[o2].from.eq_ignore_ascii_case(&step.name));
