@@ -412,7 +412,7 @@ pub(super) async fn commit(
 
 /// Deletes this run's staging folder (after its commit, or when it is abandoned).
 pub(super) async fn drop_staging(log: &TableLog, run_id: &str) -> Result<()> {
-    publish::delete_prefix(log, &log.log_path(&format!("staging/{run_id}"))).await
+    publish::delete_prefix(log, &log.log_path(&super::staging_rel(run_id))).await
 }
 
 /// Files and rows of the table's current version (for `clvflow files` and the run summary).

@@ -279,10 +279,15 @@ pub struct Staged {
 /// to delete.
 pub async fn stage(ctx: &SessionContext, out: &Output, run: &RunInfo) -> Result<Staged> {
     let (log, recovery) = recover(out).await?;
-    let staging_rel = format!("staging/{}", run.run_id);
+    let staging_rel = staging_rel(&run.run_id);
     let options = out.format.parquet();
     let written = parquet::write(ctx, out, run, options, &log, &staging_rel).await;
     finish_staging(out, run, log, recovery, staging_rel, written).await
+}
+
+/// Where run `run_id` stages an output's files, relative to the table's log folder.
+pub(super) fn staging_rel(run_id: &str) -> String {
+    format!("staging/{run_id}")
 }
 
 /// The table's log, after finishing what a dead run left (see [`publish::recover`]).
@@ -322,7 +327,7 @@ pub async fn stage_copy(
     from: &Staged,
 ) -> Result<Staged> {
     let (log, recovery) = recover(out).await?;
-    let staging_rel = format!("staging/{}", run.run_id);
+    let staging_rel = staging_rel(&run.run_id);
     let copied = async {
         let (_, schema) = parquet::prepare(ctx, out, run).await?;
         let store = log.log.store.object_store.clone();

@@ -43,7 +43,7 @@ pub async fn publish(log: &TableLog, commit: &Commit) -> Result<()> {
     log.set_published(commit.version).await?;
     failpoint::hit(failpoint::AFTER_PUBLISHED).await?;
     delete_replaced(log, commit).await?;
-    delete_prefix(log, &log.log_path(&format!("staging/{}", commit.run_id))).await
+    delete_prefix(log, &log.log_path(&super::staging_rel(&commit.run_id))).await
 }
 
 /// Deletes the files `commit` replaced (already gone is fine).
