@@ -1,8 +1,10 @@
 //! Shared test helpers: a throw-away copy of the project, the clvflow binary, and independent
 //! readers (DuckDB and pyarrow, from the venv `scripts/test` prepares).
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -24,6 +26,40 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 impl TestProject {
+    /// Starts a run of `customer_value` that stalls at `failpoint` (if any), waits until it is
+    /// there, and SIGKILLs it `after` later (the run may have finished by then).
+    pub fn kill_run(&self, failpoint: Option<&str>, after: Duration) {
+        let mut cmd = self.command(&["run", "customer_value", "--date", RUN_DATE]);
+        if let Some(f) = failpoint {
+            cmd.env("CLVFLOW_FAILPOINT", format!("{f}:sleep"));
+        }
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("failpoint") && line.contains("reached") {
+                    return true;
+                }
+            }
+            false
+        });
+        if failpoint.is_some() {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !reader.is_finished() {
+                assert!(Instant::now() < deadline, "failpoint not reached");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        std::thread::sleep(after);
+        let _ = child.kill(); // SIGKILL (may have finished already)
+        child.wait().unwrap();
+    }
+
     /// The shipped project (config, jobs, SQL) in a fresh folder, no data.
     pub fn shipped() -> Self {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -4,7 +4,6 @@
 //! `customer_value` both as Parquet (clvflow's commit log) and as Delta: the two must hold the
 //! same rows.
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -365,40 +364,6 @@ fn a_job_reads_a_delta_table_at_its_latest_or_a_pinned_version() {
     assert!(err.contains(&format!("(version {v})")), "{err}");
 }
 
-/// Starts a run with `env`, waits for stderr to print `until` (or the run to end), SIGKILLs it
-/// `after` later.
-fn kill_run(p: &TestProject, failpoint: Option<&str>, after: Duration) {
-    let mut cmd = p.command(&["run", "customer_value", "--date", RUN_DATE]);
-    if let Some(f) = failpoint {
-        cmd.env("CLVFLOW_FAILPOINT", format!("{f}:sleep"));
-    }
-    let mut child = cmd
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("failpoint") && line.contains("reached") {
-                return true;
-            }
-        }
-        false
-    });
-    if failpoint.is_some() {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !reader.is_finished() {
-            assert!(Instant::now() < deadline, "failpoint not reached");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    std::thread::sleep(after);
-    let _ = child.kill(); // SIGKILL (may have finished already)
-    child.wait().unwrap();
-}
-
 #[test]
 fn sigkill_at_random_points_of_a_delta_write_never_shows_a_mix() {
     let p = TestProject::shipped();
@@ -429,7 +394,7 @@ fn sigkill_at_random_points_of_a_delta_write_never_shows_a_mix() {
             Some(_) => Duration::from_millis(next() % 50),
             None => whole.mul_f64(0.4 + 0.6 * (next() % 1000) as f64 / 1000.0),
         };
-        kill_run(&p, point, after);
+        p.kill_run(point, after);
         // Both readers see a whole version: exactly one run's rows for the date.
         let seen = read(&p, None, false);
         let dl = rows(&seen, "deltalake");

@@ -397,3 +397,137 @@ fn a_run_whose_lease_is_taken_over_is_cancelled_before_it_commits() {
     );
     assert_eq!(committed, Value::Array(vec![]), "{err}");
 }
+
+/// A plain folder reader of `marts/customer_value/`: lists the folder every few milliseconds
+/// until the file `argv[3]` exists, then prints what it saw. A listing is *mixed* when a
+/// partition folder holds files of two runs (the publish window, or a publish cut short by a
+/// kill that the next run finishes); *missing* when a partition folder it saw before has no
+/// file left.
+const FOLDER_READER: &str = r#"
+import json, os, re, sys, time, boto3
+s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')
+bucket, stop, prefix = sys.argv[2], sys.argv[3], 'marts/customer_value/'
+seen, lists, mixed, missing, stretches, longest, start = set(), 0, 0, 0, [], 0.0, None
+while not os.path.exists(stop):
+    t = time.monotonic()
+    runs = {}
+    for page in s3.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get('Contents', []):
+            folder, name = o['Key'].rsplit('/', 1)
+            m = re.match(r'part-(.+)-\d+\.parquet$', name)
+            if m:
+                runs.setdefault(folder, set()).add(m.group(1))
+    lists += 1
+    missing += bool(seen - set(runs))
+    seen |= set(runs)
+    if any(len(r) > 1 for r in runs.values()):
+        mixed += 1
+        start = t if start is None else start
+    elif start is not None:
+        stretches.append(time.monotonic() - start)
+        start = None
+    time.sleep(0.005)
+if start is not None:
+    stretches.append(time.monotonic() - start)
+print(json.dumps({"listings": lists, "mixed": mixed, "missing": missing, "partitions": len(seen),
+                  "windows_s": sorted(round(s, 3) for s in stretches)}))
+"#;
+
+/// 20 SIGKILLs at random points of runs on S3 (at each failpoint of the commit protocol, and
+/// at random moments), with a plain folder reader listing the table all along: after every
+/// kill the latest commit loses nothing, the reader never finds a partition without files, and
+/// the next run finishes what a killed one left. Prints how often and how long the reader saw
+/// a partition between two commits.
+#[test]
+fn sigkill_at_random_points_of_runs_on_s3_keeps_the_committed_state_consistent() {
+    let (p, bucket) = s3_project_via("kill", &endpoint());
+    generate_in(&p, &bucket, "config.yaml", 300);
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    published_and_complete(&bucket);
+    let good = read_back(&bucket);
+    // Uninterrupted runs first: how long their publish window is.
+    let reader = FolderReader::start(&p, &bucket, "clean");
+    let t = std::time::Instant::now();
+    for _ in 0..3 {
+        p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    }
+    let whole = t.elapsed() / 3;
+    let clean = reader.stop();
+    let reader = FolderReader::start(&p, &bucket, "kills");
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let points = [
+        Some("after-staging"),
+        Some("after-commit"),
+        Some("mid-publish"),
+        Some("after-published"),
+        None,
+    ];
+    let mut unpublished = 0;
+    for i in 0..20 {
+        let point = points[i % points.len()];
+        // At a failpoint: up to 50 ms after it; else anywhere in the run.
+        let after = match point {
+            Some(_) => std::time::Duration::from_millis(next() % 50),
+            None => whole.mul_f64((next() % 1000) as f64 / 1000.0),
+        };
+        p.kill_run(point, after);
+        let state = py_json(LATEST_COMMIT_FILES, &[&endpoint(), &bucket]);
+        assert_eq!(
+            state["missing"],
+            Value::Array(vec![]),
+            "kill {i} ({point:?}, {after:?}): {state}"
+        );
+        unpublished += usize::from(state["published"] != Value::Bool(true));
+        committed_state_is_consistent(&bucket);
+        if i % 4 == 3 {
+            p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+            published_and_complete(&bucket);
+        }
+    }
+    p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    published_and_complete(&bucket);
+    assert_eq!(read_back(&bucket)["got"], good["got"]);
+    let killed = reader.stop();
+    eprintln!(
+        "S3 publish window, folder reader: 3 uninterrupted runs {clean}; 20 kills ({unpublished} \
+         left a commit unpublished, which the next run published) {killed}"
+    );
+    for seen in [clean, killed] {
+        assert!(seen["listings"].as_u64().unwrap_or(0) > 50, "{seen}");
+        assert_eq!(seen["missing"].as_u64(), Some(0), "{seen}");
+        assert_eq!(seen["partitions"].as_u64(), Some(5), "{seen}");
+    }
+}
+
+/// [`FOLDER_READER`] running in the background.
+struct FolderReader {
+    child: std::process::Child,
+    stop: std::path::PathBuf,
+}
+
+impl FolderReader {
+    fn start(p: &TestProject, bucket: &str, tag: &str) -> Self {
+        let stop = p.file(&format!("reader-{tag}.stop"));
+        let child = std::process::Command::new(python())
+            .arg("-c")
+            .arg(FOLDER_READER)
+            .args([&endpoint(), bucket, stop.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        FolderReader { child, stop }
+    }
+
+    /// What it saw.
+    fn stop(self) -> Value {
+        std::fs::write(&self.stop, "").unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
