@@ -32,18 +32,27 @@ def sample_rss(pid, out):
         time.sleep(0.01)
 
 
-def clvflow(args, config=None, may_fail=False):
-    """Runs clvflow; returns (seconds, peak RSS MiB sampled from outside, JSON log records).
-    A failure ends the benchmark unless `may_fail`: then the records end with {"failed": line}."""
+def clvflow(args, config=None, may_fail=False, cgroup=None):
+    """Runs clvflow (inside the memory cgroup folder `cgroup`, if given); returns (seconds, peak
+    RSS MiB sampled from outside, JSON log records). A failure ends the benchmark unless
+    `may_fail`: then the records end with {"failed": line} (or the signal that killed it)."""
     cmd = [binary, "--log-format", "json"] + (["--config", config] if config else []) + args
     start = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def enter_cgroup():
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    p = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=enter_cgroup if cgroup else None)
     peak = [0.0]
     sampler = threading.Thread(target=sample_rss, args=(p.pid, peak))
     sampler.start()
     out, err = p.communicate()
     secs = time.perf_counter() - start
     sampler.join()
+    if p.returncode < 0 and may_fail:
+        return secs, peak[0], [{"failed": f"killed by signal {-p.returncode} (9: the kernel's OOM killer)"}]
     if p.returncode != 0 and may_fail:
         first = next((l for l in err.splitlines() if l.startswith("error: ")), err[-400:])
         return secs, peak[0], [{"failed": first}]
@@ -146,6 +155,79 @@ if logs and "failed" in logs[-1]:
     print(f"customer_value with memory_limit: 1GiB: failed after {secs:.2f} s (peak RSS {peak:.0f} MiB):\n  {logs[-1]['failed'][:400]}\n")
 else:
     print(f"customer_value with memory_limit: 1GiB: completed in {secs:.2f} s, peak RSS {peak:.0f} MiB sampled\n")
+
+# --- a hard memory limit of the kernel: memory_limit + the stated overhead ------------------
+# README "Memory": the process stays within memory_limit plus an overhead DataFusion does not
+# count (scan, repartition and spill-merge buffers, the allocator's free pages), stated as
+# OVERHEAD_MIB at this size. A memory cgroup (v2, or v1 as on our VMs) with that hard limit: the
+# job must complete inside it, and with a far too small memory_limit fail with a clear error,
+# never be OOM-killed. Skipped, saying so, where no cgroup can be created (not root, no
+# memory controller).
+OVERHEAD_MIB = 512
+
+
+def make_cgroup(limit_mib):
+    """A fresh memory cgroup limited to `limit_mib` (folder, kind), or (None, reason)."""
+    name = f"clvflow-bench-{os.getpid()}-{limit_mib}"
+    v2, v1 = "/sys/fs/cgroup", "/sys/fs/cgroup/memory"
+    try:
+        if os.path.exists(os.path.join(v2, "cgroup.controllers")):
+            with open(os.path.join(v2, "cgroup.subtree_control")) as f:
+                if "memory" not in f.read().split():
+                    return None, "the cgroup v2 root does not delegate the memory controller"
+            folder = os.path.join(v2, name)
+            os.mkdir(folder)
+            with open(os.path.join(folder, "memory.max"), "w") as f:
+                f.write(str(limit_mib << 20))
+            with open(os.path.join(folder, "memory.swap.max"), "w") as f:
+                f.write("0")
+            return folder, "v2"
+        if os.path.isdir(v1):
+            folder = os.path.join(v1, name)
+            os.mkdir(folder)
+            with open(os.path.join(folder, "memory.limit_in_bytes"), "w") as f:
+                f.write(str(limit_mib << 20))
+            return folder, "v1"
+        return None, "no memory cgroup controller is mounted"
+    except OSError as e:
+        return None, f"cannot create a memory cgroup ({e})"
+
+
+def cgroup_peak_mib(folder, kind):
+    name = "memory.peak" if kind == "v2" else "memory.max_usage_in_bytes"
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return int(f.read()) / (1 << 20)
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def in_cgroup(label, config_file, memory_limit_mib):
+    limit = memory_limit_mib + OVERHEAD_MIB
+    folder, kind = make_cgroup(limit)
+    if folder is None:
+        print(f"{label}: not measured: {kind}")
+        return
+    try:
+        secs, peak, logs = clvflow(["run", "customer_value", "--date", run_date], config=config_file,
+                                   may_fail=True, cgroup=folder)
+        used = cgroup_peak_mib(folder, kind)
+    finally:
+        os.rmdir(folder)
+    head = (f"{label}, in a memory cgroup ({kind}) with a hard limit of {limit} MiB "
+            f"(memory_limit {memory_limit_mib} MiB + {OVERHEAD_MIB} MiB stated overhead)")
+    if logs and "failed" in logs[-1]:
+        print(f"{head}: failed after {secs:.2f} s, cgroup peak {used:.0f} MiB, RSS {peak:.0f} MiB:\n  {logs[-1]['failed'][:300]}")
+    else:
+        print(f"{head}: completed in {secs:.2f} s, cgroup peak {used:.0f} MiB (page cache included), RSS {peak:.0f} MiB")
+
+
+in_cgroup("customer_value with memory_limit: 1GiB", "config-1gib.yaml", 1024)
+with open(os.path.join(work, "config-tiny.yaml"), "w") as f:
+    f.write(text.replace("memory_limit: 2GiB", "memory_limit: 64MiB"))
+in_cgroup("customer_value with memory_limit: 64MiB (far too small: must fail with a clear error)",
+          "config-tiny.yaml", 64)
+print()
 
 # --- clvflow: the customer_clv job --------------------------------------------------------
 secs, peak, logs = clvflow(["run", "customer_clv", "--date", run_date])
