@@ -157,13 +157,29 @@ else:
     print(f"customer_value with memory_limit: 1GiB: completed in {secs:.2f} s, peak RSS {peak:.0f} MiB sampled\n")
 
 # --- a hard memory limit of the kernel: memory_limit + the stated overhead ------------------
-# README "Memory": the process stays within memory_limit plus an overhead DataFusion does not
-# count (scan, repartition and spill-merge buffers, the allocator's free pages), stated as
-# OVERHEAD_MIB at this size. A memory cgroup (v2, or v1 as on our VMs) with that hard limit: the
-# job must complete inside it, and with a far too small memory_limit fail with a clear error,
-# never be OOM-killed. Skipped, saying so, where no cgroup can be created (not root, no
-# memory controller).
-OVERHEAD_MIB = 512
+# README "Memory": the process stays within memory_limit plus an overhead DataFusion's pool does
+# not count (each partition's Parquet decoding, scan and repartition buffers, the allocator's
+# free pages). Stated, at this size, as PER_PARTITION_MIB per partition of the job's widest step
+# (64 in the shipped job: 640 MiB); measured on 2026-12-03: with 64 partitions the shipped job
+# holds ~650 MiB outside a 64 MiB pool before the pool's error fires. A memory cgroup (v2, or v1
+# as on our VMs) with that hard limit: the job must complete inside it, and with a far too small
+# memory_limit fail with clvflow's clear error, never be OOM-killed. Skipped, saying so, where
+# no cgroup can be created (not root, no memory controller).
+PER_PARTITION_MIB = 10
+
+
+def widest_partitions():
+    import yaml
+    with open(os.path.join(work, "config.yaml")) as f:
+        widest = int(yaml.safe_load(f)["engine"].get("target_partitions") or os.cpu_count())
+    with open(os.path.join(work, "jobs", "customer_value.yaml")) as f:
+        for step in yaml.safe_load(f)["steps"]:
+            n = (step.get("settings") or {}).get("datafusion.execution.target_partitions")
+            widest = max(widest, int(n or 0))
+    return widest
+
+
+OVERHEAD_MIB = PER_PARTITION_MIB * widest_partitions()
 
 
 def make_cgroup(limit_mib):
@@ -215,7 +231,8 @@ def in_cgroup(label, config_file, memory_limit_mib):
     finally:
         os.rmdir(folder)
     head = (f"{label}, in a memory cgroup ({kind}) with a hard limit of {limit} MiB "
-            f"(memory_limit {memory_limit_mib} MiB + {OVERHEAD_MIB} MiB stated overhead)")
+            f"(memory_limit {memory_limit_mib} MiB + {OVERHEAD_MIB} MiB stated overhead: "
+            f"{PER_PARTITION_MIB} MiB x {OVERHEAD_MIB // PER_PARTITION_MIB} partitions)")
     if logs and "failed" in logs[-1]:
         print(f"{head}: failed after {secs:.2f} s, cgroup peak {used:.0f} MiB, RSS {peak:.0f} MiB:\n  {logs[-1]['failed'][:300]}")
     else:
