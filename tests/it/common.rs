@@ -160,6 +160,18 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
     }
 }
 
+/// A seeded xorshift64 generator: a test's random schedule (kill points, delays) is the same on
+/// every run of it.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 pub fn show(out: &Output) -> String {
     format!(
         "exit: {:?}\n--- stdout\n{}\n--- stderr\n{}",

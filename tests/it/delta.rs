@@ -374,13 +374,7 @@ fn sigkill_at_random_points_of_a_delta_write_never_shows_a_mix() {
     let t = Instant::now();
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     let whole = t.elapsed();
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     let points = [
         Some("after-staging"),
         Some("delta-files-in"),

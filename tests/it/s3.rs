@@ -454,13 +454,7 @@ fn sigkill_at_random_points_of_runs_on_s3_keeps_the_committed_state_consistent()
     let whole = t.elapsed() / 3;
     let clean = reader.stop();
     let reader = FolderReader::start(&p, &bucket, "kills");
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let points = [
         Some("after-staging"),
         Some("after-commit"),
