@@ -52,7 +52,8 @@ def clvflow(args, config=None, may_fail=False, cgroup=None):
     secs = time.perf_counter() - start
     sampler.join()
     if p.returncode < 0 and may_fail:
-        return secs, peak[0], [{"failed": f"killed by signal {-p.returncode} (9: the kernel's OOM killer)"}]
+        how = " (SIGKILL: the kernel's OOM killer, in a memory cgroup)" if p.returncode == -9 else ""
+        return secs, peak[0], [{"failed": f"killed by signal {-p.returncode}{how}"}]
     if p.returncode != 0 and may_fail:
         first = next((l for l in err.splitlines() if l.startswith("error: ")), err[-400:])
         return secs, peak[0], [{"failed": first}]
