@@ -1,14 +1,18 @@
 """Driver of scripts/bench: runs clvflow and DuckDB on the same data in the same run and prints
-the figures. Usage: bench.py CLVFLOW_BINARY CUSTOMERS [RUNS]
+the figures. Usage: bench.py CLVFLOW_BINARY CUSTOMERS [RUNS] [--job-only]
 
 Every timed command runs RUNS times (default 3); medians are reported with the range. Peak
 memory is sampled from outside (VmRSS in /proc/<pid>/status every 10 ms) as well as read from
-clvflow's own log (per step, and for the whole run), so the two can be compared.
+clvflow's own log (per step, and for the whole run), so the two can be compared. With
+--job-only only the shipped customer_value job and DuckDB's RFM SQL run (the figures at 10x the
+data, where each further section would take minutes).
 """
 import json, os, shutil, statistics, subprocess, sys, threading, time
 
-binary, customers = sys.argv[1], int(sys.argv[2])
-runs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+args = [a for a in sys.argv[1:] if a != "--job-only"]
+job_only = "--job-only" in sys.argv[1:]
+binary, customers = args[0], int(args[1])
+runs = int(args[2]) if len(args) > 2 else 3
 root = os.path.abspath(os.path.dirname(__file__) + "/..")
 work = os.path.join(root, ".bench", f"c{customers}")
 run_date = "2026-11-22"
@@ -109,11 +113,82 @@ for name, ms in step_ms.items():
     print(f"  {name:<28} {spread(ms, '{:.0f}'):>22} {max(step_rss[name]):>13.0f}")
 print(f"  end to end: {spread(walls)} s; peak RSS {max(peaks):.0f} MiB sampled from outside, "
       f"{max(logged_peaks):.0f} MiB by clvflow's own count")
+
+
+def memory_limit_mib(config_file="config.yaml"):
+    import yaml
+    with open(os.path.join(work, config_file)) as f:
+        text = str(yaml.safe_load(f)["engine"]["memory_limit"])
+    # src/config/types.rs ByteSize: B, KiB, MiB, GiB, KB, MB, GB or a plain number of bytes
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 1e3, "MB": 1e6, "GB": 1e9, "B": 1}
+    for unit, size in units.items():
+        if text.endswith(unit):
+            return float(text[: -len(unit)].strip()) * size / (1 << 20)
+    return float(text) / (1 << 20)
+
+
+limit_mib = memory_limit_mib()
+print(f"  peak RSS / memory_limit ({limit_mib:.0f} MiB): {max(peaks) / limit_mib:.2f} (target <= 1.25; "
+      f"and <= 1536 MiB with the shipped config)")
 fit = {k: [m[k] for m in models] for k in ["transaction_model_ms", "gamma_gamma_ms", "predict_ms", "backtest_ms"]}
 print(f"  models: BG/NBD fit {spread(fit['transaction_model_ms'], '{:.0f}')} ms, Gamma-Gamma fit "
       f"{spread(fit['gamma_gamma_ms'], '{:.0f}')} ms, 12-month CLV for all {spread(fit['predict_ms'], '{:.0f}')} ms, "
       f"backtest refit + holdout prediction {spread(fit['backtest_ms'], '{:.0f}')} ms")
 print(f"  K-means step (read, choose k by silhouette on a sample, cluster all): {spread(step_ms['clusters'], '{:.0f}')} ms\n")
+
+# --- DuckDB: the same SQL files on the same files, same machine, same run -------------------
+# Each step's result becomes a table, as clvflow materialises each step.
+rfm_steps = ["orders_clean", "customer_features", "rfm"]
+code = r'''
+import duckdb, json, re, sys, time, yaml
+run_date, steps = sys.argv[1], sys.argv[2].split(",")
+params = yaml.safe_load(open("jobs/customer_value.yaml"))["params"]
+def sql(name):
+    text = open(f"sql/{name}.sql").read().replace("{{ run_date }}", run_date)
+    return re.sub(r"\{\{ params\.(\w+) \}\}", lambda m: str(params[m.group(1)]), text)
+con = duckdb.connect()
+con.execute("set enable_progress_bar = false")
+con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
+con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
+out = {}
+for name in steps:
+    t = time.perf_counter()
+    con.execute(f"create table {name} as " + sql(name))
+    out[name] = time.perf_counter() - t
+out["rows"] = con.execute("select count(*) from rfm").fetchone()[0]
+print(json.dumps(out))
+'''
+duck = {s: [] for s in rfm_steps}
+for _ in range(runs):
+    r = subprocess.run([sys.executable, "-c", code, run_date, ",".join(rfm_steps)], cwd=work,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"DuckDB failed:\n{r.stderr}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for s in rfm_steps:
+        duck[s].append(res[s])
+ours = {s: [v / 1000 for v in step_ms[s]] for s in rfm_steps}
+print("RFM SQL (sql/orders_clean.sql, customer_features.sql, rfm.sql), same files, same run, each step a table:")
+print(f"  {'step':<20} {'DuckDB s':>20} {'clvflow s':>20}")
+for s in rfm_steps:
+    print(f"  {s:<20} {spread(duck[s]):>20} {spread(ours[s]):>20}")
+duck_total = [sum(duck[s][i] for s in rfm_steps) for i in range(runs)]
+ours_total = [sum(ours[s][i] for s in rfm_steps) for i in range(runs)]
+print(f"  {'total':<20} {spread(duck_total):>20} {spread(ours_total):>20}")
+print(f"  ratio clvflow / DuckDB (medians): {med(ours_total) / med(duck_total):.2f} (target <= 0.8)")
+
+# --- The whole job against DuckDB's RFM SQL, and where the orders pass goes -----------------
+job_ratio = med(walls) / med(duck_total)
+print(f"\nwhole customer_value job / DuckDB's RFM SQL alone (medians): {job_ratio:.2f} (target <= 2.0)")
+rules = [step_ms["clv_discounted"][i] / 1000 for i in range(runs)]
+print(f"  the rule-based CLV models (clv_discounted, which also gives historical_clv) add "
+      f"{med(rules):.2f} s to orders_clean's {med(ours['orders_clean']):.2f} s: "
+      f"{100 * med(rules) / med(ours['orders_clean']):.0f} % (target <= 15 %)")
+
+
+# --- --job-only: the shipped job and DuckDB's RFM SQL, nothing else (e.g. at 10x the data) ---
+if job_only:
+    sys.exit(0)
 
 # --- the other transaction models, and model: auto -----------------------------------------
 job_file = os.path.join(work, "jobs", "customer_value.yaml")
@@ -253,55 +328,6 @@ print()
 # --- clvflow: the customer_clv job --------------------------------------------------------
 secs, peak, logs = clvflow(["run", "customer_clv", "--date", run_date])
 print(f"customer_clv: {secs:.2f} s end to end, peak RSS {peak:.0f} MiB\n")
-
-# --- DuckDB: the same SQL files on the same files, same machine, same run -------------------
-# Each step's result becomes a table, as clvflow materialises each step.
-rfm_steps = ["orders_clean", "customer_features", "rfm"]
-code = r'''
-import duckdb, json, re, sys, time, yaml
-run_date, steps = sys.argv[1], sys.argv[2].split(",")
-params = yaml.safe_load(open("jobs/customer_value.yaml"))["params"]
-def sql(name):
-    text = open(f"sql/{name}.sql").read().replace("{{ run_date }}", run_date)
-    return re.sub(r"\{\{ params\.(\w+) \}\}", lambda m: str(params[m.group(1)]), text)
-con = duckdb.connect()
-con.execute("set enable_progress_bar = false")
-con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
-con.execute("create view rfm_segment_map as select * from read_csv('reference/rfm_segment_map.csv', header = true)")
-out = {}
-for name in steps:
-    t = time.perf_counter()
-    con.execute(f"create table {name} as " + sql(name))
-    out[name] = time.perf_counter() - t
-out["rows"] = con.execute("select count(*) from rfm").fetchone()[0]
-print(json.dumps(out))
-'''
-duck = {s: [] for s in rfm_steps}
-for _ in range(runs):
-    r = subprocess.run([sys.executable, "-c", code, run_date, ",".join(rfm_steps)], cwd=work,
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"DuckDB failed:\n{r.stderr}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    for s in rfm_steps:
-        duck[s].append(res[s])
-ours = {s: [v / 1000 for v in step_ms[s]] for s in rfm_steps}
-print("RFM SQL (sql/orders_clean.sql, customer_features.sql, rfm.sql), same files, same run, each step a table:")
-print(f"  {'step':<20} {'DuckDB s':>20} {'clvflow s':>20}")
-for s in rfm_steps:
-    print(f"  {s:<20} {spread(duck[s]):>20} {spread(ours[s]):>20}")
-duck_total = [sum(duck[s][i] for s in rfm_steps) for i in range(runs)]
-ours_total = [sum(ours[s][i] for s in rfm_steps) for i in range(runs)]
-print(f"  {'total':<20} {spread(duck_total):>20} {spread(ours_total):>20}")
-print(f"  ratio clvflow / DuckDB (medians): {med(ours_total) / med(duck_total):.2f} (target <= 0.8)")
-
-# --- The whole job against DuckDB's RFM SQL, and where the orders pass goes -----------------
-job_ratio = med(walls) / med(duck_total)
-print(f"\nwhole customer_value job / DuckDB's RFM SQL alone (medians): {job_ratio:.2f} (target <= 2.0)")
-rules = [step_ms["clv_discounted"][i] / 1000 for i in range(runs)]
-print(f"  the rule-based CLV models (clv_discounted, which also gives historical_clv) add "
-      f"{med(rules):.2f} s to orders_clean's {med(ours['orders_clean']):.2f} s: "
-      f"{100 * med(rules) / med(ours['orders_clean']):.0f} % (target <= 15 %)")
 
 # --- Writing the wide table: DuckDB writes the same rows, same partitioning and compression --
 # The rows are clvflow's committed customer_value output, loaded into DuckDB's memory first;
