@@ -338,6 +338,8 @@ def sql(name):
     text = open(f'sql/{name}.sql').read().replace('{{ run_date }}', run_date)
     return re.sub(r'\{\{ params\.(\w+) \}\}', lambda m: str(params[m.group(1)]), text)
 con = duckdb.connect()
+# clvflow's second_min(x) (cohort_daily), in DuckDB's own spelling.
+con.execute("create macro second_min(x) as min(x, 2)[2]")
 mart = lambda t: f"read_parquet('data/marts/{t}/**/*.parquet', hive_partitioning = true)"
 con.execute("create view orders as select * from read_parquet('data/exports/orders/*/*.parquet', hive_partitioning = true)")
 con.execute("create view customers as select * from read_parquet('data/exports/customers/*.parquet')")

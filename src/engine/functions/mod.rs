@@ -1,10 +1,11 @@
 //! SQL functions clvflow adds to DataFusion: [`arg_extreme`] (`arg_min` / `arg_max`, so the SQL
-//! library runs unchanged on DuckDB) and [`partition_value`] (the output writer's check of Hive
-//! partition values). Registered on every session the engine makes, and, on a cluster, on the
+//! library runs unchanged on DuckDB), [`second_min`] (a group's second smallest value, DuckDB's
+//! `min(x, 2)[2]`) and [`partition_value`] (the output writer's check of Hive partition values). Registered on every session the engine makes, and, on a cluster, on the
 //! scheduler and executors too.
 
 mod arg_extreme;
 mod partition_value;
+mod second_min;
 
 use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
 use datafusion::prelude::SessionContext;
@@ -26,6 +27,7 @@ pub fn aggregate_functions() -> Vec<AggregateUDF> {
     vec![
         AggregateUDF::from(arg_extreme::ArgExtreme::new(arg_extreme::Extreme::Min)),
         AggregateUDF::from(arg_extreme::ArgExtreme::new(arg_extreme::Extreme::Max)),
+        AggregateUDF::from(second_min::SecondMin::new()),
     ]
 }
 
