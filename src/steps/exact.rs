@@ -11,6 +11,8 @@
 pub struct ExactSum(i128);
 
 impl ExactSum {
+    /// The empty sum.
+    pub const ZERO: ExactSum = ExactSum(0);
     const SCALE: f64 = (1u64 << 40) as f64;
     /// Scaled terms below this convert to i64 in one instruction (`f64 as i128` is a software
     /// routine, several times slower: it showed in every per-row sum).

@@ -14,22 +14,18 @@
 //!   revenue_t.
 //!
 //! DataFusion reads the orders (one projection, no aggregation); the per-customer sums are one
-//! pass in Rust, on one thread per shard of customers. The discounted model needs each
+//! pass in Rust, on one thread per shard of customers, each customer's sums found by a hash map
+//! or, where the ids are dense (see `passes::Layout`), at their id's offset. The discounted model needs each
 //! customer's first order before it can place an order in its relationship year: in SQL that is
 //! an aggregation joined back to every order and aggregated again (about 2 s on 10M orders), here
 //! a second pass over the same rows that reads the first order from an array.
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch,
-};
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::time::Instant;
 
-use super::models::{ExactSum, KeyHasher};
 use super::{ClvStep, collect, register_fit};
 use crate::config::steps::{ClvModel, ClvSpec};
 use crate::engine::quote_ident;
@@ -37,6 +33,10 @@ use crate::error::{Error, Result};
 use crate::steps::rows::date32;
 use crate::steps::spill::ResultWriter;
 use crate::steps::{StepContext, StepOutcome, require_columns};
+
+mod passes;
+
+use passes::{Acc, Layout, Settings, Shard, run_shard};
 
 /// Seconds in a year of 365.25 days.
 pub const YEAR_SECONDS: f64 = 31_557_600.0;
@@ -107,206 +107,6 @@ pub fn schema(model: ClvModel) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// Which of `shards` threads owns a customer: the high bits of a multiplicative hash (the id
-/// map's own hash is different, so its buckets stay spread within a shard).
-fn shard_of(id: i64, shards: usize) -> usize {
-    let h = (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-    ((h * shards as u64) >> 32) as usize
-}
-
-/// One customer's sums, together in one cache line (64 bytes, aligned): customers come in random
-/// order, so each row then costs one miss for its customer's sums, not one per array of sums.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Acc {
-    revenue: ExactSum,
-    /// Discounted: the discounted profit, the acquisition cost, the last relationship year
-    /// counted.
-    discounted: ExactSum,
-    orders: i64,
-    first_e: f64,
-    cost: f64,
-    years: i32,
-    has_cost: bool,
-    /// Retention: ordered in the year before last / in the last year.
-    before_last: bool,
-    last: bool,
-}
-
-const _: () = assert!(size_of::<Acc>() == 64);
-
-/// Customer id to its index in [`Shard::accs`].
-type IdMap = HashMap<i64, u32, BuildHasherDefault<KeyHasher>>;
-
-/// One shard's customers, in the order of their first row, with their sums.
-struct Shard {
-    ids: Vec<i64>,
-    accs: Vec<Acc>,
-}
-
-/// The run's settings a shard needs.
-struct Settings {
-    now_e: f64,
-    margin: f64,
-    discount_rate: f64,
-    years: Option<i64>,
-    retention: bool,
-    discounted: bool,
-}
-
-/// The (customer_id, e, amount) columns of one batch of [`orders_sql`].
-type OrderCols<'a> = (
-    &'a datafusion::arrow::array::PrimitiveArray<Int64Type>,
-    &'a datafusion::arrow::array::PrimitiveArray<Float64Type>,
-    &'a datafusion::arrow::array::PrimitiveArray<Float64Type>,
-);
-
-fn order_cols(b: &RecordBatch) -> Result<OrderCols<'_>> {
-    let id = b.column(0).as_primitive_opt::<Int64Type>();
-    let e = b.column(1).as_primitive_opt::<Float64Type>();
-    let amount = b.column(2).as_primitive_opt::<Float64Type>();
-    match (id, e, amount) {
-        (Some(id), Some(e), Some(amount)) => Ok((id, e, amount)),
-        _ => Err(Error::Internal(
-            "the orders query did not return (BIGINT, DOUBLE, DOUBLE)".into(),
-        )),
-    }
-}
-
-/// Calls `f(id, e, amount)` for every row of `orders` this shard owns, batch by batch (a NULL
-/// amount is 0; rows with a NULL id or time, which the query filters out, are skipped). The
-/// shard's rows of a batch are picked first without a branch, so the loop that calls `f` (whose
-/// memory accesses are random) is not interrupted by a mispredicted branch every other row.
-fn for_rows(
-    orders: &[RecordBatch],
-    shard: usize,
-    shards: usize,
-    mut f: impl FnMut(i64, f64, f64),
-) -> Result<()> {
-    let mut picked: Vec<u32> = Vec::new();
-    for b in orders {
-        let (id, e, amount) = order_cols(b)?;
-        let checked = id.null_count() + e.null_count() + amount.null_count() > 0;
-        let (ids, es, amounts) = (id.values(), e.values(), amount.values());
-        picked.clear();
-        picked.resize(ids.len(), 0);
-        let mut n = 0;
-        for (i, c) in ids.iter().enumerate() {
-            picked[n] = i as u32;
-            n += usize::from(shard_of(*c, shards) == shard);
-        }
-        for &i in &picked[..n] {
-            let i = i as usize;
-            if checked && (id.is_null(i) || e.is_null(i)) {
-                continue;
-            }
-            let a = if checked && amount.is_null(i) {
-                0.0
-            } else {
-                amounts[i]
-            };
-            f(ids[i], es[i], a);
-        }
-    }
-    Ok(())
-}
-
-fn run_shard(
-    shard: usize,
-    shards: usize,
-    orders: &[RecordBatch],
-    costs: &[RecordBatch],
-    s: &Settings,
-) -> Result<Shard> {
-    let rows: usize = orders.iter().map(|b| b.num_rows()).sum();
-    // Sized for about three orders a customer (growing costs a copy of everything so far).
-    let customers = rows / shards / 3 + 16;
-    let mut map = IdMap::with_capacity_and_hasher(customers, Default::default());
-    let mut out = Shard {
-        ids: Vec::with_capacity(customers),
-        accs: Vec::with_capacity(customers),
-    };
-    // Each of this shard's rows' customer, for the second pass.
-    let mut row_index: Vec<u32> = Vec::with_capacity(if s.discounted { rows / shards } else { 0 });
-    for_rows(orders, shard, shards, |c, t, a| {
-        let next = out.ids.len() as u32;
-        let k = *map.entry(c).or_insert(next);
-        if k == next {
-            out.ids.push(c);
-            out.accs.push(Acc {
-                orders: 0,
-                revenue: ExactSum::default(),
-                first_e: f64::INFINITY,
-                discounted: ExactSum::default(),
-                cost: 0.0,
-                years: 0,
-                has_cost: false,
-                before_last: false,
-                last: false,
-            });
-        }
-        let acc = &mut out.accs[k as usize];
-        acc.orders += 1;
-        acc.revenue.add(a);
-        acc.first_e = acc.first_e.min(t);
-        if s.retention {
-            let before = s.now_e - t;
-            acc.before_last |= before > YEAR_SECONDS && before <= 2.0 * YEAR_SECONDS;
-            acc.last |= before <= YEAR_SECONDS;
-        }
-        if s.discounted {
-            row_index.push(k);
-        }
-    })?;
-    if !s.discounted {
-        return Ok(out);
-    }
-    let mut next = row_index.iter();
-    let mut lost = false;
-    for_rows(orders, shard, shards, |_, t, a| {
-        let Some(&k) = next.next() else {
-            lost = true;
-            return;
-        };
-        let acc = &mut out.accs[k as usize];
-        let year = ((t - acc.first_e) / YEAR_SECONDS).floor() as i64 + 1;
-        if s.years.is_some_and(|cap| year > cap) {
-            return;
-        }
-        acc.years = acc.years.max(year.clamp(0, i32::MAX.into()) as i32);
-        acc.discounted
-            .add(a * s.margin / (1.0 + s.discount_rate).powi(year as i32));
-    })?;
-    if lost {
-        return Err(Error::Internal(
-            "the orders changed between the two passes".into(),
-        ));
-    }
-    drop(row_index);
-    // A customer's acquisition cost: the largest given (customers without one cost 0).
-    for b in costs {
-        let id = b.column(0).as_primitive_opt::<Int64Type>();
-        let cost = b.column(1).as_primitive_opt::<Float64Type>();
-        let (Some(id), Some(cost)) = (id, cost) else {
-            return Err(Error::Internal(
-                "the acquisition cost query did not return (BIGINT, DOUBLE)".into(),
-            ));
-        };
-        for i in 0..b.num_rows() {
-            if id.is_null(i) || cost.is_null(i) || shard_of(id.value(i), shards) != shard {
-                continue;
-            }
-            if let Some(&k) = map.get(&id.value(i)) {
-                let acc = &mut out.accs[k as usize];
-                let v = cost.value(i);
-                acc.cost = if acc.has_cost { acc.cost.max(v) } else { v };
-                acc.has_cost = true;
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// The per-customer result of a rule-based model, and the totals of its fit report.
 pub struct Computed {
     /// One partition per shard.
@@ -344,11 +144,12 @@ pub fn compute(
         retention: estimate,
         discounted: spec.model == ClvModel::Discounted,
     };
+    let layout = Layout::of(orders)?;
     let results: Vec<Result<Shard>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..shards)
             .map(|k| {
                 let settings = &settings;
-                scope.spawn(move || run_shard(k, shards, orders, costs, settings))
+                scope.spawn(move || run_shard(k, shards, layout, orders, costs, settings))
             })
             .collect();
         handles

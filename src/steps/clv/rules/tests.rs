@@ -269,21 +269,29 @@ fn per_customer(batches: &[RecordBatch], cols: [usize; 5]) -> Vec<(i64, i64, f64
 
 /// The same models written as SQL and run by DataFusion (an aggregation joined back to every
 /// order for the relationship year), on random orders: every customer's numbers agree, and
-/// do not depend on how many threads share the customers.
+/// do not depend on how many threads share the customers, for dense ids (1..700: the direct
+/// layout) and for the same customers under sparse ids (the hashed layout).
 #[tokio::test]
 async fn rust_passes_equal_the_sql_formulation_on_random_orders() {
+    equal_the_sql_formulation(|c| c, true).await;
+    equal_the_sql_formulation(|c| c * 1_000_000_007 - 4_000_000_000_000, false).await;
+}
+
+async fn equal_the_sql_formulation(id: fn(i64) -> i64, dense: bool) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let orders: Vec<(i64, f64, f64)> = (0..5000)
         .map(|_| {
             (
-                rng.random_range(1..700),
+                id(rng.random_range(1..700)),
                 rng.random_range(0.0..1500.0),
                 rng.random_range(-20.0..400.0),
             )
         })
         .collect();
-    let costs: Vec<(i64, f64)> = (1..500).map(|c| (c, f64::from(c as u32 % 50))).collect();
+    let costs: Vec<(i64, f64)> = (1..500)
+        .map(|c| (id(c), f64::from(c as u32 % 50)))
+        .collect();
     let c = ctx(&orders, &costs);
     let run_date = date();
     let sql = format!(
@@ -309,7 +317,13 @@ async fn rust_passes_equal_the_sql_formulation_on_random_orders() {
     };
     let o = read(super::orders_sql(&s, run_date)).await;
     let k = read(super::costs_sql("costs")).await;
-    for shards in [1, 3] {
+    let layout = super::Layout::of(&o).unwrap();
+    assert_eq!(
+        matches!(layout, super::Layout::Dense { .. }),
+        dense,
+        "{layout:?}"
+    );
+    for shards in [1, 3, 7] {
         let got = super::compute(&s, 0.3, run_date, &o, &k, shards, 100).unwrap();
         assert_eq!(got.parts.len(), shards);
         assert!(got.parts.iter().flatten().all(|b| b.num_rows() <= 100));
@@ -317,12 +331,16 @@ async fn rust_passes_equal_the_sql_formulation_on_random_orders() {
         // run_date, customer_id, orders, revenue, years_counted, ..., clv
         let mut rows = per_customer(&batches, [1, 2, 3, 4, 7]);
         rows.sort_by_key(|r| r.0);
-        assert_eq!(rows.len(), expected.len(), "shards {shards}");
+        assert_eq!(rows.len(), expected.len(), "shards {shards}, {layout:?}");
         for (g, w) in rows.iter().zip(&expected) {
-            assert_eq!((g.0, g.1, g.3), (w.0, w.1, w.3), "shards {shards}");
+            assert_eq!(
+                (g.0, g.1, g.3),
+                (w.0, w.1, w.3),
+                "shards {shards}, {layout:?}"
+            );
             assert!(
                 close(g.2, w.2) && close(g.4, w.4),
-                "shards {shards}: {g:?} vs {w:?}"
+                "shards {shards}, {layout:?}: {g:?} vs {w:?}"
             );
         }
     }
