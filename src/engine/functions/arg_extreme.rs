@@ -384,7 +384,6 @@ mod tests {
     use datafusion::arrow::array::{Int64Array, RecordBatch};
     use datafusion::arrow::datatypes::Schema;
     use datafusion::datasource::MemTable;
-    use datafusion::prelude::SessionContext;
 
     /// Runs `sql` over a table t(g, v, k) split over two partitions (so partial states merge),
     /// once normally and once with partial aggregation skipped from the first row (so input
@@ -396,20 +395,7 @@ mod tests {
     }
 
     async fn query_with(sql: &str, skip_partial: bool) -> Vec<(i64, Option<f64>)> {
-        let mut config = datafusion::prelude::SessionConfig::new().with_target_partitions(2);
-        if skip_partial {
-            config = config
-                .set_usize(
-                    "datafusion.execution.skip_partial_aggregation_probe_rows_threshold",
-                    1,
-                )
-                .set_str(
-                    "datafusion.execution.skip_partial_aggregation_probe_ratio_threshold",
-                    "0.0",
-                );
-        }
-        let ctx = SessionContext::new_with_config(config);
-        crate::engine::functions::register(&ctx);
+        let ctx = crate::engine::functions::test_session(2, skip_partial);
         let schema = Arc::new(Schema::new(vec![
             Field::new("g", DataType::Int64, false),
             Field::new("v", DataType::Float64, true),

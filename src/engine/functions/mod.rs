@@ -35,3 +35,25 @@ pub fn aggregate_functions() -> Vec<AggregateUDF> {
 pub fn scalar_functions() -> Vec<ScalarUDF> {
     vec![ScalarUDF::from(partition_value::PartitionValue::new())]
 }
+
+/// A session for the functions' unit tests: `partitions` target partitions, clvflow's functions
+/// registered, and with `skip_partial` the partial aggregation skipped from the first row (so
+/// input rows become states through `convert_to_state`).
+#[cfg(test)]
+fn test_session(partitions: usize, skip_partial: bool) -> SessionContext {
+    let mut config = datafusion::prelude::SessionConfig::new().with_target_partitions(partitions);
+    if skip_partial {
+        config = config
+            .set_usize(
+                "datafusion.execution.skip_partial_aggregation_probe_rows_threshold",
+                1,
+            )
+            .set_str(
+                "datafusion.execution.skip_partial_aggregation_probe_ratio_threshold",
+                "0.0",
+            );
+    }
+    let ctx = SessionContext::new_with_config(config);
+    register(&ctx);
+    ctx
+}

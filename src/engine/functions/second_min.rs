@@ -294,7 +294,6 @@ mod tests {
     use datafusion::arrow::array::RecordBatch;
     use datafusion::arrow::datatypes::Schema;
     use datafusion::datasource::MemTable;
-    use datafusion::prelude::{SessionConfig, SessionContext};
 
     /// A deterministic shuffle of 0..n.
     fn shuffled(n: usize, seed: u64) -> Vec<usize> {
@@ -317,20 +316,7 @@ mod tests {
         sql: &str,
         skip_partial: bool,
     ) -> Vec<(i64, Option<i64>)> {
-        let mut config = SessionConfig::new().with_target_partitions(3);
-        if skip_partial {
-            config = config
-                .set_usize(
-                    "datafusion.execution.skip_partial_aggregation_probe_rows_threshold",
-                    1,
-                )
-                .set_str(
-                    "datafusion.execution.skip_partial_aggregation_probe_ratio_threshold",
-                    "0.0",
-                );
-        }
-        let ctx = SessionContext::new_with_config(config);
-        crate::engine::functions::register(&ctx);
+        let ctx = crate::engine::functions::test_session(3, skip_partial);
         let schema = Arc::new(Schema::new(vec![
             Field::new("g", DataType::Int64, false),
             Field::new("x", DataType::Int64, true),
