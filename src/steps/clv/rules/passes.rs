@@ -60,7 +60,8 @@ impl Layout {
         ((u128::from(width) * k as u128).div_ceil(shards as u128)) as u64
     }
 
-    /// Which of `shards` threads owns customer `id`.
+    /// Which of `shards` threads owns customer `id`; dense, an id outside the orders' range
+    /// (an acquisition cost of a customer without orders) is nobody's (`usize::MAX`).
     #[inline]
     fn owner(self, id: i64, shards: usize) -> usize {
         match self {
@@ -71,8 +72,11 @@ impl Layout {
                 ((h * shards as u64) >> 32) as usize
             }
             Layout::Dense { lo, width } => {
-                let offset = (i128::from(id) - i128::from(lo)) as u128;
-                (offset * shards as u128 / u128::from(width)) as usize
+                let offset = i128::from(id) - i128::from(lo);
+                if offset < 0 || offset >= i128::from(width) {
+                    return usize::MAX;
+                }
+                (offset as u128 * shards as u128 / u128::from(width)) as usize
             }
         }
     }

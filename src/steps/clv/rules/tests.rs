@@ -289,8 +289,10 @@ async fn equal_the_sql_formulation(id: fn(i64) -> i64, dense: bool) {
             )
         })
         .collect();
+    // Costs also of customers without orders, outside the orders' ids (below and above).
     let costs: Vec<(i64, f64)> = (1..500)
-        .map(|c| (id(c), f64::from(c as u32 % 50)))
+        .chain([-3, 0, 5000, 90_000])
+        .map(|c| (id(c), f64::from(c.rem_euclid(50) as u32)))
         .collect();
     let c = ctx(&orders, &costs);
     let run_date = date();
