@@ -251,7 +251,8 @@ def widest_partitions():
     with open(os.path.join(work, "jobs", "customer_value.yaml")) as f:
         for step in yaml.safe_load(f)["steps"]:
             n = (step.get("settings") or {}).get("datafusion.execution.target_partitions")
-            widest = max(widest, int(n or 0))
+            # `auto` gives at most 64 (src/steps/sql/partitions.rs, MAX_PARTITIONS).
+            widest = max(widest, 64 if str(n).strip() == "auto" else int(n or 0))
     return widest
 
 

@@ -364,6 +364,13 @@ fn apply_settings(
             tracing::debug!(key = %key, "a ballista.* setting: it takes effect on the cluster engine only");
             continue;
         }
+        // A step's `auto` partitions not yet chosen (planning without data, as `validate`
+        // does): the session's own count.
+        if key == crate::steps::sql::partitions::KEY
+            && value.trim() == crate::steps::sql::partitions::AUTO
+        {
+            continue;
+        }
         // Checked when the config was loaded.
         config
             .options_mut()

@@ -100,5 +100,6 @@ pub(super) async fn register(
         files: files.len(),
         rows: u64::try_from(rows).unwrap_or(0),
         bytes,
+        memory_bytes: bytes,
     })
 }

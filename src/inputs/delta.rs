@@ -84,5 +84,6 @@ pub(super) async fn register(
         files: files.len(),
         rows,
         bytes,
+        memory_bytes: bytes,
     })
 }

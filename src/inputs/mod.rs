@@ -238,6 +238,9 @@ pub struct InputSummary {
     pub files: usize,
     pub rows: u64,
     pub bytes: u64,
+    /// What its rows take decoded, estimated: Parquet files' uncompressed size (from their
+    /// footers), a CSV file's size; for a Delta table its files' size (compressed, so low).
+    pub memory_bytes: u64,
 }
 
 /// Checks every file of `input` against its declaration and registers it on `ctx`.

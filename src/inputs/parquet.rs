@@ -38,7 +38,7 @@ pub(super) async fn register(
     }
     files.sort_by(|a, b| a.location.cmp(&b.location));
 
-    let footers: Vec<(ObjectMeta, Schema, u64)> = futures::stream::iter(files)
+    let footers: Vec<(ObjectMeta, footer::Footer)> = futures::stream::iter(files)
         .map(|meta| {
             let store = store.clone();
             async move {
@@ -48,7 +48,7 @@ pub(super) async fn register(
         })
         .buffered(16)
         .map(|(meta, res)| match res {
-            Ok((schema, rows)) => Ok((meta, schema, rows)),
+            Ok(f) => Ok((meta, f)),
             Err(e) => Err(input.file_error(
                 job,
                 &meta.location,
@@ -59,7 +59,8 @@ pub(super) async fn register(
         .await?;
 
     let mut fields = Vec::with_capacity(input.columns.len());
-    for (i, (meta, schema, _)) in footers.iter().enumerate() {
+    for (i, (meta, footer)) in footers.iter().enumerate() {
+        let schema = &footer.schema;
         if let Some((problems, found)) = column_problems(input, schema, "the file") {
             return Err(input.file_error(
                 job,
@@ -78,8 +79,9 @@ pub(super) async fn register(
                 .collect();
         }
     }
-    let rows: u64 = footers.iter().map(|(_, _, r)| r).sum();
-    let bytes: u64 = footers.iter().map(|(m, _, _)| m.size).sum();
+    let rows: u64 = footers.iter().map(|(_, f)| f.rows).sum();
+    let bytes: u64 = footers.iter().map(|(m, _)| m.size).sum();
+    let memory_bytes: u64 = footers.iter().map(|(_, f)| f.uncompressed).sum();
     if rows == 0 && !input.allow_empty {
         return Err(input.error(job, format!(
             "{} file(s) at {} hold no rows; set `allow_empty: true` on this input if that is expected",
@@ -107,5 +109,6 @@ pub(super) async fn register(
         files: footers.len(),
         rows,
         bytes,
+        memory_bytes,
     })
 }

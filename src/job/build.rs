@@ -122,6 +122,12 @@ fn build(
         }
         let mut settings_ok = true;
         for (key, value) in &s.settings {
+            // `auto` partitions: chosen from the data when the step runs.
+            if key == crate::steps::sql::partitions::KEY
+                && value.trim() == crate::steps::sql::partitions::AUTO
+            {
+                continue;
+            }
             if let Some(m) = setting_problem(key, value) {
                 diags.push(source.diag(&format!("{field}.settings.{key}"), m));
                 settings_ok = false;
@@ -297,6 +303,7 @@ fn build(
         outputs,
         report,
         left_out: unchecked.into_iter().map(str::to_string).collect(),
+        column_reads: Vec::new(),
     };
     (plan, diags)
 }

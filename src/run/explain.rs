@@ -61,9 +61,11 @@ async fn explain_on(
     };
     // The inputs and the steps before `step` (each result dropped once `step` and the steps
     // before it no longer need it); `step` and the ones after it are skipped.
-    super::run_steps_before(ctx, job, run_date, pos).await?;
-    let step_ctx = engine::session_for_settings(ctx, &plan.settings, &plan.field)?;
+    let inputs = super::run_steps_before(ctx, job, run_date, pos).await?;
     let vars = job.vars(run_date);
+    let settings =
+        crate::steps::sql::partitions::resolve(ctx, &job.name, plan, &vars, &inputs).await;
+    let step_ctx = engine::session_for_settings(ctx, &settings, &plan.field)?;
     let cx = StepContext {
         session: &step_ctx,
         job: &job.name,

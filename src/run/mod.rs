@@ -328,7 +328,10 @@ async fn execute(
         let streamed = staging.is_some_and(|s| s.streamed(i));
         // The session with the step's own settings; a streamed step is computed by its
         // output's write, so that write uses it too.
-        let step_ctx = engine::session_for_settings(ctx, &step.settings, &step.field)?;
+        let settings =
+            crate::steps::sql::partitions::resolve(ctx, &job.name, step, &vars, &input_report)
+                .await;
+        let step_ctx = engine::session_for_settings(ctx, &settings, &step.field)?;
         let cx = StepContext {
             session: &step_ctx,
             job: &job.name,
@@ -419,7 +422,7 @@ pub async fn run_steps_before(
     job: &JobPlan,
     run_date: NaiveDate,
     pos: usize,
-) -> Result<()> {
+) -> Result<Vec<(String, InputSummary)>> {
     let vars = job.vars(run_date);
     let reads: Option<Vec<BTreeSet<String>>> = job.steps[..=pos]
         .iter()
@@ -427,8 +430,8 @@ pub async fn run_steps_before(
         .collect();
     let later: Vec<&str> = job.steps[pos..].iter().map(|s| s.name.as_str()).collect();
     let keep = reads.map(|reads| Keep { pos, reads });
-    execute(ctx, job, run_date, None, &later, None, keep.as_ref()).await?;
-    Ok(())
+    let (inputs, _) = execute(ctx, job, run_date, None, &later, None, keep.as_ref()).await?;
+    Ok(inputs)
 }
 
 /// For a run without staging up to step `pos`: what steps `..=pos` read (lower-cased).

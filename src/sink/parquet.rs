@@ -184,9 +184,12 @@ async fn stage_files(
             let short = short.clone();
             let staging_rel = staging_rel.to_string();
             async move {
-                let (_, rows) = footer::read(store.as_ref(), &meta).await.map_err(|e| {
-                    Error::df(format!("read back the staged file {}", meta.location), e)
-                })?;
+                let rows = footer::read(store.as_ref(), &meta)
+                    .await
+                    .map_err(|e| {
+                        Error::df(format!("read back the staged file {}", meta.location), e)
+                    })?
+                    .rows;
                 let rel = relative(&staging, &meta.location);
                 let folder = rel
                     .rsplit_once('/')

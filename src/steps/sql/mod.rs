@@ -3,6 +3,7 @@
 //! once so outputs and later steps do not recompute it — or, when its result goes to one output
 //! only, registered as a view that the output's write computes while it streams.
 
+pub mod partitions;
 pub mod template;
 
 use std::collections::{BTreeMap, BTreeSet};

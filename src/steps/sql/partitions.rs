@@ -1,0 +1,189 @@
+//! `datafusion.execution.target_partitions: auto` in a step's `settings`: the step's number of
+//! partitions derived from the data it reads, so that one job file serves the benchmark's 10M
+//! order rows and ten times that.
+//!
+//! DataFusion splits a hash aggregation, a hash join and the repartitions before them into as
+//! many parts as there are partitions. Two effects pull in opposite directions:
+//! - while the step's data fits in memory, more partitions are faster: each hash table holds
+//!   fewer groups and stays in the CPU caches. About [`ROWS_PER_PARTITION`] rows per partition
+//!   measured best on 9.6M order rows (64 partitions; 32 and 128 were slower, README "Step
+//!   settings");
+//! - when the data does not fit, every partition spills, and each spilling partition holds
+//!   buffers outside the memory pool (its scan's decoded pages, the merge of its spill files):
+//!   at 96M order rows under a 2 GiB pool, `orders_clean` peaked at 3.1–3.6 GiB RSS with 64
+//!   partitions and 2.4 GiB with 16. There the count gives each partition at least
+//!   [`SHARE_WHEN_SPILLING`] of the pool.
+//!
+//! "Does not fit" is an estimate made before the step runs: the bytes of the tables the step
+//! reads (held and spilled step results: what they hold in memory; Parquet inputs: their
+//! uncompressed size, from the footers read when the run checks them) above half of
+//! `engine.memory_limit`. The count never goes below the session's `target_partitions`
+//! (`engine.target_partitions`, default the cores) nor above [`MAX_PARTITIONS`].
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use datafusion::execution::memory_pool::MemoryLimit;
+use datafusion::prelude::SessionContext;
+
+use crate::inputs::InputSummary;
+use crate::steps::Step;
+
+/// The value of the setting that asks for it.
+pub const AUTO: &str = "auto";
+/// The setting.
+pub const KEY: &str = "datafusion.execution.target_partitions";
+/// Rows per partition while the data fits (cache-sized hash tables).
+pub const ROWS_PER_PARTITION: u64 = 150_000;
+/// The most partitions `auto` gives.
+pub const MAX_PARTITIONS: usize = 64;
+/// The least share of the memory pool per partition when the step's data does not fit.
+pub const SHARE_WHEN_SPILLING: u64 = 128 << 20;
+
+/// What `auto` chose, and from what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub partitions: usize,
+    /// Rows of the largest table the step reads.
+    pub rows: u64,
+    /// Bytes of all the tables the step reads (an estimate for inputs).
+    pub bytes: u64,
+    /// Whether those bytes were above half the memory limit.
+    pub spills: bool,
+}
+
+/// The partitions for a step reading `bytes` in all, `rows` in its largest table, under a pool of
+/// `limit` bytes (`None`: unlimited), never fewer than `floor`.
+pub fn choose(rows: u64, bytes: u64, limit: Option<u64>, floor: usize) -> Choice {
+    let floor = floor.max(1);
+    let by_rows = usize::try_from(rows.div_ceil(ROWS_PER_PARTITION).max(1))
+        .unwrap_or(usize::MAX)
+        .checked_next_power_of_two()
+        .unwrap_or(usize::MAX)
+        .min(MAX_PARTITIONS);
+    let spills = limit.is_some_and(|l| bytes > l / 2);
+    let cap = match limit {
+        Some(l) if spills => usize::try_from(l / SHARE_WHEN_SPILLING).unwrap_or(usize::MAX),
+        _ => usize::MAX,
+    };
+    Choice {
+        partitions: by_rows.min(cap).max(floor),
+        rows,
+        bytes,
+        spills,
+    }
+}
+
+/// Whether `settings` ask for `auto`.
+pub fn wants_auto(settings: &BTreeMap<String, String>) -> bool {
+    settings.get(KEY).is_some_and(|v| v.trim() == AUTO)
+}
+
+/// `step`'s settings with `auto` replaced by the partitions chosen from the tables it reads on
+/// `ctx` (logged with what they came from); unchanged when it does not ask for `auto`. On the
+/// cluster engine the memory limit is this process's, not the executors': the count there comes
+/// from the rows alone.
+pub async fn resolve<'a>(
+    ctx: &SessionContext,
+    job: &str,
+    step: &'a Step,
+    vars: &BTreeMap<String, String>,
+    inputs: &[(String, InputSummary)],
+) -> Cow<'a, BTreeMap<String, String>> {
+    if !wants_auto(&step.settings) {
+        return Cow::Borrowed(&step.settings);
+    }
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    for table in step.kind.reads(ctx, vars).unwrap_or_default() {
+        if let Some((r, b)) = table_size(ctx, &table, inputs).await {
+            rows = rows.max(r);
+            bytes = bytes.saturating_add(b);
+        }
+    }
+    let on_cluster = crate::engine::cluster::RunScratch::of(ctx).is_some();
+    let limit = match ctx.runtime_env().memory_pool.memory_limit() {
+        MemoryLimit::Finite(l) if !on_cluster => Some(l as u64),
+        _ => None,
+    };
+    let floor = ctx.state().config().target_partitions();
+    let c = choose(rows, bytes, limit, floor);
+    tracing::info!(job, step = %step.name, partitions = c.partitions, rows = c.rows,
+                   bytes = c.bytes, spills = c.spills, "partitions chosen from the data");
+    let mut settings = step.settings.clone();
+    settings.insert(KEY.to_string(), c.partitions.to_string());
+    Cow::Owned(settings)
+}
+
+/// Rows and bytes of table `name` on `ctx`: a held or spilled step result's own figures, an
+/// input's from the run's check of its files (`inputs`); `None` for anything else.
+pub async fn table_size(
+    ctx: &SessionContext,
+    name: &str,
+    inputs: &[(String, InputSummary)],
+) -> Option<(u64, u64)> {
+    if let Some((_, s)) = inputs.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        return Some((s.rows, s.memory_bytes));
+    }
+    let provider = ctx.table_provider(name).await.ok()?;
+    if let Some(t) = provider.downcast_ref::<crate::steps::rows::HeldTable>() {
+        let rows = t
+            .parts()
+            .iter()
+            .flatten()
+            .map(|b| b.num_rows() as u64)
+            .sum();
+        return Some((rows, t.bytes() as u64));
+    }
+    if let Some(t) = provider.downcast_ref::<crate::steps::spill::SpilledTable>() {
+        return Some((t.rows() as u64, t.bytes() as u64));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn fitting_data_gets_cache_sized_partitions_and_spilling_data_a_share_of_the_pool_each() {
+        // The benchmark: 9.6M order rows (~0.45 GB) under 2 GiB: 64 partitions, as measured best.
+        let c = choose(9_638_391, 450 << 20, Some(2 * GIB), 2);
+        assert_eq!((c.partitions, c.spills), (64, false));
+        // Ten times that (4.5 GB) under 2 GiB: 16 partitions of at least 128 MiB each.
+        let c = choose(96_478_703, 4500 << 20, Some(2 * GIB), 2);
+        assert_eq!((c.partitions, c.spills), (16, true));
+        // Under 8 GiB the same data fits only in part: 64 share it.
+        assert_eq!(
+            choose(96_478_703, 4500 << 20, Some(8 * GIB), 2).partitions,
+            64
+        );
+        assert_eq!(
+            choose(96_478_703, 4500 << 20, Some(32 * GIB), 2).partitions,
+            64
+        );
+        assert!(!choose(96_478_703, 4500 << 20, Some(32 * GIB), 2).spills);
+        // No limit: by rows alone.
+        assert_eq!(choose(96_478_703, 4500 << 20, None, 2).partitions, 64);
+        // Small data: the floor (the cores, or what the session has).
+        assert_eq!(choose(3_000, 1 << 20, Some(2 * GIB), 2).partitions, 2);
+        assert_eq!(choose(0, 0, Some(2 * GIB), 8).partitions, 8);
+        assert_eq!(choose(1_000_000, 50 << 20, Some(2 * GIB), 2).partitions, 8);
+        // A tiny pool: never below the floor.
+        assert_eq!(
+            choose(96_478_703, 4500 << 20, Some(64 << 20), 2).partitions,
+            2
+        );
+        // Extremes do not overflow.
+        assert_eq!(choose(u64::MAX, u64::MAX, Some(u64::MAX), 2).partitions, 64);
+        assert_eq!(choose(u64::MAX, u64::MAX, None, 100).partitions, 100);
+    }
+
+    #[test]
+    fn only_the_word_auto_asks_for_it() {
+        let s = |v: &str| BTreeMap::from([(KEY.to_string(), v.to_string())]);
+        assert!(wants_auto(&s("auto")) && wants_auto(&s(" auto ")));
+        assert!(!wants_auto(&s("64")) && !wants_auto(&BTreeMap::new()));
+    }
+}
