@@ -53,6 +53,9 @@ pub struct JobPlan {
     pub report: Option<crate::report::ReportPlan>,
     /// Steps of the file that did not check (only in a plan with problems, for `validate`).
     left_out: Vec<String>,
+    /// Per step, the columns it reads of each table, found when `validate` planned it (empty
+    /// before that; `None` for a step it could not plan).
+    pub column_reads: Vec<Option<crate::steps::ColumnReads>>,
 }
 
 /// Attempts after the first, and the wait before the first retry (doubled each time).

@@ -11,7 +11,7 @@ use crate::config::Diagnostic;
 use crate::error::{Error, Result};
 use crate::inputs;
 use crate::project::Project;
-use crate::steps::StepContext;
+use crate::steps::{ColumnReads, StepContext};
 
 /// Checks job `name` end to end without reading data. Returns the plan, or every problem.
 pub async fn validate(project: &Project, name: &str) -> Result<JobPlan> {
@@ -32,8 +32,10 @@ pub async fn validate_jobs(
     let mut diags = Vec::new();
     for name in names {
         let found = match build::check(project, name) {
-            Ok((plan, mut d)) => {
-                d.extend(plan_schemas(project, &plan).await?);
+            Ok((mut plan, mut d)) => {
+                let (problems, column_reads) = plan_schemas(project, &plan).await?;
+                d.extend(problems);
+                plan.column_reads = column_reads;
                 (plan, d)
             }
             Err(Error::Config(d)) => {
@@ -63,8 +65,12 @@ pub async fn validate_jobs(
 }
 
 /// Plans every step of `job` against its declared inputs, and checks the outputs' partition
-/// columns against the schemas of their steps.
-async fn plan_schemas(project: &Project, job: &JobPlan) -> Result<Vec<Diagnostic>> {
+/// columns against the schemas of their steps. Returns the problems and, per step, the columns
+/// it reads of each table (`None` for a step that did not plan).
+async fn plan_schemas(
+    project: &Project,
+    job: &JobPlan,
+) -> Result<(Vec<Diagnostic>, Vec<Option<ColumnReads>>)> {
     let engine = project.engine()?;
     let session = engine.session()?;
     // Spans of identifiers: "column not found" then points at its place in the SQL file.
@@ -86,6 +92,7 @@ async fn plan_schemas(project: &Project, job: &JobPlan) -> Result<Vec<Diagnostic
     // filter below.
     let mut failed: Vec<String> = job.left_out.clone();
     let mut schemas: Vec<(String, SchemaRef)> = Vec::new();
+    let mut column_reads = Vec::with_capacity(job.steps.len());
     for step in &job.steps {
         let step_session =
             crate::engine::session_for_settings(&session, &step.settings, &step.field)?;
@@ -103,8 +110,11 @@ async fn plan_schemas(project: &Project, job: &JobPlan) -> Result<Vec<Diagnostic
                 .any(|t| failed.iter().any(|f| f.eq_ignore_ascii_case(t)))
         {
             failed.push(step.name.clone());
+            column_reads.push(None);
             continue;
         }
+        // Planned before the step declares its own results (a step never reads those).
+        column_reads.push(step.kind.column_reads(&step_session, &vars).await);
         match step.kind.declare(&cx, source).await {
             Ok(tables) => schemas.extend(tables),
             Err(d) => {
@@ -133,5 +143,5 @@ async fn plan_schemas(project: &Project, job: &JobPlan) -> Result<Vec<Diagnostic
             diags.extend(source.problems(&format!("outputs[{i}]"), vec![p]));
         }
     }
-    Ok(diags)
+    Ok((diags, column_reads))
 }

@@ -350,6 +350,9 @@ async fn execute(
                     ..StepOutcome::default()
                 }
             }
+            (crate::steps::StepKind::Sql(sql), Some(staging)) => {
+                sql.run(&cx, staging.keep_columns(i)).await?
+            }
             (kind, _) => {
                 let out = kind.run(&cx).await?;
                 // On the cluster, a model step's results (held here) go where the cluster

@@ -11,7 +11,7 @@
 //! that writes it has been staged. When a SQL step cannot be parsed here, nothing is dropped
 //! (the step itself then fails with the real error).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use datafusion::prelude::SessionContext;
 
@@ -28,6 +28,9 @@ pub struct ResultLifetimes {
     /// exactly one output writes (and that maps no NULL partition values). Later steps that read
     /// such a result read the staged files.
     pub streamed: Vec<bool>,
+    /// Per step, the columns of its result that later steps read (lower-cased), when that is
+    /// known and no output writes the result: the step then holds only those. `None`: all.
+    pub keep_columns: Vec<Option<BTreeSet<String>>>,
 }
 
 impl ResultLifetimes {
@@ -38,6 +41,7 @@ impl ResultLifetimes {
             stage_after: vec![Vec::new(); n],
             drop_after: vec![Vec::new(); n],
             streamed: vec![false; n],
+            keep_columns: vec![None; n],
         };
         let Some(last) = n.checked_sub(1) else {
             return out;
@@ -88,7 +92,23 @@ impl ResultLifetimes {
             out.streamed[i] = step.kind.is_sql()
                 && !writers.is_empty()
                 && writers.iter().all(|o| o.null_partition_value.is_none());
+            if step.kind.is_sql() && writers.is_empty() && job.column_reads.len() == n {
+                out.keep_columns[i] = later_column_reads(job, i);
+            }
         }
         out
     }
+}
+
+/// The columns of step `i`'s result that the steps after it read, if every one of them is
+/// known.
+fn later_column_reads(job: &JobPlan, i: usize) -> Option<BTreeSet<String>> {
+    let table = job.steps[i].name.to_lowercase();
+    let mut cols = BTreeSet::new();
+    for reads in &job.column_reads[i + 1..] {
+        if let Some(read) = reads.as_ref()?.get(&table) {
+            cols.extend(read.as_ref()?.iter().cloned());
+        }
+    }
+    Some(cols)
 }

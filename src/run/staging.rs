@@ -40,6 +40,11 @@ impl<'a> Staging<'a> {
         std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// The columns step `step`'s result is held with (`None`: all).
+    pub fn keep_columns(&self, step: usize) -> Option<&std::collections::BTreeSet<String>> {
+        self.lifetimes.keep_columns.get(step)?.as_ref()
+    }
+
     pub fn streamed(&self, step: usize) -> bool {
         self.lifetimes.streamed.get(step) == Some(&true)
     }

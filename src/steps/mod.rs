@@ -43,6 +43,9 @@ pub struct Step {
     pub kind: StepKind,
 }
 
+/// Per table a step reads (lower-cased), the columns it reads (lower-cased); `None`: all of them.
+pub type ColumnReads = BTreeMap<String, Option<BTreeSet<String>>>;
+
 /// What a step does, checked.
 #[derive(Debug, Clone)]
 pub enum StepKind {
@@ -166,6 +169,21 @@ impl StepKind {
         }
     }
 
+    /// The columns the step reads of each table it reads, for holding step results without
+    /// the columns no later step needs. Plans a SQL step's query on `session` (whose tables
+    /// may be the empty ones `validate` declares). `None`: not known (the query does not plan).
+    pub async fn column_reads(
+        &self,
+        session: &SessionContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Option<ColumnReads> {
+        match self {
+            StepKind::Sql(s) => s.column_reads(session, vars).await,
+            StepKind::Kmeans(k) => Some([(k.spec.from.to_lowercase(), None)].into()),
+            StepKind::Clv(c) => Some(c.column_reads()),
+        }
+    }
+
     /// Whether the step is SQL (it has a query plan, and can stream into its output).
     pub fn is_sql(&self) -> bool {
         matches!(self, StepKind::Sql(_))
@@ -190,7 +208,7 @@ impl StepKind {
     /// Runs the step and registers its results on `cx.session`.
     pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
         match self {
-            StepKind::Sql(s) => s.run(cx).await,
+            StepKind::Sql(s) => s.run(cx, None).await,
             StepKind::Kmeans(k) => k.run(cx).await,
             StepKind::Clv(c) => c.run(cx).await,
         }

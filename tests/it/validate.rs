@@ -94,12 +94,12 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:42:")
-            && err.contains("steps[2].clv.backtest: not used by the `historical` model; remove it"),
+        err.contains("customer_value.yaml:44:")
+            && err.contains("steps[3].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
     assert!(
-        err.contains("steps[3].clv.acquisition_costs: no input or earlier step named `costs`"),
+        err.contains("steps[4].clv.acquisition_costs: no input or earlier step named `costs`"),
         "{err}"
     );
     assert!(
@@ -144,10 +144,26 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
             .position(|d| d.iter().any(|t| t == table))
             .unwrap_or_else(|| panic!("`{table}` is never dropped: {lifetimes:?}"))
     };
-    // orders_clean: read last by cohort_daily (the dynamic LTV's pass over the orders, early, so
-    // the largest result is not held through the model steps); customer_features: by rfm
-    // (btyd_backtest reads it earlier); the rfm -> clusters -> clv chain: by customer_value.
-    assert_eq!(dropped_after("orders_clean"), step("cohort_daily"));
+    // orders_clean: read last by clv_discounted (cohort_daily, the dynamic LTV's pass over the
+    // orders, runs first, while nothing else is held); customer_features: by rfm (btyd_backtest
+    // reads it earlier); the rfm -> clusters -> clv chain: by customer_value.
+    assert!(step("cohort_daily") < step("customer_features"));
+    assert_eq!(dropped_after("orders_clean"), step("clv_discounted"));
+    // orders_clean is held with the three columns its readers use (customer_features and
+    // cohort_daily: from their plans; clv_discounted: the rule models' order columns), not
+    // order_id and gross_amount; a result that later model steps pass through whole (rfm, read
+    // by the K-means step) keeps every column.
+    let keep = |name: &str| lifetimes.keep_columns[step(name)].clone();
+    assert_eq!(
+        keep("orders_clean"),
+        Some(
+            ["customer_id", "net_amount", "order_ts"]
+                .map(String::from)
+                .into()
+        )
+    );
+    assert_eq!(keep("rfm"), None);
+    assert_eq!(keep("customer_value"), None, "an output writes it");
     assert_eq!(dropped_after("cohort_daily"), step("cohort_value"));
     assert_eq!(dropped_after("customer_features"), step("rfm"));
     assert_eq!(dropped_after("clv"), step("customer_value"));
@@ -180,7 +196,7 @@ fn a_bad_step_setting_is_reported_at_its_key_without_noise_from_later_steps() {
     let p = TestProject::shipped();
     let good = p.read("jobs/customer_value.yaml");
     let bad = good.replacen(
-        "datafusion.execution.target_partitions: \"64\"",
+        "datafusion.execution.target_partitions: auto",
         "datafusion.execution.target_partitions: \"lots\"",
         1,
     );
@@ -188,8 +204,8 @@ fn a_bad_step_setting_is_reported_at_its_key_without_noise_from_later_steps() {
     p.write("jobs/customer_value.yaml", &bad);
     p.edit(
         "jobs/customer_value.yaml",
-        "skip_partial_aggregation_probe_rows_threshold: \"8192\"\n  - name: customer_features",
-        "skip_partial_aggregation_probe_rows_threshold: \"8192\"\n      datafusion.execution.no_such_option: \"1\"\n  - name: customer_features",
+        "skip_partial_aggregation_probe_rows_threshold: \"8192\"\n  - name: cohort_daily",
+        "skip_partial_aggregation_probe_rows_threshold: \"8192\"\n      datafusion.execution.no_such_option: \"1\"\n  - name: cohort_daily",
     );
     let out = p.clvflow(&["validate", "customer_value"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));

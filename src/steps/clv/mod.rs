@@ -180,6 +180,27 @@ impl ClvStep {
         .collect()
     }
 
+    /// The columns the step reads of each table it reads (lower-cased); `None`: every column.
+    /// The predictive models pass their `from` through whole (and read the backtest table
+    /// whole); the rule models read only the order and cost columns of their queries.
+    pub fn column_reads(&self) -> super::ColumnReads {
+        let cols = |c: &[&str]| Some(c.iter().map(|s| s.to_string()).collect());
+        let mut reads = super::ColumnReads::new();
+        for table in self.reads() {
+            reads.insert(table.to_lowercase(), None);
+        }
+        if !self.spec.model.is_predictive() {
+            reads.insert(self.spec.from.to_lowercase(), cols(&rules::ORDER_COLUMNS));
+            if let Some(costs) = &self.spec.acquisition_costs {
+                reads.insert(
+                    costs.to_lowercase(),
+                    cols(&["customer_id", "acquisition_cost"]),
+                );
+            }
+        }
+        reads
+    }
+
     /// For `validate`: checks the source tables and registers empty tables of the step's
     /// schemas. Returns the tables registered with their schemas.
     pub async fn declare(

@@ -91,6 +91,43 @@ impl SqlStep {
         session.sql(&sql.sql).await.map_err(|e| cx.df_err(e))
     }
 
+    /// The columns the query reads of each table (lower-cased), from its optimized plan on
+    /// `session`: the columns of every table scan after DataFusion's projection pushdown, and
+    /// those of filters pushed into the scans. `None` when it does not plan.
+    pub async fn column_reads(
+        &self,
+        session: &SessionContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Option<super::ColumnReads> {
+        use datafusion::common::tree_node::TreeNodeRecursion;
+        use datafusion::logical_expr::LogicalPlan;
+        let sql = self.template.render(vars).ok()?.sql;
+        let plan = session.sql(&sql).await.ok()?.into_optimized_plan().ok()?;
+        let mut reads = super::ColumnReads::new();
+        plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                let mut cols: BTreeSet<String> = scan
+                    .projected_schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().to_lowercase())
+                    .collect();
+                for filter in &scan.filters {
+                    cols.extend(filter.column_refs().iter().map(|c| c.name.to_lowercase()));
+                }
+                let entry = reads
+                    .entry(scan.table_name.table().to_lowercase())
+                    .or_insert_with(|| Some(BTreeSet::new()));
+                if let Some(set) = entry {
+                    set.extend(cols);
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .ok()?;
+        Some(reads)
+    }
+
     /// The tables the query reads (CTE names excluded), lower-cased, from DataFusion's parser.
     pub fn reads(
         &self,
@@ -106,10 +143,38 @@ impl SqlStep {
     }
 
     /// Runs the query and registers its (materialised) result under the step's name: in memory
-    /// while it fits the share for results, else in scratch files.
-    pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
+    /// while it fits the share for results, else in scratch files. With `keep` (lower-cased
+    /// names: the columns later steps read), only those columns are kept; DataFusion then does
+    /// not compute the others either where it can leave them out.
+    pub async fn run(
+        &self,
+        cx: &StepContext<'_>,
+        keep: Option<&BTreeSet<String>>,
+    ) -> Result<StepOutcome> {
         let started = Instant::now();
-        let df = self.dataframe(cx).await?;
+        let mut df = self.dataframe(cx).await?;
+        if let Some(keep) = keep {
+            let names: Vec<String> = df
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            let (kept, left): (Vec<&String>, Vec<&String>) =
+                names.iter().partition(|n| keep.contains(&n.to_lowercase()));
+            // A table no later step reads a column of (say, only counted) keeps its first.
+            let kept: Vec<&str> = if kept.is_empty() {
+                names.iter().take(1).map(String::as_str).collect()
+            } else {
+                kept.iter().map(|s| s.as_str()).collect()
+            };
+            if kept.len() < names.len() {
+                tracing::info!(job = %cx.job, step = %cx.step.name, kept = %kept.join(", "),
+                               left_out = %left.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                               "step result holds only the columns later steps read");
+                df = df.select_columns(&kept).map_err(|e| cx.df_err(e))?;
+            }
+        }
         // Kept in the plan's output partitions: later steps scan them in parallel as they are.
         let what = format!("step `{}`: its result", cx.step.name);
         let kept = super::spill::collect_or_spill(cx.session, &what, &cx.step.name, df)
