@@ -227,6 +227,52 @@ fn assert_same_outputs(local: &Value, cluster: &Value) {
     }
 }
 
+/// The run report of the run date, read from the bucket: the page and every table row's
+/// `data-*` attributes (the numbers the page shows, as `report::Table` writes them).
+const READ_REPORT: &str = r#"
+import json, re, sys, boto3
+s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1')
+page = s3.get_object(Bucket=sys.argv[2], Key=sys.argv[3])['Body'].read().decode()
+rows = [dict(re.findall(r'data-([a-z0-9-]+)="([^"]*)"', tr)) for tr in re.findall(r'<tr( [^>]*)>', page)]
+print(json.dumps({'page': page, 'rows': [r for r in rows if r]}))
+"#;
+
+fn read_report(bucket: &str) -> Value {
+    let key = format!("reports/customer_value/run_date={RUN_DATE}/report.html");
+    py_json(READ_REPORT, &[&endpoint(), bucket, &key])
+}
+
+/// Asserts two reports show the same table rows: the same attributes, numbers equal to 1e-9
+/// relative (the cluster sums in another order).
+fn assert_same_report_rows(local: &Value, cluster: &Value) {
+    let (l, c) = (
+        local["rows"].as_array().unwrap(),
+        cluster["rows"].as_array().unwrap(),
+    );
+    assert!(
+        l.len() > 20,
+        "the local report has only {} data rows",
+        l.len()
+    );
+    assert_eq!(c.len(), l.len(), "report rows");
+    for (i, (lr, cr)) in l.iter().zip(c).enumerate() {
+        let (lr, cr) = (lr.as_object().unwrap(), cr.as_object().unwrap());
+        assert_eq!(
+            lr.keys().collect::<Vec<_>>(),
+            cr.keys().collect::<Vec<_>>(),
+            "report row {i}"
+        );
+        for (k, lv) in lr {
+            let (lv, cv) = (lv.as_str().unwrap(), cr[k].as_str().unwrap());
+            let same = match (lv.parse::<f64>(), cv.parse::<f64>()) {
+                (Ok(a), Ok(b)) => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0),
+                _ => lv == cv,
+            };
+            assert!(same, "report row {i} data-{k}: cluster {cv} vs local {lv}");
+        }
+    }
+}
+
 fn cluster_project(tag: &str, customers: u32) -> (TestProject, String) {
     let (p, bucket) = s3_project_via(tag, &endpoint());
     generate_in(&p, &bucket, "config.yaml", customers);
@@ -238,6 +284,11 @@ fn the_shipped_job_on_a_cluster_gives_the_local_engines_outputs() {
     let (p, bucket) = cluster_project("cluster", 1500);
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     let local = read_outputs(&bucket);
+    let local_report = read_report(&bucket);
+    assert!(
+        local_report["page"].as_str().unwrap().contains("local ("),
+        "the local run's report does not name its engine"
+    );
 
     let cluster = LocalCluster::start(&p, 2);
     use_cluster(&p, &bucket, cluster.port);
@@ -247,6 +298,17 @@ fn the_shipped_job_on_a_cluster_gives_the_local_engines_outputs() {
     assert!(log.contains("ballista (scheduler df://127.0.0.1:"), "{log}");
     let on_cluster = read_outputs(&bucket);
     assert_same_outputs(&local, &on_cluster);
+    // The run report, built after the commit from the committed tables: the cluster run's page
+    // (it replaced the local run's) names the cluster and shows the same numbers.
+    let cluster_report = read_report(&bucket);
+    assert!(
+        cluster_report["page"]
+            .as_str()
+            .unwrap()
+            .contains("ballista (scheduler df://127.0.0.1:"),
+        "the cluster run's report does not name the cluster"
+    );
+    assert_same_report_rows(&local_report, &cluster_report);
     // The SQL ran on the executors: both ran tasks.
     for i in 0..2 {
         assert!(
