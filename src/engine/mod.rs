@@ -366,9 +366,7 @@ fn apply_settings(
         }
         // A step's `auto` partitions not yet chosen (planning without data, as `validate`
         // does): the session's own count.
-        if key == crate::steps::sql::partitions::KEY
-            && value.trim() == crate::steps::sql::partitions::AUTO
-        {
+        if crate::steps::sql::partitions::is_auto(key, value) {
             continue;
         }
         // Checked when the config was loaded.

@@ -123,9 +123,7 @@ fn build(
         let mut settings_ok = true;
         for (key, value) in &s.settings {
             // `auto` partitions: chosen from the data when the step runs.
-            if key == crate::steps::sql::partitions::KEY
-                && value.trim() == crate::steps::sql::partitions::AUTO
-            {
+            if crate::steps::sql::partitions::is_auto(key, value) {
                 continue;
             }
             if let Some(m) = setting_problem(key, value) {

@@ -23,6 +23,16 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
             "no log line for step {step}:\n{log}"
         );
     }
+    // The held orders_clean has only the columns later steps read (the outputs below are
+    // still those DuckDB computes from the raw exports).
+    assert!(
+        log.lines().any(
+            |l| l.contains("step result holds only the columns later steps read")
+                && l.contains("step=orders_clean")
+                && l.contains("kept=customer_id, order_ts, net_amount")
+        ),
+        "{log}"
+    );
 
     let expected = expected_totals(&p, RUN_DATE);
     assert!(

@@ -184,19 +184,26 @@ impl ClvStep {
     /// The predictive models pass their `from` through whole (and read the backtest table
     /// whole); the rule models read only the order and cost columns of their queries.
     pub fn column_reads(&self) -> super::ColumnReads {
-        let cols = |c: &[&str]| Some(c.iter().map(|s| s.to_string()).collect());
-        let mut reads = super::ColumnReads::new();
-        for table in self.reads() {
-            reads.insert(table.to_lowercase(), None);
+        if self.spec.model.is_predictive() {
+            return self
+                .reads()
+                .into_iter()
+                .map(|t| (t.to_lowercase(), None))
+                .collect();
         }
-        if !self.spec.model.is_predictive() {
-            reads.insert(self.spec.from.to_lowercase(), cols(&rules::ORDER_COLUMNS));
-            if let Some(costs) = &self.spec.acquisition_costs {
-                reads.insert(
-                    costs.to_lowercase(),
-                    cols(&["customer_id", "acquisition_cost"]),
-                );
+        let mut reads = super::ColumnReads::new();
+        let mut add = |table: &str, cols: &[&str]| {
+            // One table may be both the orders and the costs: it is read for both.
+            if let Some(set) = reads
+                .entry(table.to_lowercase())
+                .or_insert_with(|| Some(Default::default()))
+            {
+                set.extend(cols.iter().map(|c| c.to_string()));
             }
+        };
+        add(&self.spec.from, &rules::ORDER_COLUMNS);
+        if let Some(costs) = &self.spec.acquisition_costs {
+            add(costs, &rules::COST_COLUMNS);
         }
         reads
     }
@@ -291,4 +298,44 @@ async fn collect(cx: &StepContext<'_>, sql: &str) -> Result<Vec<RecordBatch>> {
         .collect()
         .await
         .map_err(|e| cx.df_err(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(spec: serde_json::Value) -> ClvStep {
+        ClvStep {
+            spec: serde_json::from_value(spec).unwrap(),
+        }
+    }
+
+    #[test]
+    fn column_reads_name_the_rule_models_columns_and_everything_for_the_predictive_ones() {
+        let set = |c: &[&str]| Some(c.iter().map(|s| s.to_string()).collect());
+        let rule = step(
+            serde_json::json!({"from": "Orders", "model": "discounted", "acquisition_costs": "customers"}),
+        );
+        assert_eq!(
+            rule.column_reads(),
+            [
+                ("orders".to_string(), set(&rules::ORDER_COLUMNS)),
+                ("customers".to_string(), set(&rules::COST_COLUMNS)),
+            ]
+            .into()
+        );
+        // Orders and costs in one table: the columns of both, not the last ones written.
+        let one =
+            step(serde_json::json!({"from": "t", "model": "discounted", "acquisition_costs": "t"}));
+        let mut both = rules::ORDER_COLUMNS.to_vec();
+        both.extend(rules::COST_COLUMNS);
+        assert_eq!(one.column_reads(), [("t".to_string(), set(&both))].into());
+        let predictive = step(
+            serde_json::json!({"from": "clusters", "model": "bgnbd_gamma_gamma", "backtest": "bt"}),
+        );
+        assert_eq!(
+            predictive.column_reads(),
+            [("clusters".to_string(), None), ("bt".to_string(), None)].into()
+        );
+    }
 }

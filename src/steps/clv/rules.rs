@@ -44,6 +44,9 @@ pub const YEAR_SECONDS: f64 = 31_557_600.0;
 /// Required columns of `from` for the rule-based models.
 pub const ORDER_COLUMNS: [&str; 3] = ["customer_id", "order_ts", "net_amount"];
 
+/// Required columns of `acquisition_costs` (the discounted model).
+pub const COST_COLUMNS: [&str; 2] = ["customer_id", "acquisition_cost"];
+
 /// The orders the models read: (customer_id BIGINT, epoch seconds DOUBLE, amount DOUBLE), without
 /// rows that have no customer or are at or after the run date.
 pub fn orders_sql(spec: &ClvSpec, run_date: chrono::NaiveDate) -> String {
@@ -267,7 +270,7 @@ pub(super) async fn declare(
         require_columns(
             cx.session,
             costs,
-            &["customer_id", "acquisition_cost"],
+            &COST_COLUMNS,
             "acquisition_costs names a table such as the customers export",
         )
         .await?;

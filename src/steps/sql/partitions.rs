@@ -74,9 +74,14 @@ pub fn choose(rows: u64, bytes: u64, limit: Option<u64>, floor: usize) -> Choice
     }
 }
 
+/// Whether the setting `key: value` is `auto` partitions (to be chosen when the step runs).
+pub fn is_auto(key: &str, value: &str) -> bool {
+    key == KEY && value.trim() == AUTO
+}
+
 /// Whether `settings` ask for `auto`.
 pub fn wants_auto(settings: &BTreeMap<String, String>) -> bool {
-    settings.get(KEY).is_some_and(|v| v.trim() == AUTO)
+    settings.get(KEY).is_some_and(|v| is_auto(KEY, v))
 }
 
 /// `step`'s settings with `auto` replaced by the partitions chosen from the tables it reads on
@@ -185,5 +190,6 @@ mod tests {
         let s = |v: &str| BTreeMap::from([(KEY.to_string(), v.to_string())]);
         assert!(wants_auto(&s("auto")) && wants_auto(&s(" auto ")));
         assert!(!wants_auto(&s("64")) && !wants_auto(&BTreeMap::new()));
+        assert!(!is_auto("datafusion.execution.batch_size", "auto"));
     }
 }
