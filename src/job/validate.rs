@@ -102,6 +102,7 @@ async fn plan_schemas(
             step,
             run_date: today,
             vars: &vars,
+            keep: None,
         };
         let reads = step.kind.reads(&step_session, &vars).unwrap_or_default();
         if !step.kind.is_sql()

@@ -72,6 +72,7 @@ async fn explain_on(
         step: plan,
         run_date,
         vars: &vars,
+        keep: None,
     };
     let batches = sql
         .dataframe(&cx)

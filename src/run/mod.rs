@@ -338,6 +338,7 @@ async fn execute(
             step,
             run_date,
             vars: &vars,
+            keep: staging.and_then(|s| s.keep_columns(i)),
         };
         let mut out = match (&step.kind, staging) {
             (crate::steps::StepKind::Sql(sql), Some(staging)) if streamed => {
@@ -349,9 +350,6 @@ async fn execute(
                     elapsed: started.elapsed(),
                     ..StepOutcome::default()
                 }
-            }
-            (crate::steps::StepKind::Sql(sql), Some(staging)) => {
-                sql.run(&cx, staging.keep_columns(i)).await?
             }
             (kind, _) => {
                 let out = kind.run(&cx).await?;

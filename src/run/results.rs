@@ -28,8 +28,10 @@ pub struct ResultLifetimes {
     /// exactly one output writes (and that maps no NULL partition values). Later steps that read
     /// such a result read the staged files.
     pub streamed: Vec<bool>,
-    /// Per step, the columns of its result that later steps read (lower-cased), when that is
-    /// known and no output writes the result: the step then holds only those. `None`: all.
+    /// Per step, the columns of its result (the table named after the step) that later steps
+    /// read (lower-cased), when that is known and no output writes the result: the step then
+    /// holds only those (SQL steps compute only those; model steps let go of the columns they
+    /// pass through from their input). `None`: all.
     pub keep_columns: Vec<Option<BTreeSet<String>>>,
 }
 
@@ -92,7 +94,7 @@ impl ResultLifetimes {
             out.streamed[i] = step.kind.is_sql()
                 && !writers.is_empty()
                 && writers.iter().all(|o| o.null_partition_value.is_none());
-            if step.kind.is_sql() && writers.is_empty() && job.column_reads.len() == n {
+            if writers.is_empty() && job.column_reads.len() == n {
                 out.keep_columns[i] = later_column_reads(job, i);
             }
         }

@@ -102,9 +102,33 @@ pub struct StepContext<'a> {
     pub run_date: NaiveDate,
     /// Template variables for the run date.
     pub vars: &'a BTreeMap<String, String>,
+    /// The columns of the step's own result that later steps read (lower-cased), when no
+    /// output writes it and every later reader is known: the result holds only those.
+    /// `None`: every column.
+    pub keep: Option<&'a BTreeSet<String>>,
 }
 
 impl StepContext<'_> {
+    /// Which of `names` (the columns of the step's result) it holds, by index, when
+    /// [`StepContext::keep`] leaves some out; `None` when it holds them all. Logs what it
+    /// leaves out. A result no later step reads a column of (say, only counted) keeps its
+    /// first column.
+    pub fn kept_columns(&self, names: &[&str]) -> Option<Vec<usize>> {
+        let keep = self.keep?;
+        let (mut kept, left): (Vec<usize>, Vec<usize>) =
+            (0..names.len()).partition(|&i| keep.contains(&names[i].to_lowercase()));
+        if kept.is_empty() {
+            kept.push(0);
+        }
+        if kept.len() == names.len() {
+            return None;
+        }
+        let list = |ix: &[usize]| ix.iter().map(|&i| names[i]).collect::<Vec<_>>().join(", ");
+        tracing::info!(job = %self.job, step = %self.step.name, kept = %list(&kept),
+                       left_out = %list(&left), "step result holds only the columns later steps read");
+        Some(kept)
+    }
+
     /// An error of the step's DataFusion work.
     pub fn df_err(&self, source: datafusion::error::DataFusionError) -> Error {
         Error::step(self.job, &self.step.name, source)
@@ -208,7 +232,7 @@ impl StepKind {
     /// Runs the step and registers its results on `cx.session`.
     pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
         match self {
-            StepKind::Sql(s) => s.run(cx, None).await,
+            StepKind::Sql(s) => s.run(cx).await,
             StepKind::Kmeans(k) => k.run(cx).await,
             StepKind::Clv(c) => c.run(cx).await,
         }

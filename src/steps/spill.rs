@@ -348,6 +348,8 @@ pub struct ResultWriter {
     reservation: datafusion::execution::memory_pool::MemoryReservation,
     parts: Vec<Vec<RecordBatch>>,
     spill: Option<(ScratchDir, SpillFile)>,
+    /// The columns of each pushed batch that the result keeps (by index); `None`: all.
+    projection: Option<Vec<usize>>,
 }
 
 impl ResultWriter {
@@ -364,10 +366,34 @@ impl ResultWriter {
             reservation: MemoryConsumer::new(format!("step result `{name}`")).register(pool),
             parts: Vec::new(),
             spill: None,
+            projection: None,
         }
     }
 
+    /// The writer of the step's own result (named after the step), holding only the columns
+    /// of `schema` that later steps read ([`crate::steps::StepContext::keep`]): the columns a
+    /// model step passes through from its input and nobody reads are let go batch by batch,
+    /// in memory and in scratch files alike.
+    pub fn for_step(cx: &crate::steps::StepContext<'_>, schema: SchemaRef) -> Result<Self> {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let Some(kept) = cx.kept_columns(&names) else {
+            return Ok(Self::new(cx.session, &cx.step.name, schema));
+        };
+        let projected = schema
+            .project(&kept)
+            .map_err(|e| Error::Internal(format!("project `{}`: {e}", cx.step.name)))?;
+        let mut writer = Self::new(cx.session, &cx.step.name, Arc::new(projected));
+        writer.projection = Some(kept);
+        Ok(writer)
+    }
+
     pub fn push(&mut self, part: usize, batch: RecordBatch) -> Result<()> {
+        let batch = match &self.projection {
+            Some(kept) => batch
+                .project(kept)
+                .map_err(|e| Error::Internal(format!("project `{}`: {e}", self.name)))?,
+            None => batch,
+        };
         self.rows += batch.num_rows();
         if let Some((_, file)) = &mut self.spill {
             // See `collect_or_spill`: written batches are counted by their own size.

@@ -33,6 +33,15 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
         ),
         "{log}"
     );
+    // So does the predictive model's result, without the BTYD summary it passes through.
+    assert!(
+        log.lines().any(
+            |l| l.contains("step result holds only the columns later steps read")
+                && l.contains("step=clv ")
+                && l.contains("mean_repeat_spend")
+        ),
+        "{log}"
+    );
 
     let expected = expected_totals(&p, RUN_DATE);
     assert!(

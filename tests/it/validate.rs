@@ -163,6 +163,29 @@ fn the_shipped_job_stages_each_output_after_its_step_and_drops_each_table_after_
         )
     );
     assert_eq!(keep("rfm"), None);
+    // Model steps hold only what later steps read too: `clv` (read by customer_value alone)
+    // lets go of the BTYD summary it passes through from `clusters`, and the rule model's
+    // result keeps the two values customer_value takes from it; `clusters`, which the clv
+    // step passes through whole, keeps every column.
+    let clv = keep("clv").expect("customer_value's reads of `clv` are known");
+    for gone in ["run_date", "x", "t_x", "t", "mean_repeat_spend"] {
+        assert!(!clv.contains(gone), "{gone}: {clv:?}");
+    }
+    for kept in [
+        "customer_id",
+        "segment",
+        "cluster",
+        "p_alive",
+        "clv",
+        "clv_rank",
+    ] {
+        assert!(clv.contains(kept), "{kept}: {clv:?}");
+    }
+    assert_eq!(
+        keep("clv_discounted"),
+        Some(["clv", "customer_id", "revenue"].map(String::from).into())
+    );
+    assert_eq!(keep("clusters"), None);
     assert_eq!(keep("customer_value"), None, "an output writes it");
     assert_eq!(dropped_after("cohort_daily"), step("cohort_value"));
     assert_eq!(dropped_after("customer_features"), step("rfm"));

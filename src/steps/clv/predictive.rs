@@ -284,7 +284,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     // Every row of `from` with its predictions, in the order read above.
     let schema = appended_schema(source.schema(), &prediction_fields())
         .map_err(|e| cx.model_err(format!("`{}`: {e}", spec.from)))?;
-    let mut writer = ResultWriter::new(cx.session, &cx.step.name, schema.clone());
+    let mut writer = ResultWriter::for_step(cx, schema.clone())?;
     let mut offset = 0;
     source.scan(None, |part, b| {
         let m = b.num_rows();
@@ -469,6 +469,7 @@ mod tests {
             step: &step,
             run_date: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
             vars: &vars,
+            keep: None,
         };
         let err = step.kind.run(&cx).await.unwrap_err();
         let text = crate::error::chain(&err);

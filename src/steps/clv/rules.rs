@@ -322,7 +322,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         tracing::info!(step = %cx.step.name, buckets, orders = rows_in_from,
             "rule model: customers taken in buckets, one read of the orders each");
     }
-    let mut writer = ResultWriter::new(cx.session, &cx.step.name, schema(spec.model));
+    let mut writer = ResultWriter::for_step(cx, schema(spec.model))?;
     let (mut n, mut total_clv, mut retention) = (0, 0.0, None);
     for k in 0..buckets {
         let filter = bucket_filter(k, buckets);

@@ -262,7 +262,7 @@ impl KmeansStep {
         let schema = appended_schema(source.schema(), &[cluster_field()])
             .map_err(|e| cx.model_err(format!("`{}`: {e}", spec.from)))?;
         let mut sums = vec![vec![crate::steps::exact::ExactSum::default(); spec.features.len()]; k];
-        let mut writer = ResultWriter::new(cx.session, &cx.step.name, schema.clone());
+        let mut writer = ResultWriter::for_step(cx, schema.clone())?;
         let mut offset = 0;
         source.scan(None, |part, b| {
             let m = b.num_rows();

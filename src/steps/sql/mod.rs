@@ -143,37 +143,19 @@ impl SqlStep {
     }
 
     /// Runs the query and registers its (materialised) result under the step's name: in memory
-    /// while it fits the share for results, else in scratch files. With `keep` (lower-cased
-    /// names: the columns later steps read), only those columns are kept; DataFusion then does
-    /// not compute the others either where it can leave them out.
-    pub async fn run(
-        &self,
-        cx: &StepContext<'_>,
-        keep: Option<&BTreeSet<String>>,
-    ) -> Result<StepOutcome> {
+    /// while it fits the share for results, else in scratch files. With `cx.keep` only the
+    /// columns later steps read are kept; DataFusion then does not compute the others either
+    /// where it can leave them out.
+    pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
         let started = Instant::now();
         let mut df = self.dataframe(cx).await?;
-        if let Some(keep) = keep {
-            let names: Vec<String> = df
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect();
-            let (kept, left): (Vec<&String>, Vec<&String>) =
-                names.iter().partition(|n| keep.contains(&n.to_lowercase()));
-            // A table no later step reads a column of (say, only counted) keeps its first.
-            let kept: Vec<&str> = if kept.is_empty() {
-                names.iter().take(1).map(String::as_str).collect()
-            } else {
-                kept.iter().map(|s| s.as_str()).collect()
-            };
-            if kept.len() < names.len() {
-                tracing::info!(job = %cx.job, step = %cx.step.name, kept = %kept.join(", "),
-                               left_out = %left.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-                               "step result holds only the columns later steps read");
-                df = df.select_columns(&kept).map_err(|e| cx.df_err(e))?;
-            }
+        let names: Vec<String> = (df.schema().fields().iter())
+            .map(|f| f.name().clone())
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        if let Some(kept) = cx.kept_columns(&names) {
+            let kept: Vec<&str> = kept.iter().map(|&i| names[i]).collect();
+            df = df.select_columns(&kept).map_err(|e| cx.df_err(e))?;
         }
         // Kept in the plan's output partitions: later steps scan them in parallel as they are.
         let what = format!("step `{}`: its result", cx.step.name);

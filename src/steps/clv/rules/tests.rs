@@ -97,6 +97,7 @@ async fn run_step(ctx: &SessionContext, spec: &ClvSpec) -> crate::error::Result<
         step: &step,
         run_date: date(),
         vars: &vars,
+        keep: None,
     };
     step.kind.run(&cx).await.map(|_| ())
 }
