@@ -55,6 +55,9 @@ def clvflow(args, config=None, may_fail=False, cgroup=None):
     out, err = p.communicate()
     secs = time.perf_counter() - start
     sampler.join()
+    # The last run's step log (JSON lines: per step its time, pool and heap figures, RSS).
+    with open(os.path.join(work, "last-run.log"), "w") as f:
+        f.write(err)
     if p.returncode < 0 and may_fail:
         how = " (SIGKILL: the kernel's OOM killer, in a memory cgroup)" if p.returncode == -9 else ""
         return secs, peak[0], [{"failed": f"killed by signal {-p.returncode}{how}"}]
@@ -233,30 +236,15 @@ else:
     print(f"customer_value with memory_limit: 1GiB: completed in {secs:.2f} s, peak RSS {peak:.0f} MiB sampled\n")
 
 # --- a hard memory limit of the kernel: memory_limit + the stated overhead ------------------
-# README "Memory": the process stays within memory_limit plus an overhead DataFusion's pool does
-# not count (each partition's Parquet decoding, scan and repartition buffers, the allocator's
-# free pages). Stated, at this size, as PER_PARTITION_MIB per partition of the job's widest step
-# (64 in the shipped job: 640 MiB); measured on 2026-12-03: with 64 partitions the shipped job
-# holds ~650 MiB outside a 64 MiB pool before the pool's error fires. A memory cgroup (v2, or v1
-# as on our VMs) with that hard limit: the job must complete inside it, and with a far too small
-# memory_limit fail with clvflow's clear error, never be OOM-killed. Skipped, saying so, where
-# no cgroup can be created (not root, no memory controller).
-PER_PARTITION_MIB = 10
-
-
-def widest_partitions():
-    import yaml
-    with open(os.path.join(work, "config.yaml")) as f:
-        widest = int(yaml.safe_load(f)["engine"].get("target_partitions") or os.cpu_count())
-    with open(os.path.join(work, "jobs", "customer_value.yaml")) as f:
-        for step in yaml.safe_load(f)["steps"]:
-            n = (step.get("settings") or {}).get("datafusion.execution.target_partitions")
-            # `auto` gives at most 64 (src/steps/sql/partitions.rs, MAX_PARTITIONS).
-            widest = max(widest, 64 if str(n).strip() == "auto" else int(n or 0))
-    return widest
-
-
-OVERHEAD_MIB = PER_PARTITION_MIB * widest_partitions()
+# README "Memory": the pool counts the process's whole live heap (src/engine/heap.rs), so what
+# the process holds beyond memory_limit is the program itself (~110 MiB resident) and the pages
+# the allocator keeps for reuse (src/engine/memory.rs: given back at once while the process is
+# near its limit). Stated as a quarter of memory_limit, at least 256 MiB. A memory cgroup (v2,
+# or v1 as on our VMs) with that hard limit: the job must complete inside it, and with a far
+# too small memory_limit fail with clvflow's clear error, never be OOM-killed. Skipped, saying
+# so, where no cgroup can be created (not root, no memory controller).
+def overhead_mib(memory_limit_mib):
+    return max(memory_limit_mib // 4, 256)
 
 
 def make_cgroup(limit_mib):
@@ -299,7 +287,8 @@ def cgroup_peak_mib(folder, kind):
 
 
 def in_cgroup(label, config_file, memory_limit_mib):
-    limit = memory_limit_mib + OVERHEAD_MIB
+    overhead = overhead_mib(memory_limit_mib)
+    limit = memory_limit_mib + overhead
     folder, kind = make_cgroup(limit)
     if folder is None:
         print(f"{label}: not measured: {kind}")
@@ -311,8 +300,7 @@ def in_cgroup(label, config_file, memory_limit_mib):
     finally:
         os.rmdir(folder)
     head = (f"{label}, in a memory cgroup ({kind}) with a hard limit of {limit} MiB "
-            f"(memory_limit {memory_limit_mib} MiB + {OVERHEAD_MIB} MiB stated overhead: "
-            f"{PER_PARTITION_MIB} MiB x {OVERHEAD_MIB // PER_PARTITION_MIB} partitions)")
+            f"(memory_limit {memory_limit_mib} MiB + {overhead} MiB stated overhead)")
     if logs and "failed" in logs[-1]:
         print(f"{head}: failed after {secs:.2f} s, cgroup peak {used:.0f} MiB, RSS {peak:.0f} MiB:\n  {logs[-1]['failed'][:300]}")
     else:

@@ -105,7 +105,9 @@ pub enum Error {
     },
 
     /// A step that ran out of the memory pool (`engine.memory_limit`): says what to set.
-    #[error("{what} needs more memory than engine.memory_limit ({limit}) gives it: {hint}")]
+    #[error(
+        "{what}: memory budget exceeded: it needs more memory than engine.memory_limit ({limit}) gives it: {hint}"
+    )]
     OutOfMemory {
         /// `job `j`: step `s``, or `write output `o` to URL`.
         what: String,
@@ -262,7 +264,9 @@ impl Error {
              short (DataFusion's hash joins cannot spill)"
         } else {
             "raise engine.memory_limit (aggregations and sorts already spill to engine.spill_dir; \
-             step results, model buffers and DataFusion's hash joins cannot)"
+             step results, model buffers and DataFusion's hash joins cannot), or lower the \
+             step's datafusion.execution.target_partitions (each partition reads and buffers \
+             its own data outside the pool)"
         };
         Error::OutOfMemory {
             what,

@@ -4,10 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc (measured faster than glibc's malloc on our aggregations), counting the live heap
+/// for `engine.memory_limit` (see `clvflow::engine::heap`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: clvflow::engine::heap::Counting<mimalloc::MiMalloc> =
+    clvflow::engine::heap::Counting(mimalloc::MiMalloc);
 
 fn main() -> ExitCode {
+    GLOBAL.install();
     let cli = clvflow::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -17,6 +17,7 @@
 
 pub mod cluster;
 pub mod functions;
+pub mod heap;
 pub mod memory;
 pub mod pool;
 pub mod processes;
@@ -255,6 +256,7 @@ impl Engine {
         let mut runtime = RuntimeEnvBuilder::new();
         let mut balanced = None;
         if let Some(limit) = local.memory_limit {
+            memory::watch_pressure(limit);
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             // Tracked: an error names the consumers that hold the most memory.
             let top = NonZeroUsize::MIN.saturating_add(4);

@@ -17,6 +17,15 @@
 //! (hash join build sides, collected results) are served first come, first served up to the
 //! limit, as in both DataFusion pools.
 //!
+//! The limit is the process's, not only the reservations': memory the process holds beyond what
+//! is reserved (scan and decode buffers per partition, batches in flight, writers' encoders:
+//! counted by the global allocator, `super::heap`) is taken as held by one more consumer that
+//! cannot spill. So every spilling operator's share shrinks by it, the greedy line is reached
+//! that much earlier, and an operator that cannot spill is refused when the process, not only
+//! the pool, would pass the limit: a run either fits `engine.memory_limit` or fails with its
+//! clear error, instead of growing past it until the kernel kills it. Where the allocator does
+//! not count (the library's tests), only reservations count.
+//!
 //! The pool also keeps its high-water mark ([`BalancedPool::take_peak`]), which the step log
 //! reports next to the process's peak RSS.
 
@@ -38,6 +47,17 @@ pub struct BalancedPool {
     limit: usize,
     greedy_until: usize,
     state: Arc<Mutex<State>>,
+    heap: Heap,
+}
+
+/// Where the pool learns the process's live heap bytes (`None`: not counted).
+#[derive(Clone)]
+pub struct Heap(Arc<dyn Fn() -> Option<usize> + Send + Sync>);
+
+impl fmt::Debug for Heap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Heap({:?})", (self.0)())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +68,9 @@ struct State {
     unspillable: usize,
     /// The most reserved since the last [`BalancedPool::take_peak`].
     peak: usize,
+    /// The most the process held (reservations and the memory outside them) at a request for
+    /// memory since the last [`BalancedPool::take_peak`].
+    process_peak: usize,
 }
 
 impl State {
@@ -55,18 +78,32 @@ impl State {
         self.spillable + self.unspillable
     }
 
-    fn note_peak(&mut self) {
+    fn note_peak(&mut self, outside: usize) {
         self.peak = self.peak.max(self.used());
+        self.process_peak = self.process_peak.max(self.used().saturating_add(outside));
     }
 }
 
 impl BalancedPool {
+    /// A pool of `limit` bytes for the process, counting its live heap ([`super::heap::live`]).
     pub fn new(limit: usize) -> Self {
+        Self::with_heap(limit, Heap(Arc::new(super::heap::live)))
+    }
+
+    /// A pool that learns the live heap from `heap` (tests give their own figures).
+    pub fn with_heap(limit: usize, heap: Heap) -> Self {
         Self {
             limit,
             greedy_until: (limit as f64 * GREEDY_SHARE) as usize,
             state: Arc::new(Mutex::new(State::default())),
+            heap,
         }
+    }
+
+    /// What the process holds beyond the reservations (0 when the heap is not counted, or
+    /// when reservations are ahead of their allocations).
+    fn outside(&self, state: &State) -> usize {
+        (self.heap.0)().map_or(0, |live| live.saturating_sub(state.used()))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -76,26 +113,44 @@ impl BalancedPool {
 
     /// The most memory reserved since the last call (or since the pool was made), and starts a
     /// new measurement at what is reserved now.
-    pub fn take_peak(&self) -> usize {
+    pub fn take_peak(&self) -> Peak {
         let mut state = self.lock();
-        let peak = state.peak.max(state.used());
-        state.peak = state.used();
+        let outside = self.outside(&state);
+        let used = state.used();
+        let peak = Peak {
+            pool: state.peak.max(used),
+            process: state.process_peak.max(used.saturating_add(outside)),
+        };
+        state.peak = used;
+        state.process_peak = used.saturating_add(outside);
         peak
     }
 
-    /// What a spilling operator may hold when the pool is past its greedy share.
-    fn fair_share(&self, state: &State) -> usize {
-        self.limit.saturating_sub(state.unspillable) / state.spillers.max(1)
+    /// What a spilling operator may hold when the pool is past its greedy share: the limit,
+    /// less what cannot spill (reservations and the memory outside the pool), divided evenly.
+    fn fair_share(&self, state: &State, outside: usize) -> usize {
+        self.limit
+            .saturating_sub(state.unspillable.saturating_add(outside))
+            / state.spillers.max(1)
     }
 
-    fn refuse(&self, r: &MemoryReservation, additional: usize, state: &State) -> DataFusionError {
+    fn refuse(
+        &self,
+        r: &MemoryReservation,
+        additional: usize,
+        state: &State,
+        outside: usize,
+    ) -> DataFusionError {
         DataFusionError::ResourcesExhausted(format!(
             "Failed to allocate additional {additional} bytes for {} with {} bytes already \
              allocated for this reservation - {} bytes remain available for the total pool \
-             ({self})",
+             ({self}; the process holds {} MiB more outside it: scan, decode and write buffers, \
+             data in flight)",
             r.consumer().name(),
             r.size(),
-            self.limit.saturating_sub(state.used()),
+            self.limit
+                .saturating_sub(state.used().saturating_add(outside)),
+            outside >> 20,
         ))
     }
 }
@@ -120,12 +175,13 @@ impl MemoryPool for BalancedPool {
 
     fn grow(&self, r: &MemoryReservation, additional: usize) {
         let mut state = self.lock();
+        let outside = self.outside(&state);
         if r.consumer().can_spill() {
             state.spillable += additional;
         } else {
             state.unspillable += additional;
         }
-        state.note_peak();
+        state.note_peak(outside);
     }
 
     fn shrink(&self, r: &MemoryReservation, shrink: usize) {
@@ -139,23 +195,29 @@ impl MemoryPool for BalancedPool {
 
     fn try_grow(&self, r: &MemoryReservation, additional: usize) -> Result<()> {
         let mut state = self.lock();
-        let after = state.used().saturating_add(additional);
+        let outside = self.outside(&state);
+        // What the process would hold: the reservations and what it holds beyond them.
+        let after = state
+            .used()
+            .saturating_add(outside)
+            .saturating_add(additional);
         if r.consumer().can_spill() {
-            let within_share = r.size().saturating_add(additional) <= self.fair_share(&state);
+            let within_share =
+                r.size().saturating_add(additional) <= self.fair_share(&state, outside);
             // Within its share an operator always gets memory, as under DataFusion's fair pool
             // (which does not check the total either): the partitions above their shares are
             // refused at their next allocation and spill, so the total comes back under the limit.
             if !(after <= self.greedy_until || within_share) {
-                return Err(self.refuse(r, additional, &state));
+                return Err(self.refuse(r, additional, &state, outside));
             }
             state.spillable += additional;
         } else {
             if after > self.limit {
-                return Err(self.refuse(r, additional, &state));
+                return Err(self.refuse(r, additional, &state, outside));
             }
             state.unspillable += additional;
         }
-        state.note_peak();
+        state.note_peak(outside);
         Ok(())
     }
 
@@ -184,9 +246,18 @@ impl fmt::Display for BalancedPool {
 #[derive(Debug)]
 pub struct PoolPeak(pub BalancedPool);
 
+/// High-water marks since the last [`BalancedPool::take_peak`], in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peak {
+    /// Reserved.
+    pub pool: usize,
+    /// Held by the process (reserved, and the live heap beyond), as seen at requests for memory.
+    pub process: usize,
+}
+
 /// The peak of `ctx`'s engine pool since the last call (see [`BalancedPool::take_peak`]);
 /// `None` when the engine has no limit or another pool kind.
-pub fn take_peak(ctx: &datafusion::prelude::SessionContext) -> Option<usize> {
+pub fn take_peak(ctx: &datafusion::prelude::SessionContext) -> Option<Peak> {
     ctx.state()
         .config()
         .get_extension::<PoolPeak>()
@@ -196,6 +267,7 @@ pub fn take_peak(ctx: &datafusion::prelude::SessionContext) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn pool(limit: usize) -> Arc<dyn MemoryPool> {
         Arc::new(BalancedPool::new(limit))
@@ -245,18 +317,102 @@ mod tests {
         assert!(err.contains("sort") && err.contains("balanced"), "{err}");
     }
 
+    /// A pool whose process holds `live` bytes of heap (set by the test as it goes).
+    fn pool_with_heap(limit: usize) -> (Arc<dyn MemoryPool>, Arc<AtomicUsize>) {
+        let live = Arc::new(AtomicUsize::new(0));
+        let seen = live.clone();
+        let heap = Heap(Arc::new(move || Some(seen.load(Ordering::Relaxed))));
+        (Arc::new(BalancedPool::with_heap(limit, heap)), live)
+    }
+
     #[test]
-    fn keeps_its_high_water_mark() {
-        let p = BalancedPool::new(1000);
+    fn memory_outside_the_reservations_counts_as_held_by_a_consumer_that_cannot_spill() {
+        let (pool, live) = pool_with_heap(1000);
+        let a = MemoryConsumer::new("a")
+            .with_can_spill(true)
+            .register(&pool);
+        let b = MemoryConsumer::new("b")
+            .with_can_spill(true)
+            .register(&pool);
+        // The process holds 300 unreserved (scan buffers): the greedy line (750) comes at 450
+        // reserved, and past it each spiller's share is (1000 - 300) / 2 = 350.
+        live.store(300, Ordering::Relaxed);
+        a.try_grow(400).unwrap();
+        live.store(700, Ordering::Relaxed);
+        a.try_grow(50).unwrap();
+        live.store(750, Ordering::Relaxed);
+        let err = a.try_grow(1).unwrap_err().to_string();
+        assert!(err.contains("outside it"), "{err}");
+        b.try_grow(350).unwrap();
+        live.store(1100, Ordering::Relaxed);
+        assert!(b.try_grow(1).is_err());
+        // What cannot spill is refused when the process would pass the limit, though the
+        // reservations alone (800) leave room.
+        let join = MemoryConsumer::new("join").register(&pool);
+        assert!(join.try_grow(150).is_err());
+        // Once the unreserved memory is gone, the same request fits.
+        a.shrink(450);
+        live.store(350, Ordering::Relaxed);
+        join.try_grow(150).unwrap();
+        assert_eq!(pool.reserved(), 500);
+    }
+
+    #[test]
+    fn reservations_ahead_of_their_allocations_leave_the_pool_as_it_was() {
+        // Reserved but not yet allocated: the heap is below the reservations, nothing outside.
+        let (pool, live) = pool_with_heap(1000);
+        live.store(10, Ordering::Relaxed);
+        let join = MemoryConsumer::new("join").register(&pool);
+        join.try_grow(900).unwrap();
+        join.try_grow(100).unwrap();
+        assert!(join.try_grow(1).is_err());
+    }
+
+    #[test]
+    fn keeps_its_high_water_marks() {
+        let live = Arc::new(AtomicUsize::new(0));
+        let seen = live.clone();
+        let p = BalancedPool::with_heap(
+            1000,
+            Heap(Arc::new(move || Some(seen.load(Ordering::Relaxed)))),
+        );
         let dynp: Arc<dyn MemoryPool> = Arc::new(p.clone());
         let r = MemoryConsumer::new("r").register(&dynp);
+        // 150 held outside the reservations when 400 are asked for: the process peaks at 550.
+        live.store(150, Ordering::Relaxed);
         r.try_grow(400).unwrap();
         r.shrink(300);
-        assert_eq!(p.take_peak(), 400);
+        live.store(100, Ordering::Relaxed);
+        assert_eq!(
+            p.take_peak(),
+            Peak {
+                pool: 400,
+                process: 550
+            }
+        );
         // A new measurement starts at what is held now.
-        assert_eq!(p.take_peak(), 100);
+        assert_eq!(
+            p.take_peak(),
+            Peak {
+                pool: 100,
+                process: 100
+            }
+        );
         drop(r);
-        assert_eq!(p.take_peak(), 100);
-        assert_eq!(p.take_peak(), 0);
+        live.store(0, Ordering::Relaxed);
+        assert_eq!(
+            p.take_peak(),
+            Peak {
+                pool: 100,
+                process: 100
+            }
+        );
+        assert_eq!(
+            p.take_peak(),
+            Peak {
+                pool: 0,
+                process: 0
+            }
+        );
     }
 }

@@ -374,10 +374,12 @@ async fn execute(
             info!(job = %job.name, step = %step.name, timings = %ms.join(" "), "models fitted");
         }
         out.elapsed = started.elapsed();
+        let peak = crate::engine::pool::take_peak(ctx);
         info!(job = %job.name, step = %step.name, rows = out.rows, bytes = out.bytes, spilled_bytes = out.spilled,
               ms = out.elapsed.as_millis() as u64, peak_rss_mb = memory::peak_rss().map(mib),
-              pool_peak_mb = crate::engine::pool::take_peak(ctx).map(|b| mib(b as u64)),
-              rss_mb = memory::rss().map(mib), streamed, "step done");
+              pool_peak_mb = peak.map(|p| mib(p.pool as u64)), heap_peak_mb = peak.map(|p| mib(p.process as u64)),
+              rss_mb = memory::rss().map(mib), heap_mb = engine::heap::live().map(|b| mib(b as u64)),
+              streamed, "step done");
         step_report.push((step.name.clone(), out));
         if !streamed && let Some(staging) = staging {
             staging.after_step(ctx, job, i).await?;

@@ -88,10 +88,11 @@ impl<'a> Staging<'a> {
                     None => sink::stage(ctx, out, self.run).await?,
                 };
                 let took = t.elapsed();
+                let peak = crate::engine::pool::take_peak(ctx);
                 info!(job = %job.name, output = %out.from, format = out.format.name(), ms = took.as_millis() as u64,
                       rows = staged.rows(), bytes = staged.bytes(), copied = twin.is_some(),
                       peak_rss_mb = memory::peak_rss().map(mib),
-                      pool_peak_mb = crate::engine::pool::take_peak(ctx).map(|b| mib(b as u64)), "output staged");
+                      pool_peak_mb = peak.map(|p| mib(p.pool as u64)), heap_peak_mb = peak.map(|p| mib(p.process as u64)), "output staged");
                 if out.from.eq_ignore_ascii_case(&step.name) && twin.is_none() {
                     written = staged.rows();
                     let read_later = !later.iter().any(|t| t.eq_ignore_ascii_case(&step.name));

@@ -364,7 +364,8 @@ fn a_run_that_does_not_fit_its_memory_limit_says_what_to_set() {
         totals,
         1,
         &[
-            "needs more memory than engine.memory_limit (1 MiB) gives it: raise engine.memory_limit (aggregations and sorts already spill",
+            "memory budget exceeded: it needs more memory than engine.memory_limit (1 MiB) gives it: raise engine.memory_limit (aggregations and sorts already spill",
+            "or lower the step's datafusion.execution.target_partitions",
             "Resources exhausted",
         ],
     );
