@@ -53,6 +53,20 @@ pub fn register(
     schema: SchemaRef,
     parts: Vec<Vec<RecordBatch>>,
 ) -> crate::error::Result<usize> {
+    register_counted(ctx, name, schema, parts, Vec::new())
+}
+
+/// [`register`] for rows that `counted` already count against the pool (taken while they
+/// arrived): the table keeps those reservations, and only the difference to its bytes is
+/// asked for or given back. Letting go of them first and asking anew would count the rows
+/// twice for a moment, as held by nobody and as asked for (the pool sees the live heap).
+pub fn register_counted(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    parts: Vec<Vec<RecordBatch>>,
+    mut counted: Vec<MemoryReservation>,
+) -> crate::error::Result<usize> {
     let err = |e| Error::df(format!("register `{name}`"), e);
     let parts = if parts.is_empty() {
         vec![vec![]]
@@ -62,23 +76,35 @@ pub fn register(
     let bytes = crate::engine::memory::batches_bytes(parts.iter().flatten()) as usize;
     // The table it replaces gives its memory back first.
     ctx.deregister_table(name).map_err(err)?;
-    let reservation = crate::engine::memory::reserve(ctx, format!("step result `{name}`"), bytes)
-        .map_err(|e| {
-        Error::df(
-            format!(
-                "step `{name}`: keeping its result ({} MiB) in memory",
-                bytes >> 20
-            ),
-            e,
-        )
-        .out_of_memory(ctx.runtime_env().memory_pool.as_ref())
-    })?;
-    let counted = crate::engine::scratch::ResultSpace::of(ctx).map(|s| s.hold(bytes));
+    let have: usize = counted.iter().map(MemoryReservation::size).sum();
+    if bytes > have {
+        let more =
+            crate::engine::memory::reserve(ctx, format!("step result `{name}`"), bytes - have)
+                .map_err(|e| {
+                    Error::df(
+                        format!(
+                            "step `{name}`: keeping its result ({} MiB) in memory",
+                            bytes >> 20
+                        ),
+                        e,
+                    )
+                    .out_of_memory(ctx.runtime_env().memory_pool.as_ref())
+                })?;
+        counted.push(more);
+    } else {
+        let mut surplus = have - bytes;
+        for r in &mut counted {
+            let give = surplus.min(r.size());
+            r.shrink(give);
+            surplus -= give;
+        }
+    }
+    let held = crate::engine::scratch::ResultSpace::of(ctx).map(|s| s.hold(bytes));
     let table = HeldTable {
         table: MemTable::try_new(schema, parts.clone()).map_err(err)?,
         parts,
-        reservation,
-        _counted: counted,
+        reservations: counted,
+        _counted: held,
     };
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
     Ok(bytes)
@@ -90,7 +116,8 @@ pub struct HeldTable {
     table: MemTable,
     /// The same batches (shared buffers), for model steps that read them in order.
     parts: Vec<Vec<RecordBatch>>,
-    reservation: MemoryReservation,
+    /// Its bytes, counted against the pool.
+    reservations: Vec<MemoryReservation>,
     /// Counted against the share of memory for held results.
     _counted: Option<crate::engine::scratch::HeldBytes>,
 }
@@ -108,7 +135,7 @@ impl HeldTable {
 
     /// The bytes its batches hold (as counted against the pool).
     pub fn bytes(&self) -> usize {
-        self.reservation.size()
+        self.reservations.iter().map(MemoryReservation::size).sum()
     }
 }
 

@@ -301,9 +301,8 @@ pub async fn collect_or_spill(
     }
     let bytes = total.load(Ordering::Relaxed);
     if !spilling.load(Ordering::Relaxed) {
-        drop(reservations);
         let parts = super::rows::compact(parts)?;
-        let held = super::rows::register(ctx, name, schema, parts)?;
+        let held = super::rows::register_counted(ctx, name, schema, parts, reservations)?;
         return Ok(Kept {
             rows,
             held,
@@ -454,8 +453,8 @@ impl ResultWriter {
         } = self;
         match spill {
             None => {
-                drop(reservation);
-                let held = super::rows::register(&ctx, &name, schema, parts)?;
+                let held =
+                    super::rows::register_counted(&ctx, &name, schema, parts, vec![reservation])?;
                 Ok(Kept {
                     rows,
                     held,

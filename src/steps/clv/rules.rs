@@ -310,7 +310,8 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         .map_err(|e| cx.df_err(e))?;
     // The orders read and, per customer, the sums and the result (about three orders a
     // customer on the generator's data; the discounted model keeps one index per order).
-    let bytes_needed = rows_in_from * (24 + 4) + (rows_in_from / 2) * 64;
+    let bytes_for = |rows: usize| rows * (24 + 4) + (rows / 2) * 64;
+    let bytes_needed = bytes_for(rows_in_from);
     let estimate = spec.model == ClvModel::FormulaRetention && spec.retention_rate.is_none();
     let buckets = match cx.session.runtime_env().memory_pool.memory_limit() {
         datafusion::execution::memory_pool::MemoryLimit::Finite(limit) if !estimate => {
@@ -324,7 +325,20 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     }
     let mut writer = ResultWriter::for_step(cx, schema(spec.model))?;
     let (mut n, mut total_clv, mut retention) = (0, 0.0, None);
+    let keep = [Some(spec.from.as_str()), spec.acquisition_costs.as_deref()];
+    let keep: Vec<&str> = keep.into_iter().flatten().collect();
     for k in 0..buckets {
+        // Taken before the orders are read, so that they are counted while they arrive (the
+        // pool sees the live heap: taken after, they would count twice), then set to what the
+        // bucket's orders need.
+        let memory = crate::steps::evict::reserve_evicting(
+            cx.session,
+            format!("clv step `{}`: orders and sums", cx.step.name),
+            bytes_for(rows_in_from.div_ceil(buckets)),
+            &keep,
+        )
+        .await
+        .map_err(|e| cx.df_err(e))?;
         let filter = bucket_filter(k, buckets);
         let orders = collect(cx, &format!("{}{filter}", orders_sql(spec, cx.run_date))).await?;
         let costs = match &spec.acquisition_costs {
@@ -334,16 +348,9 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
             _ => Vec::new(),
         };
         let rows: usize = orders.iter().map(|b| b.num_rows()).sum();
-        let keep = [Some(spec.from.as_str()), spec.acquisition_costs.as_deref()];
-        let keep: Vec<&str> = keep.into_iter().flatten().collect();
-        let _memory = crate::steps::evict::reserve_evicting(
-            cx.session,
-            format!("clv step `{}`: orders and sums", cx.step.name),
-            rows * (24 + 4) + (rows / 2) * 64,
-            &keep,
-        )
-        .await
-        .map_err(|e| cx.df_err(e))?;
+        memory
+            .try_resize(bytes_for(rows))
+            .map_err(|e| cx.df_err(e))?;
         let computed = compute(
             spec,
             step.margin(),
