@@ -23,6 +23,16 @@ fn shipped_job_commits_outputs_that_duckdb_reads_and_reruns_replace_not_duplicat
             "no log line for step {step}:\n{log}"
         );
     }
+    // The binary counts its live heap (the memory budget covers it, not only the pool's
+    // reservations): every step's log line carries the count.
+    let done: Vec<&str> = log.lines().filter(|l| l.contains("step done")).collect();
+    assert!(done.len() >= 7, "{log}");
+    for l in done {
+        assert!(
+            l.contains(" heap_mb=") && l.contains(" heap_peak_mb="),
+            "a step without the process's heap count (is the counting allocator installed?): {l}"
+        );
+    }
     // The held orders_clean has only the columns later steps read (the outputs below are
     // still those DuckDB computes from the raw exports).
     assert!(
