@@ -41,8 +41,9 @@ pub fn release() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
-/// Resident memory now, in bytes, from `/proc/self/statm` (cheaper to read than `status`).
-fn resident_fast() -> Option<u64> {
+/// Resident memory now, in bytes, from `/proc/self/statm` (cheaper to read than `status`: the
+/// pressure watch reads it every 10 ms).
+pub fn rss() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     #[cfg(target_os = "linux")]
@@ -100,7 +101,7 @@ pub fn watch_pressure(limit: u64) {
                 let mut tight = false;
                 loop {
                     std::thread::sleep(std::time::Duration::from_millis(10));
-                    let Some(resident) = resident_fast() else {
+                    let Some(resident) = rss() else {
                         return;
                     };
                     match pressure_turn(tight, resident, on, off) {
@@ -145,11 +146,6 @@ pub fn set_huge_pages(on: bool) -> bool {
         let _ = on;
         false
     }
-}
-
-/// Resident memory now, in bytes.
-pub fn rss() -> Option<u64> {
-    status_value("VmRSS:").map(|k| k * 1024)
 }
 
 /// Peak resident memory since the process started or since [`reset_peak`], in bytes.

@@ -273,18 +273,29 @@ mod tests {
         Arc::new(BalancedPool::new(limit))
     }
 
+    /// A consumer that can spill (an aggregation's or a sort's partition).
+    fn spiller(pool: &Arc<dyn MemoryPool>, name: &str) -> MemoryReservation {
+        MemoryConsumer::new(name)
+            .with_can_spill(true)
+            .register(pool)
+    }
+
+    /// A heap figure the test sets as it goes.
+    fn heap_counter() -> (Heap, Arc<AtomicUsize>) {
+        let live = Arc::new(AtomicUsize::new(0));
+        let seen = live.clone();
+        (
+            Heap(Arc::new(move || Some(seen.load(Ordering::Relaxed)))),
+            live,
+        )
+    }
+
     #[test]
     fn grows_greedily_then_caps_spillers_at_their_share() {
         let pool = pool(1000);
-        let a = MemoryConsumer::new("a")
-            .with_can_spill(true)
-            .register(&pool);
-        let b = MemoryConsumer::new("b")
-            .with_can_spill(true)
-            .register(&pool);
-        let c = MemoryConsumer::new("c")
-            .with_can_spill(true)
-            .register(&pool);
+        let a = spiller(&pool, "a");
+        let b = spiller(&pool, "b");
+        let c = spiller(&pool, "c");
         // Greedy up to 750: one partition may take far more than a third.
         a.try_grow(700).unwrap();
         a.try_grow(50).unwrap();
@@ -305,9 +316,7 @@ mod tests {
     fn unspillable_consumers_are_first_come_first_served_and_shrink_the_shares() {
         let pool = pool(1000);
         let join = MemoryConsumer::new("join").register(&pool);
-        let sort = MemoryConsumer::new("sort")
-            .with_can_spill(true)
-            .register(&pool);
+        let sort = spiller(&pool, "sort");
         join.try_grow(600).unwrap();
         assert!(join.try_grow(401).is_err());
         // Past the greedy line the spiller's share is what the join left: 400.
@@ -319,21 +328,15 @@ mod tests {
 
     /// A pool whose process holds `live` bytes of heap (set by the test as it goes).
     fn pool_with_heap(limit: usize) -> (Arc<dyn MemoryPool>, Arc<AtomicUsize>) {
-        let live = Arc::new(AtomicUsize::new(0));
-        let seen = live.clone();
-        let heap = Heap(Arc::new(move || Some(seen.load(Ordering::Relaxed))));
+        let (heap, live) = heap_counter();
         (Arc::new(BalancedPool::with_heap(limit, heap)), live)
     }
 
     #[test]
     fn memory_outside_the_reservations_counts_as_held_by_a_consumer_that_cannot_spill() {
         let (pool, live) = pool_with_heap(1000);
-        let a = MemoryConsumer::new("a")
-            .with_can_spill(true)
-            .register(&pool);
-        let b = MemoryConsumer::new("b")
-            .with_can_spill(true)
-            .register(&pool);
+        let a = spiller(&pool, "a");
+        let b = spiller(&pool, "b");
         // The process holds 300 unreserved (scan buffers): the greedy line (750) comes at 450
         // reserved, and past it each spiller's share is (1000 - 300) / 2 = 350.
         live.store(300, Ordering::Relaxed);
@@ -370,12 +373,8 @@ mod tests {
 
     #[test]
     fn keeps_its_high_water_marks() {
-        let live = Arc::new(AtomicUsize::new(0));
-        let seen = live.clone();
-        let p = BalancedPool::with_heap(
-            1000,
-            Heap(Arc::new(move || Some(seen.load(Ordering::Relaxed)))),
-        );
+        let (heap, live) = heap_counter();
+        let p = BalancedPool::with_heap(1000, heap);
         let dynp: Arc<dyn MemoryPool> = Arc::new(p.clone());
         let r = MemoryConsumer::new("r").register(&dynp);
         // 150 held outside the reservations when 400 are asked for: the process peaks at 550.
