@@ -238,8 +238,10 @@ else:
 # --- a hard memory limit of the kernel: memory_limit + the stated overhead ------------------
 # README "Memory": the pool counts the process's whole live heap (src/engine/heap.rs), so what
 # the process holds beyond memory_limit is the program itself (~110 MiB resident) and the pages
-# the allocator keeps for reuse (src/engine/memory.rs: given back at once while the process is
-# near its limit). Stated as a quarter of memory_limit, at least 256 MiB. A memory cgroup (v2,
+# the allocator holds beyond the live heap (kept for reuse, given back at once while the process
+# is near its limit: src/engine/memory.rs; or fragmented). Stated for this benchmark's size as a
+# quarter of memory_limit, at least 256 MiB (at 96M order rows it takes 40 %: README
+# "Configuration reference"). A memory cgroup (v2,
 # or v1 as on our VMs) with that hard limit: the job must complete inside it, and with a far
 # too small memory_limit fail with clvflow's clear error, never be OOM-killed. Skipped, saying
 # so, where no cgroup can be created (not root, no memory controller).
