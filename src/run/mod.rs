@@ -328,9 +328,12 @@ async fn execute(
         let streamed = staging.is_some_and(|s| s.streamed(i));
         // The session with the step's own settings; a streamed step is computed by its
         // output's write, so that write uses it too.
+        // Sizes of the tables a step may read that are files: inputs, and results read back
+        // from their staged outputs.
+        let mut known = input_report.clone();
+        known.extend(staging.map(Staging::read_back).unwrap_or_default());
         let settings =
-            crate::steps::sql::partitions::resolve(ctx, &job.name, step, &vars, &input_report)
-                .await;
+            crate::steps::sql::partitions::resolve(ctx, &job.name, step, &vars, &known).await;
         let step_ctx = engine::session_for_settings(ctx, &settings, &step.field)?;
         let cx = StepContext {
             session: &step_ctx,
@@ -343,8 +346,8 @@ async fn execute(
         let mut out = match (&step.kind, staging) {
             (crate::steps::StepKind::Sql(sql), Some(staging)) if streamed => {
                 // Computed while it is written to its output.
-                let session = sql.register_view(&cx).await?;
-                let rows = staging.after_step(&session, job, i).await?;
+                sql.register_view(&cx).await?;
+                let rows = staging.after_step(&step_ctx, job, i).await?;
                 StepOutcome {
                     rows: rows as usize,
                     elapsed: started.elapsed(),

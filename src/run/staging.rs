@@ -12,6 +12,7 @@ use tracing::info;
 use super::results::ResultLifetimes;
 use crate::engine::memory;
 use crate::error::{Error, Result};
+use crate::inputs::InputSummary;
 use crate::job::JobPlan;
 use crate::sink::{self, RunInfo, Staged};
 
@@ -21,6 +22,8 @@ pub(super) struct Staging<'a> {
     pub lifetimes: ResultLifetimes,
     /// (output index, time staging took, staged output).
     staged: Mutex<Vec<(usize, Duration, Staged)>>,
+    /// Step results that later steps read back from their staged files, with their sizes.
+    read_back: Mutex<Vec<(String, InputSummary)>>,
 }
 
 fn mib(bytes: u64) -> u64 {
@@ -33,7 +36,17 @@ impl<'a> Staging<'a> {
             run,
             lifetimes,
             staged: Mutex::new(Vec::new()),
+            read_back: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The step results read back from their staged files so far, with their sizes (for
+    /// planning the steps that read them, like inputs).
+    pub fn read_back(&self) -> Vec<(String, InputSummary)> {
+        self.read_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn take(&self) -> Vec<(usize, Duration, Staged)> {
@@ -108,6 +121,10 @@ impl<'a> Staging<'a> {
                             .map_err(|e| Error::df(format!("replace `{}`", step.name), e))?;
                         ctx.register_table(step.name.as_str(), staged.as_table(ctx).await?)
                             .map_err(|e| Error::df(format!("read back `{}`", step.name), e))?;
+                        self.read_back
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((step.name.clone(), staged.summary()));
                     }
                 }
                 this_step.push((o, took, staged));

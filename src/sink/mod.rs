@@ -262,6 +262,15 @@ pub struct OutputOutcome {
     pub recovery: publish::Recovery,
 }
 
+/// What writing an output to staging gave.
+struct Written {
+    /// The schema the table's commit records.
+    schema: Schema,
+    added: Vec<AddedFile>,
+    /// The files' uncompressed size, from their footers.
+    decoded: u64,
+}
+
 /// An output written to staging, not yet committed.
 #[derive(Debug)]
 pub struct Staged {
@@ -271,6 +280,8 @@ pub struct Staged {
     schema: Schema,
     staging_rel: String,
     added: Vec<AddedFile>,
+    /// The staged files' uncompressed size (what reading them back takes, roughly).
+    decoded: u64,
     recovery: publish::Recovery,
 }
 
@@ -350,7 +361,11 @@ pub async fn stage_copy(
             .buffer_unordered(16)
             .try_collect::<Vec<()>>()
             .await?;
-        Ok((schema, from.added.clone()))
+        Ok(Written {
+            schema,
+            added: from.added.clone(),
+            decoded: from.decoded,
+        })
     }
     .await;
     finish_staging(out, run, log, recovery, staging_rel, copied).await
@@ -363,14 +378,18 @@ async fn finish_staging(
     log: TableLog,
     recovery: publish::Recovery,
     staging_rel: String,
-    mut written: Result<(Schema, Vec<AddedFile>)>,
+    mut written: Result<Written>,
 ) -> Result<Staged> {
-    if let (Ok((schema, _)), OutputFormat::Delta(_)) = (&written, &out.format)
-        && let Err(e) = delta::check_target(out, run, schema).await
+    if let (Ok(w), OutputFormat::Delta(_)) = (&written, &out.format)
+        && let Err(e) = delta::check_target(out, run, &w.schema).await
     {
         written = Err(e);
     }
-    let (schema, added) = match written {
+    let Written {
+        schema,
+        added,
+        decoded,
+    } = match written {
         Ok(w) => w,
         Err(e) => {
             // Best effort: the next run removes whatever is left anyway.
@@ -385,6 +404,7 @@ async fn finish_staging(
         schema,
         staging_rel,
         added,
+        decoded,
         recovery,
     })
 }
@@ -398,6 +418,17 @@ impl Staged {
     /// Bytes written.
     pub fn bytes(&self) -> u64 {
         self.added.iter().map(|a| a.file.bytes).sum()
+    }
+
+    /// The staged files, rows and sizes, as an input's are summarised: what a later step that
+    /// reads them back plans with ([`crate::steps::sql::partitions::table_size`]).
+    pub fn summary(&self) -> crate::inputs::InputSummary {
+        crate::inputs::InputSummary {
+            files: self.added.len(),
+            rows: self.rows(),
+            bytes: self.bytes(),
+            memory_bytes: self.decoded,
+        }
     }
 
     /// The staged files as a table with the step's columns (partition columns last, typed as in

@@ -28,7 +28,7 @@ pub(super) async fn write(
     options: &ParquetOptions,
     log: &TableLog,
     staging_rel: &str,
-) -> Result<(Schema, Vec<AddedFile>)> {
+) -> Result<super::Written> {
     let (df, schema) = prepare(ctx, out, run).await?;
     let mut parquet = TableParquetOptions::default();
     parquet.global.compression = Some(options.compression.datafusion_name());
@@ -69,7 +69,12 @@ pub(super) async fn write(
         stage_files(log, staging_rel, run, written).await
     }
     .await?;
-    Ok((schema, staged))
+    let (added, decoded) = staged;
+    Ok(super::Written {
+        schema,
+        added,
+        decoded,
+    })
 }
 
 /// The step's rows, with partition columns checked: they exist, and NULL or empty values are
@@ -167,7 +172,7 @@ async fn stage_files(
     staging_rel: &str,
     run: &RunInfo,
     written: u64,
-) -> Result<Vec<AddedFile>> {
+) -> Result<(Vec<AddedFile>, u64)> {
     let staging = log.log_path(staging_rel);
     let mut metas = log.list(&staging).await?;
     metas.retain(|m| m.location.as_ref().ends_with(".parquet"));
@@ -177,42 +182,41 @@ async fn stage_files(
     // not name a file alike, or the second one's publish would move its file onto the first
     // one's name and then delete it as replaced.
     let short = run.run_id.clone();
-    let added: Vec<AddedFile> = futures::stream::iter(metas.into_iter().enumerate())
+    let added: Vec<(AddedFile, u64)> = futures::stream::iter(metas.into_iter().enumerate())
         .map(|(i, meta)| {
             let store = store.clone();
             let staging = staging.clone();
             let short = short.clone();
             let staging_rel = staging_rel.to_string();
             async move {
-                let rows = footer::read(store.as_ref(), &meta)
-                    .await
-                    .map_err(|e| {
-                        Error::df(format!("read back the staged file {}", meta.location), e)
-                    })?
-                    .rows;
+                let footer = footer::read(store.as_ref(), &meta).await.map_err(|e| {
+                    Error::df(format!("read back the staged file {}", meta.location), e)
+                })?;
                 let rel = relative(&staging, &meta.location);
                 let folder = rel
                     .rsplit_once('/')
                     .map(|(d, _)| format!("{d}/"))
                     .unwrap_or_default();
-                Ok::<_, Error>(AddedFile {
+                let added = AddedFile {
                     file: DataFile {
                         path: format!("{folder}part-{short}-{i:05}.parquet"),
-                        rows,
+                        rows: footer.rows,
                         bytes: meta.size,
                     },
                     staged: format!("{staging_rel}/{rel}"),
-                })
+                };
+                Ok::<_, Error>((added, footer.uncompressed))
             }
         })
         .buffered(16)
         .try_collect()
         .await?;
-    let total: u64 = added.iter().map(|a| a.file.rows).sum();
+    let total: u64 = added.iter().map(|(a, _)| a.file.rows).sum();
     if total != written {
         return Err(Error::Internal(format!(
             "DataFusion reported {written} rows written but the staged files hold {total}; nothing was committed"
         )));
     }
-    Ok(added)
+    let decoded = added.iter().map(|(_, d)| d).sum();
+    Ok((added.into_iter().map(|(a, _)| a).collect(), decoded))
 }

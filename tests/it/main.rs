@@ -6,6 +6,7 @@ mod commit;
 mod common;
 mod delta;
 mod golden;
+mod joins;
 mod local;
 mod report;
 mod s3;

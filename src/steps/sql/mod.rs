@@ -78,17 +78,8 @@ impl SqlStep {
 
     /// The step's query, planned on [`Self::session`].
     pub async fn dataframe(&self, cx: &StepContext<'_>) -> Result<DataFrame> {
-        let session = self.session(cx).await?;
-        self.dataframe_on(cx, &session).await
-    }
-
-    async fn dataframe_on(
-        &self,
-        cx: &StepContext<'_>,
-        session: &SessionContext,
-    ) -> Result<DataFrame> {
         let sql = self.render(cx.vars, &cx.step.field)?;
-        session.sql(&sql.sql).await.map_err(|e| cx.df_err(e))
+        cx.session.sql(&sql.sql).await.map_err(|e| cx.df_err(e))
     }
 
     /// The columns the query reads of each table (lower-cased), from its optimized plan on
@@ -174,51 +165,14 @@ impl SqlStep {
         })
     }
 
-    /// The session the step's query is planned on: `cx.session`, or when a table it reads is a
-    /// spilled result whose rows would fill half the memory pool, a copy that plans joins as
-    /// sort-merge joins (DataFusion's sorts spill to disk; its hash joins hold the whole build
-    /// side in memory and fail when it does not fit).
-    pub async fn session(&self, cx: &StepContext<'_>) -> Result<SessionContext> {
-        let pool = &cx.session.runtime_env().memory_pool;
-        let datafusion::execution::memory_pool::MemoryLimit::Finite(limit) = pool.memory_limit()
-        else {
-            return Ok(cx.session.clone());
-        };
-        let mut large = Vec::new();
-        for table in self.reads(cx.session, cx.vars).unwrap_or_default() {
-            if let Ok(Some(p)) = cx.session.table_provider(&table).await.map(Some)
-                && let Some(s) = p.downcast_ref::<super::spill::SpilledTable>()
-                && s.bytes() > limit / 2
-            {
-                large.push(format!("{table} ({} MiB)", s.bytes() >> 20));
-            }
-        }
-        if large.is_empty() {
-            return Ok(cx.session.clone());
-        }
-        tracing::info!(
-            step = %cx.step.name,
-            tables = %large.join(", "),
-            "joins planned as sort-merge joins: a hash table of these would not fit the memory limit"
-        );
-        let settings = [(
-            "datafusion.optimizer.prefer_hash_join".to_string(),
-            "false".to_string(),
-        )]
-        .into();
-        crate::engine::session_for_settings(cx.session, &settings, &cx.step.field)
-    }
-
-    /// Registers the query as a view (planned now, run when read): for a step whose result
-    /// streams straight into its output's files.
-    /// Returns the session the view is planned on, which the write must run on too.
-    pub async fn register_view(&self, cx: &StepContext<'_>) -> Result<SessionContext> {
-        let session = self.session(cx).await?;
-        let df = self.dataframe_on(cx, &session).await?;
-        session
+    /// Registers the query as a view on `cx.session` (planned now, run when read): for a step
+    /// whose result streams straight into its output's files; the write runs on that session.
+    pub async fn register_view(&self, cx: &StepContext<'_>) -> Result<()> {
+        let df = self.dataframe(cx).await?;
+        cx.session
             .register_table(&cx.step.name, df.into_view())
             .map_err(|e| cx.df_err(e))?;
-        Ok(session)
+        Ok(())
     }
 
     /// Plans the query without reading data and registers an empty table of its result schema,

@@ -19,6 +19,10 @@
 //! uncompressed size, from the footers read when the run checks them) above half of
 //! `engine.memory_limit`. The count never goes below the session's `target_partitions`
 //! (`engine.target_partitions`, default the cores) nor above [`MAX_PARTITIONS`].
+//!
+//! The same sizes decide how a SQL step joins ([`resolve`]): a table above half the limit
+//! (an input, a held or spilled result, or a result read back from its staged output) makes
+//! the step plan sort-merge joins, which spill, instead of hash joins, which do not.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -84,49 +88,75 @@ pub fn wants_auto(settings: &BTreeMap<String, String>) -> bool {
     settings.get(KEY).is_some_and(|v| is_auto(KEY, v))
 }
 
-/// `step`'s settings with `auto` replaced by the partitions chosen from the tables it reads on
-/// `ctx` (logged with what they came from); unchanged when it does not ask for `auto`. On the
-/// cluster engine the memory limit is this process's, not the executors': the count there comes
-/// from the rows alone.
+/// The setting that plans equi-joins as sort-merge joins when `false`.
+pub const HASH_JOIN_KEY: &str = "datafusion.optimizer.prefer_hash_join";
+
+/// `step`'s settings with what depends on the size of the tables it reads filled in (each
+/// logged with what it came from); unchanged when nothing does:
+/// - `auto` partitions replaced by the count [`choose`] gives;
+/// - a SQL step that reads a table whose rows would fill half the memory pool plans its joins
+///   as sort-merge joins (DataFusion's sorts spill to disk; its hash joins hold the whole build
+///   side in memory and fail when it does not fit), unless its settings say otherwise.
+///
+/// `known` has the sizes of the run's inputs and of the step results read back from their
+/// staged output files. On the cluster engine the memory limit is this process's, not the
+/// executors': the count there comes from the rows alone, and joins are left as they are.
 pub async fn resolve<'a>(
     ctx: &SessionContext,
     job: &str,
     step: &'a Step,
     vars: &BTreeMap<String, String>,
-    inputs: &[(String, InputSummary)],
+    known: &[(String, InputSummary)],
 ) -> Cow<'a, BTreeMap<String, String>> {
-    if !wants_auto(&step.settings) {
+    let auto = wants_auto(&step.settings);
+    let joins = step.kind.is_sql() && !step.settings.contains_key(HASH_JOIN_KEY);
+    if !auto && !joins {
         return Cow::Borrowed(&step.settings);
-    }
-    let (mut rows, mut bytes) = (0u64, 0u64);
-    for table in step.kind.reads(ctx, vars).unwrap_or_default() {
-        if let Some((r, b)) = table_size(ctx, &table, inputs).await {
-            rows = rows.max(r);
-            bytes = bytes.saturating_add(b);
-        }
     }
     let on_cluster = crate::engine::cluster::RunScratch::of(ctx).is_some();
     let limit = match ctx.runtime_env().memory_pool.memory_limit() {
         MemoryLimit::Finite(l) if !on_cluster => Some(l as u64),
         _ => None,
     };
-    let floor = ctx.state().config().target_partitions();
-    let c = choose(rows, bytes, limit, floor);
-    tracing::info!(job, step = %step.name, partitions = c.partitions, rows = c.rows,
-                   bytes = c.bytes, spills = c.spills, "partitions chosen from the data");
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    let mut large = Vec::new();
+    for table in step.kind.reads(ctx, vars).unwrap_or_default() {
+        if let Some((r, b)) = table_size(ctx, &table, known).await {
+            rows = rows.max(r);
+            bytes = bytes.saturating_add(b);
+            if limit.is_some_and(|l| b > l / 2) {
+                large.push(format!("{table} ({} MiB)", b >> 20));
+            }
+        }
+    }
     let mut settings = step.settings.clone();
-    settings.insert(KEY.to_string(), c.partitions.to_string());
+    if auto {
+        let floor = ctx.state().config().target_partitions();
+        let c = choose(rows, bytes, limit, floor);
+        tracing::info!(job, step = %step.name, partitions = c.partitions, rows = c.rows,
+                       bytes = c.bytes, spills = c.spills, "partitions chosen from the data");
+        settings.insert(KEY.to_string(), c.partitions.to_string());
+    }
+    if joins && !large.is_empty() {
+        tracing::info!(job, step = %step.name, tables = %large.join(", "),
+                       "joins planned as sort-merge joins: a hash table of these would not fit the memory limit");
+        settings.insert(HASH_JOIN_KEY.to_string(), "false".to_string());
+    }
+    if settings == step.settings {
+        return Cow::Borrowed(&step.settings);
+    }
     Cow::Owned(settings)
 }
 
 /// Rows and bytes of table `name` on `ctx`: a held or spilled step result's own figures, an
-/// input's from the run's check of its files (`inputs`); `None` for anything else.
+/// input's from the run's check of its files and a result read back from its staged output's
+/// files from their footers (`known`); `None` for anything else.
 pub async fn table_size(
     ctx: &SessionContext,
     name: &str,
-    inputs: &[(String, InputSummary)],
+    known: &[(String, InputSummary)],
 ) -> Option<(u64, u64)> {
-    if let Some((_, s)) = inputs.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+    if let Some((_, s)) = known.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
         return Some((s.rows, s.memory_bytes));
     }
     let provider = ctx.table_provider(name).await.ok()?;
