@@ -240,7 +240,8 @@ else:
 # the process holds beyond memory_limit is the program itself (~110 MiB resident) and the pages
 # the allocator holds beyond the live heap (kept for reuse, given back at once while the process
 # is near its limit: src/engine/memory.rs; or fragmented). Stated for this benchmark's size as a
-# quarter of memory_limit, at least 256 MiB (at 96M order rows it takes 40 %: README
+# quarter of memory_limit, at least 256 MiB (also at 96M order rows since the pool leaves an
+# eighth of the limit to the allocator: README
 # "Configuration reference"). A memory cgroup (v2,
 # or v1 as on our VMs) with that hard limit: the job must complete inside it, and with a far
 # too small memory_limit fail with clvflow's clear error, never be OOM-killed. Skipped, saying

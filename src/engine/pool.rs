@@ -40,11 +40,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Share of the limit below which spilling operators grow without a cap.
 pub const GREEDY_SHARE: f64 = 0.75;
 
+/// Share of the limit the engine's pool leaves to the allocator: the pages it holds beyond the
+/// live heap (size classes rounded up, freed pages not given back yet, partly used pages). At
+/// 96M order rows under 2 GiB these were 700–800 MiB while the heap was at the limit; with an
+/// eighth left the run kept inside a 2.5 GiB memory cgroup (README "Benchmarks").
+pub const ALLOCATOR_SHARE: usize = 8;
+
 /// Greedy below [`GREEDY_SHARE`] of the limit, fair above it (module docs). Clones share one
 /// pool.
 #[derive(Debug, Clone)]
 pub struct BalancedPool {
+    /// `engine.memory_limit`: what the pool reports (messages, sizes derived from it).
     limit: usize,
+    /// What reservations and the live heap may take together: the limit, less the
+    /// allocator's share for the engine's pool.
+    heap_limit: usize,
     greedy_until: usize,
     state: Arc<Mutex<State>>,
     heap: Heap,
@@ -85,16 +95,24 @@ impl State {
 }
 
 impl BalancedPool {
-    /// A pool of `limit` bytes for the process, counting its live heap ([`super::heap::live`]).
+    /// A pool of `limit` bytes for the process, counting its live heap ([`super::heap::live`])
+    /// and leaving 1/[`ALLOCATOR_SHARE`] of it to the allocator's pages beyond that heap.
     pub fn new(limit: usize) -> Self {
-        Self::with_heap(limit, Heap(Arc::new(super::heap::live)))
+        let heap = Heap(Arc::new(super::heap::live));
+        Self::with_limits(limit, limit - limit / ALLOCATOR_SHARE, heap)
     }
 
-    /// A pool that learns the live heap from `heap` (tests give their own figures).
+    /// A pool that learns the live heap from `heap` (tests give their own figures), all of
+    /// `limit` for the heap.
     pub fn with_heap(limit: usize, heap: Heap) -> Self {
+        Self::with_limits(limit, limit, heap)
+    }
+
+    fn with_limits(limit: usize, heap_limit: usize, heap: Heap) -> Self {
         Self {
             limit,
-            greedy_until: (limit as f64 * GREEDY_SHARE) as usize,
+            heap_limit,
+            greedy_until: (heap_limit as f64 * GREEDY_SHARE) as usize,
             state: Arc::new(Mutex::new(State::default())),
             heap,
         }
@@ -129,7 +147,7 @@ impl BalancedPool {
     /// What a spilling operator may hold when the pool is past its greedy share: the limit,
     /// less what cannot spill (reservations and the memory outside the pool), divided evenly.
     fn fair_share(&self, state: &State, outside: usize) -> usize {
-        self.limit
+        self.heap_limit
             .saturating_sub(state.unspillable.saturating_add(outside))
             / state.spillers.max(1)
     }
@@ -148,7 +166,7 @@ impl BalancedPool {
              data in flight)",
             r.consumer().name(),
             r.size(),
-            self.limit
+            self.heap_limit
                 .saturating_sub(state.used().saturating_add(outside)),
             outside >> 20,
         ))
@@ -212,7 +230,7 @@ impl MemoryPool for BalancedPool {
             }
             state.spillable += additional;
         } else {
-            if after > self.limit {
+            if after > self.heap_limit {
                 return Err(self.refuse(r, additional, &state, outside));
             }
             state.unspillable += additional;
@@ -234,8 +252,9 @@ impl fmt::Display for BalancedPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "balanced(pool_size: {} MiB, greedy up to {} MiB)",
+            "balanced(pool_size: {} MiB, heap and reservations up to {} MiB, greedy up to {} MiB)",
             self.limit >> 20,
+            self.heap_limit >> 20,
             self.greedy_until >> 20
         )
     }
@@ -269,8 +288,9 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// A pool whose heap is not counted, all of `limit` for reservations.
     fn pool(limit: usize) -> Arc<dyn MemoryPool> {
-        Arc::new(BalancedPool::new(limit))
+        Arc::new(BalancedPool::with_heap(limit, Heap(Arc::new(|| None))))
     }
 
     /// A consumer that can spill (an aggregation's or a sort's partition).
@@ -358,6 +378,22 @@ mod tests {
         live.store(350, Ordering::Relaxed);
         join.try_grow(150).unwrap();
         assert_eq!(pool.reserved(), 500);
+    }
+
+    #[test]
+    fn the_engines_pool_leaves_an_eighth_of_the_limit_to_the_allocator() {
+        let pool: Arc<dyn MemoryPool> = Arc::new(BalancedPool::new(8000));
+        // The limit it reports (messages, sizes derived from it) is the configured one.
+        assert!(matches!(pool.memory_limit(), MemoryLimit::Finite(8000)));
+        let join = MemoryConsumer::new("join").register(&pool);
+        join.try_grow(7000).unwrap();
+        assert!(join.try_grow(1).is_err());
+        // Spillers: greedy up to 3/4 of 7000, then shares of 7000.
+        drop(join);
+        let a = spiller(&pool, "a");
+        a.try_grow(5250).unwrap();
+        a.try_grow(1750).unwrap();
+        assert!(a.try_grow(1).is_err());
     }
 
     #[test]
