@@ -326,12 +326,12 @@ async fn execute(
         memory::reset_peak();
         crate::engine::pool::take_peak(ctx);
         let streamed = staging.is_some_and(|s| s.streamed(i));
-        // The session with the step's own settings; a streamed step is computed by its
-        // output's write, so that write uses it too.
         // Sizes of the tables a step may read that are files: inputs, and results read back
         // from their staged outputs.
         let mut known = input_report.clone();
         known.extend(staging.map(Staging::read_back).unwrap_or_default());
+        // The session with the step's own settings; a streamed step is computed by its
+        // output's write, so that write uses it too.
         let settings =
             crate::steps::sql::partitions::resolve(ctx, &job.name, step, &vars, &known).await;
         let step_ctx = engine::session_for_settings(ctx, &settings, &step.field)?;
