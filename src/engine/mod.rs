@@ -293,6 +293,14 @@ impl Engine {
             .or(local.memory_limit.map(|l| bytes(l) / 4 * 3));
         let space = scratch::ResultSpace::new(hold, &scratch_base);
         let mut config = config.with_extension(Arc::new(space));
+        if local
+            .settings
+            .contains_key(crate::steps::sql::partitions::HASH_JOIN_KEY)
+        {
+            // The user chose how every step joins: not chosen per step from the data.
+            config =
+                config.with_extension(Arc::new(crate::steps::sql::partitions::JoinsSetByEngine));
+        }
         if let Some(pool) = balanced {
             config = config.with_extension(Arc::new(pool::PoolPeak(pool)));
         }

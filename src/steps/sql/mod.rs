@@ -92,8 +92,7 @@ impl SqlStep {
     ) -> Option<super::ColumnReads> {
         use datafusion::common::tree_node::TreeNodeRecursion;
         use datafusion::logical_expr::LogicalPlan;
-        let sql = self.template.render(vars).ok()?.sql;
-        let plan = session.sql(&sql).await.ok()?.into_optimized_plan().ok()?;
+        let plan = self.optimized_plan(session, vars).await?;
         let mut reads = super::ColumnReads::new();
         plan.apply_with_subqueries(|node| {
             if let LogicalPlan::TableScan(scan) = node {
@@ -117,6 +116,51 @@ impl SqlStep {
         })
         .ok()?;
         Some(reads)
+    }
+
+    /// The query's optimized logical plan on `session`; `None` when it does not plan.
+    async fn optimized_plan(
+        &self,
+        session: &SessionContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Option<datafusion::logical_expr::LogicalPlan> {
+        let sql = self.template.render(vars).ok()?.sql;
+        session.sql(&sql).await.ok()?.into_optimized_plan().ok()
+    }
+
+    /// The query's equi-joins (the joins DataFusion plans as hash or sort-merge joins), each as
+    /// the tables scanned under its two sides (lower-cased; a table read twice on a side is
+    /// listed twice), from its optimized plan on `session`, subqueries included. `None` when
+    /// it does not plan.
+    pub async fn equi_joins(
+        &self,
+        session: &SessionContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Option<Vec<[Vec<String>; 2]>> {
+        use datafusion::common::tree_node::TreeNodeRecursion;
+        use datafusion::logical_expr::LogicalPlan;
+        fn scans(plan: &LogicalPlan) -> Vec<String> {
+            let mut names = Vec::new();
+            let _ = plan.apply_with_subqueries(|node| {
+                if let LogicalPlan::TableScan(scan) = node {
+                    names.push(scan.table_name.table().to_lowercase());
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            names
+        }
+        let plan = self.optimized_plan(session, vars).await?;
+        let mut joins = Vec::new();
+        plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::Join(join) = node
+                && !join.on.is_empty()
+            {
+                joins.push([scans(&join.left), scans(&join.right)]);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .ok()?;
+        Some(joins)
     }
 
     /// The tables the query reads (CTE names excluded), lower-cased, from DataFusion's parser.

@@ -20,9 +20,10 @@
 //! `engine.memory_limit`. The count never goes below the session's `target_partitions`
 //! (`engine.target_partitions`, default the cores) nor above [`MAX_PARTITIONS`].
 //!
-//! The same sizes decide how a SQL step joins ([`resolve`]): a table above half the limit
-//! (an input, a held or spilled result, or a result read back from its staged output) makes
-//! the step plan sort-merge joins, which spill, instead of hash joins, which do not.
+//! The same sizes decide how a SQL step joins ([`resolve`]): an equi-join whose smaller side
+//! reads tables above half the limit (inputs, held or spilled results, results read back from
+//! their staged outputs) makes the step plan sort-merge joins, which spill, instead of hash
+//! joins, which do not.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -31,7 +32,7 @@ use datafusion::execution::memory_pool::MemoryLimit;
 use datafusion::prelude::SessionContext;
 
 use crate::inputs::InputSummary;
-use crate::steps::Step;
+use crate::steps::{Step, StepKind};
 
 /// The value of the setting that asks for it.
 pub const AUTO: &str = "auto";
@@ -91,12 +92,20 @@ pub fn wants_auto(settings: &BTreeMap<String, String>) -> bool {
 /// The setting that plans equi-joins as sort-merge joins when `false`.
 pub const HASH_JOIN_KEY: &str = "datafusion.optimizer.prefer_hash_join";
 
+/// Marks a session whose `engine.settings` set [`HASH_JOIN_KEY`]: the user's choice for every
+/// step, which [`resolve`] leaves alone.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinsSetByEngine;
+
 /// `step`'s settings with what depends on the size of the tables it reads filled in (each
 /// logged with what it came from); unchanged when nothing does:
 /// - `auto` partitions replaced by the count [`choose`] gives;
-/// - a SQL step that reads a table whose rows would fill half the memory pool plans its joins
-///   as sort-merge joins (DataFusion's sorts spill to disk; its hash joins hold the whole build
-///   side in memory and fail when it does not fit), unless its settings say otherwise.
+/// - a SQL step with an equi-join whose smaller side reads tables that would fill half the
+///   memory pool plans its joins as sort-merge joins (DataFusion's sorts spill to disk; its
+///   hash joins hold the whole build side, the smaller one, in memory and fail when it does
+///   not fit), unless its settings or `engine.settings` say how to join. A join of a large
+///   table to a small one (a lookup) stays a hash join. The setting is the session's, so in a
+///   step with one large and one small join both are sort-merge joins.
 ///
 /// `known` has the sizes of the run's inputs and of the step results read back from their
 /// staged output files. On the cluster engine the memory limit is this process's, not the
@@ -109,8 +118,20 @@ pub async fn resolve<'a>(
     known: &[(String, InputSummary)],
 ) -> Cow<'a, BTreeMap<String, String>> {
     let auto = wants_auto(&step.settings);
-    let joins = step.kind.is_sql() && !step.settings.contains_key(HASH_JOIN_KEY);
-    if !auto && !joins {
+    let sql = match &step.kind {
+        StepKind::Sql(sql)
+            if !step.settings.contains_key(HASH_JOIN_KEY)
+                && ctx
+                    .state()
+                    .config()
+                    .get_extension::<JoinsSetByEngine>()
+                    .is_none() =>
+        {
+            Some(sql)
+        }
+        _ => None,
+    };
+    if !auto && sql.is_none() {
         return Cow::Borrowed(&step.settings);
     }
     let on_cluster = crate::engine::cluster::RunScratch::of(ctx).is_some();
@@ -119,14 +140,12 @@ pub async fn resolve<'a>(
         _ => None,
     };
     let (mut rows, mut bytes) = (0u64, 0u64);
-    let mut large = Vec::new();
+    let mut sizes = BTreeMap::new();
     for table in step.kind.reads(ctx, vars).unwrap_or_default() {
         if let Some((r, b)) = table_size(ctx, &table, known).await {
             rows = rows.max(r);
             bytes = bytes.saturating_add(b);
-            if limit.is_some_and(|l| b > l / 2) {
-                large.push(format!("{table} ({} MiB)", b >> 20));
-            }
+            sizes.insert(table, b);
         }
     }
     let mut settings = step.settings.clone();
@@ -137,15 +156,59 @@ pub async fn resolve<'a>(
                        bytes = c.bytes, spills = c.spills, "partitions chosen from the data");
         settings.insert(KEY.to_string(), c.partitions.to_string());
     }
-    if joins && !large.is_empty() {
-        tracing::info!(job, step = %step.name, tables = %large.join(", "),
-                       "joins planned as sort-merge joins: a hash table of these would not fit the memory limit");
-        settings.insert(HASH_JOIN_KEY.to_string(), "false".to_string());
+    if let (Some(sql), Some(limit)) = (sql, limit)
+        && sizes.values().any(|&b| b > limit / 2)
+    {
+        let joins = sql.equi_joins(ctx, vars).await.unwrap_or_default();
+        let large = large_joins(&joins, &sizes, limit / 2);
+        if !large.is_empty() {
+            tracing::info!(job, step = %step.name, joins = %large.join("; "),
+                           "joins planned as sort-merge joins: a hash table of the smaller side would not fit the memory limit");
+            settings.insert(HASH_JOIN_KEY.to_string(), "false".to_string());
+        }
     }
     if settings == step.settings {
         return Cow::Borrowed(&step.settings);
     }
     Cow::Owned(settings)
+}
+
+/// The joins of `joins` (the tables under each side) whose smaller side reads more than
+/// `above` bytes by `sizes` (tables of unknown size count nothing), each described as
+/// `a (n MiB) ⋈ b (m MiB) + c (k MiB)`.
+fn large_joins(
+    joins: &[[Vec<String>; 2]],
+    sizes: &BTreeMap<String, u64>,
+    above: u64,
+) -> Vec<String> {
+    let side = |names: &[String]| -> u64 {
+        (names.iter().filter_map(|n| sizes.get(n))).fold(0u64, |a, &b| a.saturating_add(b))
+    };
+    let describe = |names: &[String]| -> String {
+        let mut seen = Vec::new();
+        for n in names {
+            if !seen.contains(&n) {
+                seen.push(n);
+            }
+        }
+        let parts: Vec<String> = seen
+            .iter()
+            .map(|n| match sizes.get(*n) {
+                Some(b) => format!("{n} ({} MiB)", b >> 20),
+                None => n.to_string(),
+            })
+            .collect();
+        if parts.is_empty() {
+            "(no table)".to_string()
+        } else {
+            parts.join(" + ")
+        }
+    };
+    joins
+        .iter()
+        .filter(|[l, r]| side(l).min(side(r)) > above)
+        .map(|[l, r]| format!("{} ⋈ {}", describe(l), describe(r)))
+        .collect()
 }
 
 /// Rows and bytes of table `name` on `ctx`: a held or spilled step result's own figures, an
@@ -213,6 +276,41 @@ mod tests {
         // Extremes do not overflow.
         assert_eq!(choose(u64::MAX, u64::MAX, Some(u64::MAX), 2).partitions, 64);
         assert_eq!(choose(u64::MAX, u64::MAX, None, 100).partitions, 100);
+    }
+
+    #[test]
+    fn a_join_is_large_when_its_smaller_side_is() {
+        let sizes = BTreeMap::from([
+            ("orders".to_string(), 3000 << 20),
+            ("customers".to_string(), 700 << 20),
+            ("segment_map".to_string(), 1 << 10),
+        ]);
+        let j = |l: &[&str], r: &[&str]| -> [Vec<String>; 2] {
+            [
+                l.iter().map(|s| s.to_string()).collect(),
+                r.iter().map(|s| s.to_string()).collect(),
+            ]
+        };
+        let above = 1 << 30;
+        // A lookup joined to the largest table: the hash table is the lookup's.
+        assert!(large_joins(&[j(&["orders"], &["segment_map"])], &sizes, above).is_empty());
+        // Both sides above the limit: a sort-merge join, named with its sizes.
+        assert_eq!(
+            large_joins(&[j(&["orders"], &["customers", "orders"])], &sizes, above),
+            ["orders (3000 MiB) ⋈ customers (700 MiB) + orders (3000 MiB)"]
+        );
+        // A side's tables add up; unknown tables count nothing.
+        assert!(large_joins(&[j(&["orders"], &["customers", "x"])], &sizes, above).is_empty());
+        assert_eq!(
+            large_joins(
+                &[j(&["orders"], &["customers", "customers"])],
+                &sizes,
+                above
+            )
+            .len(),
+            1
+        );
+        assert!(large_joins(&[j(&[], &["orders"])], &sizes, 0).is_empty());
     }
 
     #[test]
