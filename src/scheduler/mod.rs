@@ -202,7 +202,9 @@ impl Dispatcher {
 
 /// Runs `requests` to the end (backfill, tests): waits and lease conflicts are retried after
 /// `poll` (a wait sooner, when its upstream commits here); a run still waiting for an upstream
-/// job when nothing else can run is given up.
+/// job when nothing else can run is given up. A lease conflict is always retried: another
+/// process is running the job (or its lease expires within `lease_ttl`), so the date can run
+/// once that run ends; giving up on it made two processes each skip a date the other had left.
 pub async fn drain(
     dispatcher: &mut Dispatcher,
     requests: Vec<Request>,
@@ -233,12 +235,17 @@ pub async fn drain(
             continue;
         };
         match outcome {
-            Ok(Outcome::Waiting(_)) | Ok(Outcome::Busy) if stalled <= dispatcher.queued() + 1 => {
+            Ok(Outcome::Busy) => {
+                tracing::info!(job = %req.job, run_date = %req.run_date,
+                               "the job is running in another process: retried when its lease is free");
+                dispatcher.push(req, Instant::now() + poll);
+            }
+            Ok(Outcome::Waiting(_)) if stalled <= dispatcher.queued() + 1 => {
                 stalled += 1;
                 dispatcher.push(req, Instant::now() + poll);
             }
             other => {
-                if !matches!(other, Ok(Outcome::Waiting(_)) | Ok(Outcome::Busy)) {
+                if !matches!(other, Ok(Outcome::Waiting(_))) {
                     stalled = 0;
                 }
                 done.push((req, other));

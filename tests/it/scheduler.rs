@@ -378,6 +378,33 @@ async fn backfill_resumes_where_it_stopped() {
     assert_eq!(exec.count("a", d("2026-11-01")), 2);
 }
 
+/// A backfill whose job is running in another process (its lease held for longer than a few
+/// polls) waits for that run instead of giving the date up.
+#[tokio::test]
+async fn a_backfill_waits_while_another_process_runs_the_job() {
+    let (_p, project) = project("file://./state", "", "", "");
+    let exec = Scripted::new(Duration::from_millis(5));
+    let ctx = context(&project, exec.clone(), "backfill").await;
+    let other = StateStore::open(&project).unwrap();
+    let held = (other.acquire("a", "daemon", Duration::from_secs(30)).await)
+        .unwrap()
+        .unwrap();
+    // About 20 polls of 20 ms while the lease is held.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        held.release().await;
+    });
+    let done = drain(&ctx, 1, vec![req("a", d("2026-11-10"))]).await;
+    release.await.unwrap();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(
+        done[0].1.as_ref().unwrap(),
+        &Outcome::Finished(Status::Succeeded),
+        "{done:?}"
+    );
+    assert_eq!(exec.count("a", d("2026-11-10")), 1);
+}
+
 /// Two daemons (two contexts, two owners) execute the same runs at the same time.
 async fn two_daemons_run_each_date_once(state_url: &str, extra_store: &str) {
     let (_p, project) = project(state_url, extra_store, "", "");
