@@ -7,7 +7,7 @@ use crate::common::*;
 
 /// A job whose first step streams a wide per-customer table (about 90 MB decoded) to its output;
 /// `joined` joins it back to the (small) customers, `paired` to itself. Under a 128 MiB limit the
-/// read-back table is above half the limit, the customers are not.
+/// read-back table is above a quarter of the limit, the customers (about 8 MB) are not.
 const JOB: &str = r#"
 description: joins over a result read back from its output
 inputs:

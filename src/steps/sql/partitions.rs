@@ -21,9 +21,9 @@
 //! (`engine.target_partitions`, default the cores) nor above [`MAX_PARTITIONS`].
 //!
 //! The same sizes decide how a SQL step joins ([`resolve`]): an equi-join whose smaller side
-//! reads tables above half the limit (inputs, held or spilled results, results read back from
-//! their staged outputs) makes the step plan sort-merge joins, which spill, instead of hash
-//! joins, which do not.
+//! reads tables above a quarter of the limit ([`JOIN_SHARE`]; inputs, held or spilled results,
+//! results read back from their staged outputs) makes the step plan sort-merge joins, which
+//! spill, instead of hash joins, which do not.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -92,6 +92,14 @@ pub fn wants_auto(settings: &BTreeMap<String, String>) -> bool {
 /// The setting that plans equi-joins as sort-merge joins when `false`.
 pub const HASH_JOIN_KEY: &str = "datafusion.optimizer.prefer_hash_join";
 
+/// A hash join's build side (the smaller side) may read at most `memory_limit / JOIN_SHARE`
+/// bytes of tables. A quarter, not the half that makes a step's partitions spill: an input's
+/// size is its Parquet pages' uncompressed size, which understates Arrow's (dictionary-encoded
+/// strings decode to full strings: at 3.3M customers the customers export is 59 MiB
+/// uncompressed and 114 MiB in Arrow), the hash map comes on top, and the probe side's buffers
+/// share the pool.
+pub const JOIN_SHARE: u64 = 4;
+
 /// Marks a session whose `engine.settings` set [`HASH_JOIN_KEY`]: the user's choice for every
 /// step, which [`resolve`] leaves alone.
 #[derive(Debug, Clone, Copy)]
@@ -100,8 +108,8 @@ pub struct JoinsSetByEngine;
 /// `step`'s settings with what depends on the size of the tables it reads filled in (each
 /// logged with what it came from); unchanged when nothing does:
 /// - `auto` partitions replaced by the count [`choose`] gives;
-/// - a SQL step with an equi-join whose smaller side reads tables that would fill half the
-///   memory pool plans its joins as sort-merge joins (DataFusion's sorts spill to disk; its
+/// - a SQL step with an equi-join whose smaller side reads tables that would fill a quarter of
+///   the memory pool ([`JOIN_SHARE`]) plans its joins as sort-merge joins (DataFusion's sorts spill to disk; its
 ///   hash joins hold the whole build side, the smaller one, in memory and fail when it does
 ///   not fit), unless its settings or `engine.settings` say how to join. A join of a large
 ///   table to a small one (a lookup) stays a hash join. The setting is the session's, so in a
@@ -157,10 +165,10 @@ pub async fn resolve<'a>(
         settings.insert(KEY.to_string(), c.partitions.to_string());
     }
     if let (Some(sql), Some(limit)) = (sql, limit)
-        && sizes.values().any(|&b| b > limit / 2)
+        && sizes.values().any(|&b| b > limit / JOIN_SHARE)
     {
         let joins = sql.equi_joins(ctx, vars).await.unwrap_or_default();
-        let large = large_joins(&joins, &sizes, limit / 2);
+        let large = large_joins(&joins, &sizes, limit / JOIN_SHARE);
         if !large.is_empty() {
             tracing::info!(job, step = %step.name, joins = %large.join("; "),
                            "joins planned as sort-merge joins: a hash table of the smaller side would not fit the memory limit");
