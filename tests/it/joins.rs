@@ -6,8 +6,9 @@
 use crate::common::*;
 
 /// A job whose first step streams a wide per-customer table (about 90 MB decoded) to its output;
-/// `joined` joins it back to the (small) customers, `paired` to itself. Under a 128 MiB limit the
-/// read-back table is above a quarter of the limit, the customers (about 8 MB) are not.
+/// `joined` joins it back to the (small) customers, `paired` to itself. Under a 192 MiB limit the
+/// read-back table (67 MiB in its footers) is above a quarter of the limit, the customers (about
+/// 8 MB) are not.
 const JOB: &str = r#"
 description: joins over a result read back from its output
 inputs:
@@ -45,7 +46,7 @@ fn project() -> TestProject {
     p.write("sql/t_wide.sql", WIDE);
     p.write("sql/t_joined.sql", JOINED);
     p.write("sql/t_paired.sql", PAIRED);
-    p.edit("config.yaml", "memory_limit: 2GiB", "memory_limit: 128MiB");
+    p.edit("config.yaml", "memory_limit: 2GiB", "memory_limit: 192MiB");
     std::fs::create_dir_all(p.file("data/exports/customers")).unwrap();
     duckdb(
         p.path(),
@@ -135,8 +136,8 @@ fn a_join_setting_of_the_step_or_the_engine_is_kept() {
     let p = project();
     p.edit(
         "config.yaml",
-        "memory_limit: 128MiB",
-        "memory_limit: 128MiB, settings: { datafusion.optimizer.prefer_hash_join: \"true\" }",
+        "memory_limit: 192MiB",
+        "memory_limit: 192MiB, settings: { datafusion.optimizer.prefer_hash_join: \"true\" }",
     );
     let out = p.clvflow(&["run", "wide_join", "--date", RUN_DATE]);
     let log = stderr(&out);
