@@ -249,7 +249,10 @@ async fn discounted_sums_yearly_profit_over_one_plus_d_to_the_t_net_of_cac() {
 }
 
 /// (customer_id, orders, revenue, years, clv) of every row, from the columns at `cols`.
-fn per_customer(batches: &[RecordBatch], cols: [usize; 5]) -> Vec<(i64, i64, f64, i64, f64)> {
+/// (customer_id, orders, revenue, years_counted, clv) of a discounted result.
+type Row = (i64, i64, f64, i64, f64);
+
+fn per_customer(batches: &[RecordBatch], cols: [usize; 5]) -> Vec<Row> {
     use datafusion::arrow::datatypes::Int64Type;
     let mut rows = Vec::new();
     for b in batches {
@@ -320,14 +323,28 @@ async fn equal_the_sql_formulation(id: fn(i64) -> i64, dense: bool) {
     };
     let o = read(super::orders_sql(&s, run_date)).await;
     let k = read(super::costs_sql("costs")).await;
-    let layout = super::Layout::of(&o).unwrap();
+    let layout = super::Layout::of(&o, 1).unwrap();
     assert_eq!(
         matches!(layout, super::Layout::Dense { .. }),
         dense,
         "{layout:?}"
     );
-    for shards in [1, 3, 7] {
-        let got = super::compute(&s, 0.3, run_date, &o, &k, shards, 100).unwrap();
+    // Dense: blocks of 8 customers as well as the shipped size (one block here); every split
+    // gives the same bits (the sums are exact, so the order rows are taken in does not matter).
+    let shipped = super::passes::BUCKET_SHIFT;
+    let mut first: Option<Vec<Row>> = None;
+    let bits = |r: &[Row]| {
+        r.iter()
+            .map(|r| (r.0, r.1, r.2.to_bits(), r.3, r.4.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    for (shards, shift) in [(1, shipped), (3, shipped), (7, shipped), (1, 3), (3, 3)] {
+        let split = super::Split {
+            shards,
+            batch_size: 100,
+            stride: 1,
+        };
+        let got = super::compute_in_blocks(&s, 0.3, run_date, (&o, &k), split, shift).unwrap();
         assert_eq!(got.parts.len(), shards);
         assert!(got.parts.iter().flatten().all(|b| b.num_rows() <= 100));
         let batches: Vec<RecordBatch> = got.parts.into_iter().flatten().collect();
@@ -346,5 +363,34 @@ async fn equal_the_sql_formulation(id: fn(i64) -> i64, dense: bool) {
                 "shards {shards}, {layout:?}: {g:?} vs {w:?}"
             );
         }
+        match &first {
+            None => first = Some(rows),
+            Some(f) => assert_eq!(bits(&rows), bits(f), "shards {shards}, blocks of 2^{shift}"),
+        }
     }
+    // In buckets by id modulo (the step's way under a small limit): the same bits, and a dense
+    // id range stays dense within each bucket (every third id).
+    let buckets = 3;
+    let mut bucketed = Vec::new();
+    for b in 0..buckets {
+        let f = super::bucket_filter(b, buckets);
+        let o = read(format!("{}{f}", super::orders_sql(&s, run_date))).await;
+        let k = read(format!("{}{f}", super::costs_sql("costs"))).await;
+        let layout = super::Layout::of(&o, buckets as u64).unwrap();
+        assert_eq!(
+            matches!(layout, super::Layout::Dense { stride: 3, .. }),
+            dense,
+            "{layout:?}"
+        );
+        let split = super::Split {
+            shards: 2,
+            batch_size: 100,
+            stride: buckets as u64,
+        };
+        let got = super::compute_in_blocks(&s, 0.3, run_date, (&o, &k), split, 3).unwrap();
+        let batches: Vec<RecordBatch> = got.parts.into_iter().flatten().collect();
+        bucketed.extend(per_customer(&batches, [1, 2, 3, 4, 7]));
+    }
+    bucketed.sort_by_key(|r| r.0);
+    assert_eq!(bits(&bucketed), bits(first.as_deref().unwrap_or_default()));
 }
