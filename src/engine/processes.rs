@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ballista_core::config::TaskSchedulingPolicy;
 use ballista_core::registry::BallistaFunctionRegistry;
 use ballista_core::serde::protobuf::{
     RuntimeStatsReport, ShuffleWritePartition, TaskColumnStats, WindowStateReport,
@@ -23,7 +24,8 @@ use ballista_executor::execution_engine::{
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
-use ballista_scheduler::scheduler_process::start_server;
+use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service};
+use ballista_scheduler::scheduler_server::SchedulerServer;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::TaskContext;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
@@ -31,6 +33,7 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::metrics::MetricsSet;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 
 use crate::error::{Error, Result};
 use crate::storage::Stores;
@@ -75,6 +78,14 @@ fn cluster_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Cluster(format!("{what}: {e}"))
 }
 
+/// Tasks are pulled by the executors (`PullStaged`), not pushed by the scheduler: with push
+/// scheduling, Ballista 55's scheduler counts each executor's free slots itself and gives a
+/// slot back only for a task status it can match to a running stage. When an executor dies,
+/// the stages reading its shuffle files are rolled back, and the statuses of their tasks that
+/// then finish elsewhere match nothing: those slots are never given back, and once an
+/// executor's slots are all lost no task is ever offered again (the job hung, seen in the
+/// executor-kill test). A pulling executor reports its own free slots on every poll.
+///
 /// Runs the scheduler on `bind` until the process is stopped.
 /// An executor that has not sent a heartbeat for `executor_timeout` is taken for dead: its
 /// tasks are run again elsewhere (executors send one every [`HEARTBEAT`]).
@@ -93,6 +104,7 @@ pub async fn scheduler(
         executor_timeout_seconds: timeout,
         expire_dead_executor_interval_seconds: (timeout / 3).max(1),
         no_executors_grace_period_seconds: timeout,
+        scheduling_policy: TaskSchedulingPolicy::PullStaged,
         override_session_builder: Some(Arc::new(move |config: SessionConfig| {
             Ok(session_state(config, runtime.clone()))
         })),
@@ -101,12 +113,123 @@ pub async fn scheduler(
     let cluster = BallistaCluster::new_from_config(&config)
         .await
         .map_err(|e| cluster_err("start the scheduler", e))?;
-    tracing::info!(%bind, "Ballista scheduler with clvflow's functions and stores listening");
+    let config = Arc::new(config);
+    config
+        .validate()
+        .map_err(|e| cluster_err("scheduler settings", e))?;
+    let server = create_scheduler::<LogicalPlanNode, PhysicalPlanNode>(cluster, config)
+        .await
+        .map_err(|e| cluster_err("start the scheduler", e))?;
+    let stall = stalled_job_timeout(std::time::Duration::from_secs(timeout));
+    tokio::spawn(watch_stalled_jobs(server.clone(), stall));
+    tracing::info!(%bind, stalled_job_timeout = %humantime::format_duration(stall),
+        "Ballista scheduler with clvflow's functions and stores listening");
     tokio::select! {
-        r = start_server(cluster, bind, Arc::new(config)) => r.map_err(|e| cluster_err(&format!("scheduler on {bind}"), e)),
+        r = start_grpc_service(bind, server) => r.map_err(|e| cluster_err(&format!("scheduler on {bind}"), e)),
         _ = shutdown() => {
             tracing::info!("scheduler stopped");
             Ok(())
+        }
+    }
+}
+
+/// How long a job may sit with no task running and none to run before the scheduler cancels
+/// it: long enough for a dead executor to be noticed (`executor_timeout` plus one expiry
+/// check) and its tasks to be given out again, with a margin.
+fn stalled_job_timeout(executor_timeout: std::time::Duration) -> std::time::Duration {
+    2 * executor_timeout + std::time::Duration::from_secs(30)
+}
+
+/// What the watchdog sees of a running job: stages done, tasks that can be given out, and
+/// tasks running on executors that are alive (a heartbeat within the executor timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JobProgress {
+    completed_stages: usize,
+    available_tasks: usize,
+    live_tasks: usize,
+}
+
+impl JobProgress {
+    /// The job cannot finish by itself: nothing of it runs and nothing of it can be run, or it
+    /// has tasks to run but no task of any job runs on a cluster that has live executors.
+    fn stuck(&self, cluster_busy: bool, executors_alive: bool) -> bool {
+        self.live_tasks == 0 && (self.available_tasks == 0 || (!cluster_busy && executors_alive))
+    }
+}
+
+/// Cancels jobs that cannot finish, so that their clients fail with an error instead of
+/// polling the job's status for ever (Ballista's client has no bound of its own). Ballista 55
+/// has lost jobs after an executor died mid-run (slots never given back under push scheduling,
+/// see [`scheduler`]; its adaptive planner's "Can't find active stage to update stage
+/// outputs"). A job that stays stuck ([`JobProgress::stuck`]) with nothing changing for
+/// `stall` is cancelled. A job waiting for slots that other jobs hold, or for an executor to
+/// (re)start, is left alone.
+async fn watch_stalled_jobs(
+    server: SchedulerServer<LogicalPlanNode, PhysicalPlanNode>,
+    stall: std::time::Duration,
+) {
+    use std::collections::HashMap;
+    use std::time::Instant;
+    let every = HEARTBEAT.min(stall / 4);
+    let mut seen: HashMap<String, (JobProgress, Instant)> = HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let jobs = server.state.task_manager.get_running_job_cache();
+        seen.retain(|id, _| jobs.keys().any(|j| j.as_str() == id));
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let alive = |executor: &str| {
+            server
+                .state
+                .executor_manager
+                .get_executor_hearbeat(executor)
+                .is_some_and(|h| {
+                    now_secs.saturating_sub(h.timestamp)
+                        < server.state.config.executor_timeout_seconds
+                })
+        };
+        let executors_alive = match server.state.executor_manager.get_executors_state().await {
+            Ok(executors) => executors.iter().any(|(m, _, _)| alive(&m.id)),
+            Err(_) => true,
+        };
+        let mut progress_of = Vec::with_capacity(jobs.len());
+        for (job_id, job) in jobs.iter() {
+            let progress = {
+                let graph = job.execution_graph.read().await;
+                JobProgress {
+                    completed_stages: graph.completed_stages(),
+                    available_tasks: graph.available_tasks(),
+                    live_tasks: graph
+                        .running_tasks()
+                        .iter()
+                        .filter(|t| alive(&t.executor_id))
+                        .count(),
+                }
+            };
+            progress_of.push((job_id, progress));
+        }
+        let cluster_busy = progress_of.iter().any(|(_, p)| p.live_tasks > 0);
+        for (job_id, progress) in progress_of {
+            let now = Instant::now();
+            let entry = seen
+                .entry(job_id.as_str().to_string())
+                .or_insert((progress, now));
+            if entry.0 != progress {
+                *entry = (progress, now);
+            }
+            if progress.stuck(cluster_busy, executors_alive) && now.duration_since(entry.1) >= stall
+            {
+                tracing::error!(job = %job_id, ?progress, stuck_for = %humantime::format_duration(stall),
+                    "no task of the job has run for this long although the cluster could run it \
+                     (the scheduler lost track of it, usually after an executor died); \
+                     cancelling it so that its client fails instead of waiting");
+                if let Err(e) = server.cancel_job(job_id.clone()).await {
+                    tracing::error!(job = %job_id, error = %e, "could not cancel a stalled job");
+                }
+                seen.remove(job_id.as_str());
+            }
         }
     }
 }
@@ -156,6 +279,7 @@ pub async fn executor(stores: &Stores, opts: ExecutorOptions) -> Result<()> {
         work_dir: work_dir.clone(),
         memory_pool_size: opts.memory_pool_size,
         executor_heartbeat_interval_seconds: HEARTBEAT.as_secs(),
+        task_scheduling_policy: TaskSchedulingPolicy::PullStaged,
         override_function_registry: Some(Arc::new(registry)),
         override_execution_engine: Some(Arc::new(WithoutOperatorMetrics(
             DefaultExecutionEngine::new(),
@@ -258,5 +382,35 @@ async fn shutdown() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_is_stuck_only_when_nothing_of_it_can_run_or_an_idle_cluster_does_not_run_it() {
+        let p = |available_tasks, live_tasks| JobProgress {
+            completed_stages: 3,
+            available_tasks,
+            live_tasks,
+        };
+        // Running tasks: never stuck.
+        for (busy, alive) in [(true, true), (false, true), (true, false), (false, false)] {
+            assert!(!p(0, 1).stuck(busy, alive));
+            assert!(!p(5, 2).stuck(busy, alive));
+        }
+        // Nothing running and nothing to run: stuck whatever the cluster does.
+        assert!(p(0, 0).stuck(true, true));
+        assert!(p(0, 0).stuck(false, false));
+        // Tasks to run: waiting for slots other jobs hold, or for an executor, is not stuck.
+        assert!(!p(4, 0).stuck(true, true));
+        assert!(!p(4, 0).stuck(false, false));
+        // ... but an idle cluster with live executors that runs none of them is.
+        assert!(p(4, 0).stuck(false, true));
+        // The bound outlasts the detection of a dead executor.
+        let t = std::time::Duration::from_secs(10);
+        assert!(stalled_job_timeout(t) > t + t / 3 + HEARTBEAT);
     }
 }

@@ -134,6 +134,12 @@ impl Drop for LocalCluster {
     }
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Points the project's config at the cluster on `port`, scratch in the bucket.
 fn use_cluster(p: &TestProject, bucket: &str, port: u16) {
     let config = p.read("config.yaml");
@@ -391,9 +397,10 @@ fn a_killed_executor_leaves_the_committed_output_intact_and_a_rerun_succeeds() {
     }
     cluster.executors[1].kill().unwrap();
     cluster.executors[1].wait().unwrap();
-    // Bounded: Ballista 55's adaptive planner can lose a job after an executor dies (README,
-    // "Running on a cluster" > Failures); the test then fails instead of hanging CI. stderr is
-    // read on a thread so that a full pipe cannot stall the run.
+    // Bounded: Ballista 55 has lost jobs after an executor died (README, "Running on a
+    // cluster" > Failures); clvflow's scheduler cancels such a job after 50 s here, and should
+    // that fail too the test fails instead of hanging CI. stderr is read on a thread so that a
+    // full pipe cannot stall the run.
     let mut pipe = run.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -409,8 +416,9 @@ fn a_killed_executor_leaves_the_committed_output_intact_and_a_rerun_succeeds() {
             run.kill().ok();
             run.wait().ok();
             panic!(
-                "the run with executor 1 killed neither completed nor failed within 5 minutes:\n{}",
-                reader.join().unwrap_or_default()
+                "the run with executor 1 killed neither completed nor failed within 5 minutes:\n{}\nscheduler log (end):\n{}",
+                reader.join().unwrap_or_default(),
+                tail(&cluster.log("scheduler.log"), 40)
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -428,11 +436,17 @@ fn a_killed_executor_leaves_the_committed_output_intact_and_a_rerun_succeeds() {
     eprintln!(
         "a run with an executor killed {}",
         if status.success() {
-            "completed"
+            "completed".to_string()
         } else {
-            "failed cleanly"
+            format!("failed cleanly:\n{}", err.trim_end())
         }
     );
+    // The scheduler's watchdog (what it cancelled, if anything).
+    for line in cluster.log("scheduler.log").lines() {
+        if line.contains("cancel") || line.contains("Can't find active stage") {
+            eprintln!("scheduler: {line}");
+        }
+    }
     // A rerun on the remaining executor succeeds.
     p.ok(&["run", "customer_value", "--date", RUN_DATE]);
     assert_same_outputs(&before, &read_outputs(&bucket));
