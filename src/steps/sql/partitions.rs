@@ -44,6 +44,13 @@ pub const ROWS_PER_PARTITION: u64 = 150_000;
 pub const MAX_PARTITIONS: usize = 64;
 /// The least share of the memory pool per partition when the step's data does not fit.
 pub const SHARE_WHEN_SPILLING: u64 = 128 << 20;
+/// On the cluster engine `auto` gives at most this many partitions (= tasks of each stage) per
+/// slot of `engine.target_partitions` (which is the cluster's total slots there). A task costs
+/// a round trip to the scheduler and its own shuffle files, so the cache-sized partitions of
+/// one process are far too many: at 3.3M customers on 2 slots (`./scripts/bench --cluster`,
+/// 2026-12-07, one run each) 64 partitions took `orders_clean` 9.7 s and `customer_features`
+/// 10.0 s, 8 (4 a slot) 6.9 and 4.8 s, 4 (2 a slot) 7.6 and 6.6 s.
+pub const CLUSTER_TASKS_PER_SLOT: usize = 4;
 
 /// What `auto` chose, and from what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,14 +65,14 @@ pub struct Choice {
 }
 
 /// The partitions for a step reading `bytes` in all, `rows` in its largest table, under a pool of
-/// `limit` bytes (`None`: unlimited), never fewer than `floor`.
-pub fn choose(rows: u64, bytes: u64, limit: Option<u64>, floor: usize) -> Choice {
+/// `limit` bytes (`None`: unlimited), never fewer than `floor` nor more than `max`.
+pub fn choose(rows: u64, bytes: u64, limit: Option<u64>, floor: usize, max: usize) -> Choice {
     let floor = floor.max(1);
     let by_rows = usize::try_from(rows.div_ceil(ROWS_PER_PARTITION).max(1))
         .unwrap_or(usize::MAX)
         .checked_next_power_of_two()
         .unwrap_or(usize::MAX)
-        .min(MAX_PARTITIONS);
+        .min(max);
     let spills = limit.is_some_and(|l| bytes > l / 2);
     let cap = match limit {
         Some(l) if spills => usize::try_from(l / SHARE_WHEN_SPILLING).unwrap_or(usize::MAX),
@@ -117,7 +124,8 @@ pub struct JoinsSetByEngine;
 ///
 /// `known` has the sizes of the run's inputs and of the step results read back from their
 /// staged output files. On the cluster engine the memory limit is this process's, not the
-/// executors': the count there comes from the rows alone, and joins are left as they are.
+/// executors': the count there comes from the rows alone, at most [`CLUSTER_TASKS_PER_SLOT`]
+/// per slot, and joins are left as they are.
 pub async fn resolve<'a>(
     ctx: &SessionContext,
     job: &str,
@@ -159,7 +167,12 @@ pub async fn resolve<'a>(
     let mut settings = step.settings.clone();
     if auto {
         let floor = ctx.state().config().target_partitions();
-        let c = choose(rows, bytes, limit, floor);
+        let max = if on_cluster {
+            floor.saturating_mul(CLUSTER_TASKS_PER_SLOT)
+        } else {
+            MAX_PARTITIONS
+        };
+        let c = choose(rows, bytes, limit, floor, max);
         tracing::info!(job, step = %step.name, partitions = c.partitions, rows = c.rows,
                        bytes = c.bytes, spills = c.spills, "partitions chosen from the data");
         settings.insert(KEY.to_string(), c.partitions.to_string());
@@ -255,35 +268,57 @@ mod tests {
     #[test]
     fn fitting_data_gets_cache_sized_partitions_and_spilling_data_a_share_of_the_pool_each() {
         // The benchmark: 9.6M order rows (~0.45 GB) under 2 GiB: 64 partitions, as measured best.
-        let c = choose(9_638_391, 450 << 20, Some(2 * GIB), 2);
+        let c = choose(9_638_391, 450 << 20, Some(2 * GIB), 2, MAX_PARTITIONS);
         assert_eq!((c.partitions, c.spills), (64, false));
         // Ten times that (4.5 GB) under 2 GiB: 16 partitions of at least 128 MiB each.
-        let c = choose(96_478_703, 4500 << 20, Some(2 * GIB), 2);
+        let c = choose(96_478_703, 4500 << 20, Some(2 * GIB), 2, MAX_PARTITIONS);
         assert_eq!((c.partitions, c.spills), (16, true));
         // Under 8 GiB the same data fits only in part: 64 share it.
         assert_eq!(
-            choose(96_478_703, 4500 << 20, Some(8 * GIB), 2).partitions,
+            choose(96_478_703, 4500 << 20, Some(8 * GIB), 2, MAX_PARTITIONS).partitions,
             64
         );
         assert_eq!(
-            choose(96_478_703, 4500 << 20, Some(32 * GIB), 2).partitions,
+            choose(96_478_703, 4500 << 20, Some(32 * GIB), 2, MAX_PARTITIONS).partitions,
             64
         );
-        assert!(!choose(96_478_703, 4500 << 20, Some(32 * GIB), 2).spills);
+        assert!(!choose(96_478_703, 4500 << 20, Some(32 * GIB), 2, MAX_PARTITIONS).spills);
         // No limit: by rows alone.
-        assert_eq!(choose(96_478_703, 4500 << 20, None, 2).partitions, 64);
+        assert_eq!(
+            choose(96_478_703, 4500 << 20, None, 2, MAX_PARTITIONS).partitions,
+            64
+        );
         // Small data: the floor (the cores, or what the session has).
-        assert_eq!(choose(3_000, 1 << 20, Some(2 * GIB), 2).partitions, 2);
-        assert_eq!(choose(0, 0, Some(2 * GIB), 8).partitions, 8);
-        assert_eq!(choose(1_000_000, 50 << 20, Some(2 * GIB), 2).partitions, 8);
+        assert_eq!(
+            choose(3_000, 1 << 20, Some(2 * GIB), 2, MAX_PARTITIONS).partitions,
+            2
+        );
+        assert_eq!(choose(0, 0, Some(2 * GIB), 8, MAX_PARTITIONS).partitions, 8);
+        assert_eq!(
+            choose(1_000_000, 50 << 20, Some(2 * GIB), 2, MAX_PARTITIONS).partitions,
+            8
+        );
+        // On the cluster (no limit there; floor = the cluster's slots): a few tasks per slot.
+        let on_cluster = |rows, slots: usize| {
+            choose(rows, 0, None, slots, slots * CLUSTER_TASKS_PER_SLOT).partitions
+        };
+        assert_eq!(on_cluster(9_638_391, 2), 8);
+        assert_eq!(on_cluster(96_478_703, 16), 64);
+        assert_eq!(on_cluster(3_000, 8), 8);
         // A tiny pool: never below the floor.
         assert_eq!(
-            choose(96_478_703, 4500 << 20, Some(64 << 20), 2).partitions,
+            choose(96_478_703, 4500 << 20, Some(64 << 20), 2, MAX_PARTITIONS).partitions,
             2
         );
         // Extremes do not overflow.
-        assert_eq!(choose(u64::MAX, u64::MAX, Some(u64::MAX), 2).partitions, 64);
-        assert_eq!(choose(u64::MAX, u64::MAX, None, 100).partitions, 100);
+        assert_eq!(
+            choose(u64::MAX, u64::MAX, Some(u64::MAX), 2, MAX_PARTITIONS).partitions,
+            64
+        );
+        assert_eq!(
+            choose(u64::MAX, u64::MAX, None, 100, MAX_PARTITIONS).partitions,
+            100
+        );
     }
 
     #[test]
