@@ -176,7 +176,9 @@ pub enum ClusterCommand {
         /// The host name clients and executors reach it at (default: the bind address).
         #[arg(long)]
         external_host: Option<String>,
-        /// An executor silent this long is taken for dead and its tasks run elsewhere.
+        /// An executor silent this long is taken for dead and its tasks run elsewhere; a job
+        /// none of whose tasks has run for twice this plus 30 s, although the cluster could run
+        /// them, is cancelled (its run fails instead of waiting).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         executor_timeout: std::time::Duration,
     },

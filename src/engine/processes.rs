@@ -133,9 +133,9 @@ pub async fn scheduler(
     }
 }
 
-/// How long a job may sit with no task running and none to run before the scheduler cancels
-/// it: long enough for a dead executor to be noticed (`executor_timeout` plus one expiry
-/// check) and its tasks to be given out again, with a margin.
+/// How long a job may stay stuck ([`JobProgress::stuck`]) before the scheduler cancels it:
+/// long enough for a dead executor to be noticed (`executor_timeout` plus one expiry check)
+/// and its tasks to be given out again, with a margin.
 fn stalled_job_timeout(executor_timeout: std::time::Duration) -> std::time::Duration {
     2 * executor_timeout + std::time::Duration::from_secs(30)
 }
