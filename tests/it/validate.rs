@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs`, `report` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:54:")
+        lines.iter().any(|l| l.contains("customer_value.yaml:57:")
             && l.contains("steps[9].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:61:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:64:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -94,7 +94,7 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:44:")
+        err.contains("customer_value.yaml:47:")
             && err.contains("steps[3].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
@@ -393,7 +393,7 @@ fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].contains("jobs/customer_value.yaml:67:5: outputs[2].url: job `customer_clv`")
+        lines[0].contains("jobs/customer_value.yaml:70:5: outputs[2].url: job `customer_clv`")
             && lines[0].contains("jobs/customer_clv.yaml:28:")
             && lines[0].contains("outputs[1] `file://./data/marts/clv_fit/`"),
         "{err}"
