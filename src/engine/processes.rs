@@ -190,9 +190,14 @@ async fn watch_stalled_jobs(
                         < server.state.config.executor_timeout_seconds
                 })
         };
+        // Unknown executors count as none alive: then only a job with nothing left to run is
+        // taken for stuck, never one that may be waiting for an executor.
         let executors_alive = match server.state.executor_manager.get_executors_state().await {
             Ok(executors) => executors.iter().any(|(m, _, _)| alive(&m.id)),
-            Err(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "stalled-job watchdog: could not list the executors");
+                false
+            }
         };
         let mut progress_of = Vec::with_capacity(jobs.len());
         for (job_id, job) in jobs.iter() {
