@@ -29,6 +29,12 @@ impl ExactSum {
         self.0 = self.0.saturating_add(term);
     }
 
+    /// Adds the terms of `other` (a sum over other rows: how per-thread sums are combined, with
+    /// the same result as one sum over all the rows).
+    pub fn merge(&mut self, other: ExactSum) {
+        self.0 = self.0.saturating_add(other.0);
+    }
+
     pub fn value(self) -> f64 {
         self.0 as f64 / Self::SCALE
     }

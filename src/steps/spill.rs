@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Statistics;
 use datafusion::datasource::TableType;
@@ -28,7 +28,8 @@ use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 
 use crate::engine::memory::BufferCounter;
 use crate::engine::scratch::{ResultSpace, ScratchDir};
@@ -107,14 +108,39 @@ fn slice_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
-fn writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
-    let file = File::create(path).map_err(|e| Error::io(path, "create a scratch file", e))?;
-    // Uncompressed: written once, read once or twice, deleted; dictionaries still shrink the
-    // repetitive text columns.
-    let props = WriterProperties::builder()
+/// The writer properties of scratch files for `schema`. Uncompressed: written once, read once or
+/// twice, deleted. Dictionaries only for text, where they shrink repetitive values (channels,
+/// segments): for numbers they cost more than they save. A row group of 64 Ki rows is under the
+/// 1 MiB dictionary page limit at 8 bytes a value, so the writer never falls back to plain but
+/// hashes every value of every numeric column and the reader looks each one up again. No page
+/// statistics: nothing prunes pages of a scratch file (chunk statistics stay, they are cheap).
+/// Measured on the release build (2026-12-07): at 3.3M customers under `memory_limit: 1GiB`
+/// (every result spilled, runs alternated with the previous build) `clusters` took 2.5/2.2 s
+/// instead of 4.1/3.5 and the job 41.2/35.4 s instead of 45.7/39.2; at 33M customers
+/// `clusters`' write of its 5 GB result took 16.3 s instead of 22.4.
+fn properties(schema: &SchemaRef) -> WriterProperties {
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::UNCOMPRESSED)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .build();
+        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_dictionary_enabled(false);
+    let text =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    for f in schema.fields() {
+        let dictionary = match f.data_type() {
+            DataType::Dictionary(_, values) => text(values),
+            t => text(t),
+        };
+        if dictionary {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(f.name().as_str()), true);
+        }
+    }
+    props.build()
+}
+
+fn writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
+    let file = File::create(path).map_err(|e| Error::io(path, "create a scratch file", e))?;
+    let props = properties(&schema);
     ArrowWriter::try_new(file, schema, Some(props))
         .map_err(|e| Error::Internal(format!("open scratch file {}: {e}", path.display())))
 }
@@ -508,6 +534,59 @@ pub(super) mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// A scratch file's numbers are plain-encoded, its text dictionary-encoded, and the rows
+    /// read back the same (read from the file's own metadata, not from the properties).
+    #[test]
+    fn scratch_files_take_dictionaries_for_text_only() {
+        use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
+        use datafusion::arrow::datatypes::{Field, Schema};
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        use parquet::basic::Encoding;
+        let dir = std::env::temp_dir().join(format!("clvflow-scratch-enc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Float64, false),
+            Field::new("segment", DataType::Utf8, true),
+        ]));
+        let n = 10_000;
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..n)),
+                Arc::new(Float64Array::from_iter_values(
+                    (0..n).map(|i| i as f64 / 7.0),
+                )),
+                Arc::new(StringArray::from_iter(
+                    (0..n).map(|i| (i % 5 != 0).then(|| ["a", "b"][i as usize % 2])),
+                )),
+            ],
+        )
+        .unwrap();
+        let mut file = SpillFile::create(&dir, 0, schema).unwrap();
+        file.writer.write(&batch).unwrap();
+        file.writer.close().unwrap();
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&file.path).unwrap()).unwrap();
+        let column = |i: usize| reader.metadata().row_group(0).column(i).clone();
+        for i in [0, 1] {
+            let c = column(i);
+            assert!(
+                !c.encodings().any(|e| e == Encoding::RLE_DICTIONARY),
+                "{:?}",
+                c.column_path()
+            );
+            assert!(c.statistics().is_some());
+        }
+        assert!(column(2).encodings().any(|e| e == Encoding::RLE_DICTIONARY));
+        let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+        assert_eq!(
+            datafusion::arrow::compute::concat_batches(&batch.schema(), &read).unwrap(),
+            batch
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -168,38 +168,99 @@ fn nearest(p: &[f64], centroids: &[Vec<f64>]) -> (usize, f64) {
     best
 }
 
-pub fn lloyd(points: &Points, mut centroids: Vec<Vec<f64>>) -> Clustering {
-    let dims = points.dims;
-    let mut assignment = vec![usize::MAX; points.len()];
+/// Lloyd iterations from `centroids` on one thread (the sample's fits).
+pub fn lloyd(points: &Points, centroids: Vec<Vec<f64>>) -> Clustering {
+    lloyd_threads(points, centroids, 1)
+}
+
+/// Points a thread takes at least in [`lloyd_threads`]: below it a thread costs more to start
+/// than it saves (an iteration spawns them anew).
+pub const POINTS_PER_THREAD: usize = 1 << 16;
+
+/// One thread's share of a Lloyd iteration: its points' sums per cluster (`k × dims`, exact,
+/// so the threads' shares add up to the same bits as one pass), counts, and changes.
+struct Share {
+    sums: Vec<ExactSum>,
+    counts: Vec<usize>,
+    changed: usize,
+    inertia: f64,
+}
+
+/// Assigns each point of `data` (rows of `dims`) to its nearest centroid, in `assignment`.
+fn assign(data: &[f64], dims: usize, assignment: &mut [usize], centroids: &[Vec<f64>]) -> Share {
+    let k = centroids.len();
+    let mut share = Share {
+        sums: vec![ExactSum::ZERO; k * dims],
+        counts: vec![0; k],
+        changed: 0,
+        inertia: 0.0,
+    };
+    for (a, p) in assignment.iter_mut().zip(data.chunks_exact(dims.max(1))) {
+        let (j, d) = nearest(p, centroids);
+        share.inertia += d;
+        if *a != j {
+            *a = j;
+            share.changed += 1;
+        }
+        share.counts[j] += 1;
+        for (s, v) in share.sums[j * dims..(j + 1) * dims].iter_mut().zip(p) {
+            s.add(*v);
+        }
+    }
+    share
+}
+
+/// Lloyd iterations from `centroids` with the points split over up to `threads` threads (at
+/// least [`POINTS_PER_THREAD`] points each). The assignment and centroids do not depend on the
+/// number of threads: each point's nearest centroid is its own, the sums are exact.
+pub fn lloyd_threads(points: &Points, mut centroids: Vec<Vec<f64>>, threads: usize) -> Clustering {
+    let (dims, n) = (points.dims, points.len());
+    let threads = threads.min(n / POINTS_PER_THREAD).max(1);
+    let per = n.div_ceil(threads).max(1);
+    let mut assignment = vec![usize::MAX; n];
     let mut inertia = 0.0;
     for _ in 0..100 {
+        let shares: Vec<Share> = if threads == 1 {
+            vec![assign(&points.data, dims, &mut assignment, &centroids)]
+        } else {
+            let centroids = &centroids;
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = points
+                    .data
+                    .chunks(per * dims.max(1))
+                    .zip(assignment.chunks_mut(per))
+                    .map(|(data, a)| scope.spawn(move || assign(data, dims, a, centroids)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            })
+        };
+        let k = centroids.len();
+        let mut sums = vec![ExactSum::ZERO; k * dims];
+        let mut counts = vec![0usize; k];
         let mut changed = 0usize;
         inertia = 0.0;
-        for (a, p) in assignment.iter_mut().zip(points.rows()) {
-            let (j, d) = nearest(p, &centroids);
-            inertia += d;
-            if *a != j {
-                *a = j;
-                changed += 1;
+        for share in shares {
+            for (s, t) in sums.iter_mut().zip(share.sums) {
+                s.merge(t);
             }
-        }
-        let mut sums = vec![vec![ExactSum::default(); dims]; centroids.len()];
-        let mut counts = vec![0usize; centroids.len()];
-        for (a, p) in assignment.iter().zip(points.rows()) {
-            counts[*a] += 1;
-            for (s, v) in sums[*a].iter_mut().zip(p) {
-                s.add(*v);
+            for (c, t) in counts.iter_mut().zip(share.counts) {
+                *c += t;
             }
+            changed += share.changed;
+            inertia += share.inertia;
         }
         for (j, c) in centroids.iter_mut().enumerate() {
             if counts[j] > 0 {
-                for (cv, s) in c.iter_mut().zip(&sums[j]) {
+                for (cv, s) in c.iter_mut().zip(&sums[j * dims..(j + 1) * dims]) {
                     *cv = s.value() / counts[j] as f64;
                 }
             }
         }
         // Converged: no point (or, on large data, fewer than 1 in 10,000) changed cluster.
-        if changed <= points.len() / 10_000 {
+        if changed <= n / 10_000 {
             break;
         }
     }
@@ -343,6 +404,25 @@ mod tests {
         let (ca, cb) = (lloyd(&a, seeds.clone()), lloyd(&b, seeds));
         assert!(ca.centroids.iter().flatten().all(|v| v.is_finite()));
         assert_eq!(ca.centroids, cb.centroids);
+    }
+
+    /// Split over threads, Lloyd gives the same assignment and centroids to the bit as on one.
+    #[test]
+    fn threads_do_not_change_the_clusters() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let n = 4 * POINTS_PER_THREAD + 123;
+        let raw: Vec<f64> = (0..n * 3)
+            .map(|i| rng.random::<f64>() * 100.0 * (1 + i % 3) as f64)
+            .collect();
+        let pts = prepare(Points::new(raw, 3));
+        let seeds = kmeans(&pts.select(&(0..2000).collect::<Vec<_>>()), 5, 3, 1).centroids;
+        let one = lloyd_threads(&pts, seeds.clone(), 1);
+        for threads in [2, 3, 4] {
+            let many = lloyd_threads(&pts, seeds.clone(), threads);
+            assert_eq!(one.assignment, many.assignment, "{threads} threads");
+            assert_eq!(one.centroids, many.centroids, "{threads} threads");
+        }
+        assert!(one.assignment.iter().all(|a| *a < 5));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::{CheckContext, StepContext, StepOutcome};
 use crate::config::Diagnostic;
 use crate::config::steps::{KmeansK, KmeansSpec};
 use crate::error::{Error, Result};
-use algorithm::{Points, kmeans, lloyd, prepare, silhouette};
+use algorithm::{Points, kmeans, lloyd_threads, prepare, silhouette};
 use datafusion::arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
@@ -192,6 +192,7 @@ impl KmeansStep {
         .await
         .map_err(|e| cx.df_err(e))?;
         let (raw, value, sample_idx) = self.raw_points(cx, &source)?;
+        let t_read = started.elapsed();
         let k_max = match spec.k {
             KmeansK::Fixed(k) => k,
             KmeansK::Auto(_) => spec.k_max,
@@ -222,7 +223,10 @@ impl KmeansStep {
         // All rows start from the best centroids found on the sample (3 seeded k-means++
         // starts), so the full data needs few Lloyd passes.
         let seeds = kmeans(&sample, k, spec.seed, 3).centroids;
-        let clustering = lloyd(&points, seeds);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(cx.session.state().config().target_partitions());
+        let clustering = lloyd_threads(&points, seeds, threads);
         drop(points);
         let sample_assign: Vec<usize> = sample_idx
             .iter()
@@ -255,6 +259,7 @@ impl KmeansStep {
             rank[*c] = pos as i64 + 1;
         }
 
+        let t_fit = started.elapsed() - t_read;
         // Second pass: every row with its cluster appended, in the order of the first, and
         // each feature's sum per cluster for the profile.
         let day = date32(cx.run_date);
@@ -298,6 +303,7 @@ impl KmeansStep {
         }
         drop(clustering);
         let kept = writer.finish().await?;
+        let t_write = started.elapsed() - t_read - t_fit;
         let means: Vec<Vec<f64>> = sums
             .iter()
             .zip(&sizes)
@@ -334,7 +340,11 @@ impl KmeansStep {
             bytes: kept.held,
             spilled: kept.spilled,
             elapsed: started.elapsed(),
-            timings: Vec::new(),
+            timings: vec![
+                ("read_ms", t_read),
+                ("fit_ms", t_fit),
+                ("write_ms", t_write),
+            ],
         })
     }
 }
