@@ -5,20 +5,14 @@
 //! Invariant: the order [`Source::scan`] gives is the same on every call for the same table;
 //! model steps line their computed columns up with the rows by that order.
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
-use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::rows::{HeldTable, Rows};
-use super::spill::SpilledTable;
+use super::spill::{SpilledFiles, SpilledTable};
 use crate::error::{Error, Result};
 
 /// A step result (or any table) as a model step reads it: every batch, in one fixed order.
@@ -28,12 +22,8 @@ pub enum Source {
         schema: SchemaRef,
         parts: Vec<Vec<RecordBatch>>,
     },
-    /// Scratch files, in order.
-    Spilled {
-        schema: SchemaRef,
-        files: Vec<PathBuf>,
-        rows: usize,
-    },
+    /// Scratch files, in order (a file's index is its partition).
+    Spilled(SpilledFiles),
 }
 
 impl Source {
@@ -51,11 +41,7 @@ impl Source {
             });
         }
         if let Some(t) = provider.downcast_ref::<SpilledTable>() {
-            return Ok(Source::Spilled {
-                schema: t.schema(),
-                files: t.files().to_vec(),
-                rows: t.rows(),
-            });
+            return Ok(Source::Spilled(t.files().clone()));
         }
         let rows = Rows::read(ctx, table).await?;
         Ok(Source::Held {
@@ -82,7 +68,8 @@ impl Source {
 
     pub fn schema(&self) -> &SchemaRef {
         match self {
-            Source::Held { schema, .. } | Source::Spilled { schema, .. } => schema,
+            Source::Held { schema, .. } => schema,
+            Source::Spilled(files) => files.schema(),
         }
     }
 
@@ -90,7 +77,7 @@ impl Source {
     pub fn rows(&self) -> usize {
         match self {
             Source::Held { parts, .. } => parts.iter().flatten().map(|b| b.num_rows()).sum(),
-            Source::Spilled { rows, .. } => *rows,
+            Source::Spilled(files) => files.rows(),
         }
     }
 
@@ -128,34 +115,18 @@ impl Source {
                     }
                 }
             }
-            Source::Spilled { files, .. } => {
-                for (i, path) in files.iter().enumerate() {
-                    let read_err = |e: parquet::errors::ParquetError| -> Error {
-                        Error::Internal(format!("read scratch file {}: {e}", path.display()))
-                    };
-                    let file =
-                        File::open(path).map_err(|e| Error::io(path, "open a scratch file", e))?;
-                    let mut builder =
-                        ParquetRecordBatchReaderBuilder::try_new(file).map_err(read_err)?;
-                    if let Some(ix) = &indices {
-                        let mask = ProjectionMask::roots(builder.parquet_schema(), ix.clone());
-                        builder = builder.with_projection(mask);
+            Source::Spilled(files) => {
+                let all: Vec<usize>;
+                let cols = match &indices {
+                    Some(ix) => ix.as_slice(),
+                    None => {
+                        all = (0..schema.fields().len()).collect();
+                        &all
                     }
-                    let reader = builder.with_batch_size(8192).build().map_err(read_err)?;
-                    for b in reader {
-                        let b = b.map_err(|e| Error::arrow("read a scratch file", e))?;
-                        // The declared schema (the file's own may differ in metadata only).
-                        let s = match &indices {
-                            Some(ix) => Arc::new(
-                                schema
-                                    .project(ix)
-                                    .map_err(|e| Error::arrow("project a step result", e))?,
-                            ),
-                            None => schema.clone(),
-                        };
-                        let b = RecordBatch::try_new(s, b.columns().to_vec())
-                            .map_err(|e| Error::arrow("read a scratch file", e))?;
-                        f(i, b)?;
+                };
+                for i in 0..files.file_count() {
+                    for b in files.read(i, None, cols)? {
+                        f(i, b?)?;
                     }
                 }
             }

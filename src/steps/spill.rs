@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::array::{ArrayRef, Date32Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Statistics;
 use datafusion::datasource::TableType;
@@ -34,42 +34,45 @@ use parquet::schema::types::ColumnPath;
 use crate::engine::memory::BufferCounter;
 use crate::engine::scratch::{ResultSpace, ScratchDir};
 use crate::error::{Error, Result};
+pub use zip::SpilledFiles;
+use zip::ZipExec;
+
+pub mod zip;
 
 /// Rows per row group of a scratch file: DataFusion scans row groups in parallel, and a writer
 /// buffers one row group (at 24 columns of 8 bytes, 64 Ki rows are 12 MiB).
 const ROW_GROUP_ROWS: usize = 64 * 1024;
 
-/// A step result in scratch Parquet files (one per partition of the result, in order).
+/// A step result in scratch Parquet files (one per partition of the result, in order), in one
+/// layer or, when a model step appended columns to a spilled input, several ([`zip`]).
 #[derive(Debug)]
 pub struct SpilledTable {
-    table: Arc<ListingTable>,
-    files: Vec<PathBuf>,
-    rows: usize,
-    bytes: usize,
-    _dir: ScratchDir,
+    files: SpilledFiles,
+    /// DataFusion's own scan of a single layer.
+    table: Option<Arc<ListingTable>>,
 }
 
 impl SpilledTable {
-    /// The files, in order.
-    pub fn files(&self) -> &[PathBuf] {
+    /// The files.
+    pub fn files(&self) -> &SpilledFiles {
         &self.files
     }
 
     /// Rows in all files.
     pub fn rows(&self) -> usize {
-        self.rows
+        self.files.rows()
     }
 
     /// What the rows took in memory when they were written (for planning joins over them).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.files.bytes()
     }
 }
 
 #[async_trait::async_trait]
 impl TableProvider for SpilledTable {
     fn schema(&self) -> SchemaRef {
-        self.table.schema()
+        self.files.schema().clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -83,18 +86,40 @@ impl TableProvider for SpilledTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        self.table.scan(state, projection, filters, limit).await
+        if let Some(table) = &self.table {
+            return table.scan(state, projection, filters, limit).await;
+        }
+        let cols = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.files.schema().fields().len()).collect(),
+        };
+        let partitions = state.config().target_partitions();
+        let exec = ZipExec::new(self.files.clone(), cols, partitions)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        Ok(Arc::new(exec))
     }
 
     fn supports_filters_pushdown(
         &self,
         filters: &[&Expr],
     ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        self.table.supports_filters_pushdown(filters)
+        match &self.table {
+            Some(table) => table.supports_filters_pushdown(filters),
+            None => Ok(vec![
+                TableProviderFilterPushDown::Unsupported;
+                filters.len()
+            ]),
+        }
     }
 
     fn statistics(&self) -> Option<Statistics> {
-        self.table.statistics()
+        match &self.table {
+            Some(table) => table.statistics(),
+            None => {
+                let all: Vec<usize> = (0..self.files.schema().fields().len()).collect();
+                Some(self.files.statistics(self.files.rows(), &all))
+            }
+        }
     }
 }
 
@@ -196,12 +221,11 @@ pub(super) async fn register_spilled(
         &ctx.state(),
         &url,
         crate::storage::listing::Format::Parquet,
-        Some(schema),
+        Some(schema.clone()),
         vec![],
     )
     .await
     .map_err(err)?;
-    ctx.deregister_table(name).map_err(err)?;
     tracing::info!(
         table = name,
         rows,
@@ -209,13 +233,21 @@ pub(super) async fn register_spilled(
         folder = %dir.path().display(),
         "step result does not fit the memory for results: written to scratch files"
     );
-    let table = SpilledTable {
-        table,
-        files,
-        rows,
-        bytes,
-        _dir: dir,
-    };
+    let files = SpilledFiles::new(schema, dir, files, rows, bytes)?;
+    register_files(ctx, name, files, Some(table))
+}
+
+/// Registers `files` as table `name` (replacing one of that name); `table`: DataFusion's scan
+/// of them when they are one layer.
+fn register_files(
+    ctx: &SessionContext,
+    name: &str,
+    files: SpilledFiles,
+    table: Option<Arc<ListingTable>>,
+) -> Result<()> {
+    let err = |e| Error::df(format!("register the scratch files of `{name}`"), e);
+    ctx.deregister_table(name).map_err(err)?;
+    let table = SpilledTable { files, table };
     ctx.register_table(name, Arc::new(table)).map_err(err)?;
     Ok(())
 }
@@ -375,6 +407,53 @@ pub struct ResultWriter {
     spill: Option<(ScratchDir, SpillFile)>,
     /// The columns of each pushed batch that the result keeps (by index); `None`: all.
     projection: Option<Vec<usize>>,
+    /// For [`Self::push_appended`]: the input's columns and the appended ones, all of them.
+    extended: Option<SchemaRef>,
+    /// Appending to an input in scratch files: only the appended columns are written.
+    append: Option<Appending>,
+}
+
+/// The layer a [`ResultWriter`] appends to a spilled input ([`zip`]).
+struct Appending {
+    input: SpilledFiles,
+    /// The appended columns (with `run_date` first when the input has none).
+    schema: SchemaRef,
+    dir: ScratchDir,
+    /// Closed files, one per file of the input so far.
+    files: Vec<PathBuf>,
+    current: Option<(usize, SpillFile)>,
+}
+
+impl Appending {
+    /// Closes the open file and writes empty ones up to file index `upto` (exclusive).
+    fn close_upto(&mut self, upto: usize) -> Result<()> {
+        if let Some((_, f)) = self.current.take() {
+            self.files.push(f.close()?);
+        }
+        while self.files.len() < upto {
+            let f = SpillFile::open(&self.dir, self.files.len(), self.schema.clone())?;
+            self.files.push(f.close()?);
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, part: usize, batch: &RecordBatch) -> Result<()> {
+        let open = self.current.as_ref().map(|(i, _)| *i);
+        if open != Some(part) {
+            if part < self.files.len() || open.is_some_and(|i| part < i) {
+                return Err(Error::Internal(format!(
+                    "a model step gave rows of its input's file {part} out of order"
+                )));
+            }
+            self.close_upto(part)?;
+            let f = SpillFile::open(&self.dir, part, self.schema.clone())?;
+            self.current = Some((part, f));
+        }
+        match &mut self.current {
+            Some((_, f)) => f.write(batch),
+            None => Err(Error::Internal("no appended scratch file open".into())),
+        }
+    }
 }
 
 impl ResultWriter {
@@ -392,7 +471,73 @@ impl ResultWriter {
             parts: Vec::new(),
             spill: None,
             projection: None,
+            extended: None,
+            append: None,
         }
+    }
+
+    /// The writer of a step whose result is every row of `source` (its input, read in
+    /// [`super::source::Source::scan`]'s order) with columns appended; `schema`: the input's
+    /// columns and the appended ones ([`super::rows::appended_schema`]). Batches come through
+    /// [`Self::push_appended`]. When the input is in scratch files, only the appended columns
+    /// are written, file by file beside the input's ([`zip`]): the input is not copied.
+    pub fn appending(
+        cx: &crate::steps::StepContext<'_>,
+        source: &super::source::Source,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let mut writer = Self::for_step(cx, schema.clone())?;
+        writer.extended = Some(schema.clone());
+        if let (super::source::Source::Spilled(input), Some(space)) = (source, &writer.space) {
+            let base = input.schema().fields().len();
+            let layer = Arc::new(Schema::new(schema.fields()[base..].to_vec()));
+            writer.append = Some(Appending {
+                input: input.clone(),
+                schema: layer,
+                dir: space.folder(&cx.step.name)?,
+                files: Vec::new(),
+                current: None,
+            });
+        }
+        Ok(writer)
+    }
+
+    /// Whether only the appended columns are written: [`Self::push_appended`] then needs the
+    /// input's batches for their lengths only (read just the columns the step itself needs).
+    pub fn appends(&self) -> bool {
+        self.append.is_some()
+    }
+
+    /// Rows `input` (a batch of the input, from partition or file `part`; only its length is
+    /// used when [`Self::appends`]) with the columns `added` appended, and `run_date` = `day`
+    /// when the input has none.
+    pub fn push_appended(
+        &mut self,
+        part: usize,
+        input: &RecordBatch,
+        day: i32,
+        added: Vec<ArrayRef>,
+    ) -> Result<()> {
+        let Some(append) = &mut self.append else {
+            let Some(schema) = &self.extended else {
+                return Err(Error::Internal(
+                    "push_appended on a writer not made by `appending`".into(),
+                ));
+            };
+            let batch = super::rows::extend_batch(schema, input, day, added)?;
+            return self.push(part, batch);
+        };
+        let n = input.num_rows();
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(append.schema.fields().len());
+        if append.schema.fields().len() > added.len() {
+            cols.push(Arc::new(Date32Array::from(vec![day; n])));
+        }
+        cols.extend(added);
+        let batch = RecordBatch::try_new(append.schema.clone(), cols)
+            .map_err(|e| Error::arrow("append the step's columns", e))?;
+        self.rows += n;
+        self.bytes += slice_bytes(&batch);
+        append.write(part, &batch)
     }
 
     /// The writer of the step's own result (named after the step), holding only the columns
@@ -475,8 +620,37 @@ impl ResultWriter {
             reservation,
             parts,
             spill,
+            projection,
+            extended,
+            append,
             ..
         } = self;
+        if let (Some(mut append), Some(full)) = (append, extended) {
+            append.close_upto(append.input.file_count())?;
+            let bytes = append.input.bytes() + bytes;
+            let folder = append.dir.path().display().to_string();
+            let files = append.input.append(
+                &full,
+                projection.as_deref(),
+                append.dir,
+                append.files,
+                bytes,
+            )?;
+            if files.rows() != rows {
+                return Err(Error::Internal(format!(
+                    "`{name}`: {rows} rows appended to an input of {}",
+                    files.rows()
+                )));
+            }
+            tracing::info!(table = name.as_str(), rows, folder = %folder,
+                           "step result: its columns appended to the scratch files of its input");
+            register_files(&ctx, &name, files, None)?;
+            return Ok(Kept {
+                rows,
+                held: 0,
+                spilled: bytes,
+            });
+        }
         match spill {
             None => {
                 let held =

@@ -22,7 +22,7 @@ use super::rank::{PARALLEL_RANK_MAX, rank_keys, ranks_sorted};
 use super::{ClvStep, backtest, register_fit};
 use crate::config::steps::ClvSpec;
 use crate::error::Result;
-use crate::steps::rows::{Rows, appended_schema, date32, extend_batch};
+use crate::steps::rows::{Rows, appended_schema, date32};
 use crate::steps::source::Source;
 use crate::steps::spill::ResultWriter;
 use crate::steps::{StepContext, StepOutcome, require_columns};
@@ -284,9 +284,11 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     // Every row of `from` with its predictions, in the order read above.
     let schema = appended_schema(source.schema(), &prediction_fields())
         .map_err(|e| cx.model_err(format!("`{}`: {e}", spec.from)))?;
-    let mut writer = ResultWriter::for_step(cx, schema.clone())?;
+    let mut writer = ResultWriter::appending(cx, &source, schema)?;
+    // When only the predictions are written, the spend is all this pass reads.
+    let read = writer.appends().then_some(&["mean_repeat_spend"][..]);
     let mut offset = 0;
-    source.scan(None, |part, b| {
+    source.scan(read, |part, b| {
         let m = b.num_rows();
         if offset + m > n {
             return Err(reread_error(&spec.from, offset + m, n));
@@ -317,7 +319,7 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
             )) as ArrayRef,
         ];
         offset += m;
-        writer.push(part, extend_batch(&schema, &b, day, added)?)
+        writer.push_appended(part, &b, day, added)
     })?;
     if offset != n {
         return Err(reread_error(&spec.from, offset, n));

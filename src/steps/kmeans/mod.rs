@@ -15,7 +15,7 @@ pub mod algorithm;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::rows::{Rows, appended_schema, date32, extend_batch, register};
+use super::rows::{Rows, appended_schema, date32, register};
 use super::source::Source;
 use super::spill::ResultWriter;
 use super::{CheckContext, StepContext, StepOutcome};
@@ -267,9 +267,12 @@ impl KmeansStep {
         let schema = appended_schema(source.schema(), &[cluster_field()])
             .map_err(|e| cx.model_err(format!("`{}`: {e}", spec.from)))?;
         let mut sums = vec![vec![crate::steps::exact::ExactSum::default(); spec.features.len()]; k];
-        let mut writer = ResultWriter::for_step(cx, schema.clone())?;
+        let mut writer = ResultWriter::appending(cx, &source, schema)?;
+        let features: Vec<&str> = spec.features.iter().map(String::as_str).collect();
+        // When only the cluster is written, the features (for the profile) are all it reads.
+        let read = writer.appends().then_some(features.as_slice());
         let mut offset = 0;
-        source.scan(None, |part, b| {
+        source.scan(read, |part, b| {
             let m = b.num_rows();
             let assigned = clustering
                 .assignment
@@ -293,7 +296,7 @@ impl KmeansStep {
                 assigned.iter().map(|a| rank[*a]),
             ));
             offset += m;
-            writer.push(part, extend_batch(&schema, &b, day, vec![cluster])?)
+            writer.push_appended(part, &b, day, vec![cluster])
         })?;
         if offset != n {
             return Err(Error::Internal(format!(

@@ -103,7 +103,10 @@ async fn a_result_larger_than_the_share_for_results_goes_to_scratch_and_reads_th
     assert_eq!(ctx.runtime_env().memory_pool.reserved(), 0);
     let provider = ctx.table_provider("big").await.unwrap();
     let spilled = provider.downcast_ref::<SpilledTable>().unwrap();
-    let folder = spilled.files[0].parent().unwrap().to_path_buf();
+    let folder = spilled.files().first_files()[0]
+        .parent()
+        .unwrap()
+        .to_path_buf();
     assert!(folder.is_dir());
     let want: Vec<i64> = (1..=400_000).map(|v| v * 3).collect();
     assert_eq!(ints(&ctx, "SELECT v FROM big"), want);
@@ -152,5 +155,100 @@ async fn a_result_larger_than_the_share_for_results_goes_to_scratch_and_reads_th
         (1..=1000).collect::<Vec<i64>>()
     );
     drop(ctx);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Columns appended to a spilled result as a layer of their own read back row for row with it,
+/// through DataFusion (any projection, row counts alone) and through a model step's source; a
+/// layer whose row groups do not line up with its input is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_layers_read_back_row_for_row_with_their_input() {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    let base = std::env::temp_dir().join(format!("clvflow-zip-test-{}", std::process::id()));
+    let ctx = session(64 << 20, &base);
+    let space = ResultSpace::of(&ctx).unwrap();
+    let field = |n: &str| Field::new(n, DataType::Int64, false);
+    let input = Arc::new(Schema::new(vec![field("id"), field("v")]));
+    let added = Arc::new(Schema::new(vec![field("w")]));
+    // Three files: 150,000 rows (row groups 65,536 + 65,536 + 18,928), none, 70,000; ids go
+    // on across files.
+    let sizes = [150_000i64, 0, 70_000];
+    let write = |dir: &ScratchDir,
+                 schema: &SchemaRef,
+                 cols: &dyn Fn(i64, i64) -> Vec<ArrayRef>,
+                 sizes: &[i64]| {
+        let mut start = 0;
+        let mut paths = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let mut f = SpillFile::open(dir, i, schema.clone()).unwrap();
+            // Batches of 10,000 rows: the writer cuts row groups at 65,536 whatever comes.
+            let mut at = start;
+            while at < start + n {
+                let m = (start + n - at).min(10_000);
+                f.write(&RecordBatch::try_new(schema.clone(), cols(at, m)).unwrap())
+                    .unwrap();
+                at += m;
+            }
+            start += n;
+            paths.push(f.close().unwrap());
+        }
+        paths
+    };
+    let ids = |at: i64, m: i64, k: i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values((at..at + m).map(|i| i * k)))
+    };
+    let dir = space.folder("input").unwrap();
+    let paths = write(
+        &dir,
+        &input,
+        &|at, m| vec![ids(at, m, 1), ids(at, m, 2)],
+        &sizes,
+    );
+    register_spilled(&ctx, "input", input.clone(), dir, paths, 220_000, 1 << 20)
+        .await
+        .unwrap();
+    let Source::Spilled(files) = Source::open(&ctx, "input").await.unwrap() else {
+        panic!("not spilled");
+    };
+    let full = Arc::new(Schema::new(vec![field("id"), field("v"), field("w")]));
+    let dir = space.folder("appended").unwrap();
+    let paths = write(&dir, &added, &|at, m| vec![ids(at, m, 3)], &sizes);
+    // Keeps `w` and `id` (in that order), lets `v` go.
+    let zipped = files
+        .append(&full, Some(&[2, 0]), dir, paths, 2 << 20)
+        .unwrap();
+    assert_eq!((zipped.rows(), zipped.layers()), (220_000, 2));
+    register_files(&ctx, "zipped", zipped, None).unwrap();
+    let all: Vec<i64> = (0..220_000).collect();
+    assert_eq!(ints(&ctx, "SELECT id FROM zipped WHERE w = 3 * id"), all);
+    assert_eq!(ints(&ctx, "SELECT w / 3 FROM zipped"), all);
+    assert_eq!(ints(&ctx, "SELECT count(*) FROM zipped"), vec![220_000]);
+    assert!(ctx.sql("SELECT v FROM zipped").await.is_err());
+    // A model step reads it file by file: the file's index is the partition.
+    let source = Source::open(&ctx, "zipped").await.unwrap();
+    let mut seen = Vec::new();
+    source
+        .scan(Some(&["id", "w"]), |part, b| {
+            let id = b.column(0).as_primitive::<Int64Type>().values();
+            let w = b.column(1).as_primitive::<Int64Type>().values();
+            assert!(id.iter().zip(w.iter()).all(|(i, w)| *w == 3 * i));
+            assert!(part == 0 && id[0] < 150_000 || part == 2 && id[0] >= 150_000);
+            seen.extend_from_slice(id);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seen, all);
+    // A layer with other row groups than its input (one row short) does not line up.
+    let dir = space.folder("short").unwrap();
+    let paths = write(
+        &dir,
+        &added,
+        &|at, m| vec![ids(at, m, 3)],
+        &[150_000, 0, 69_999],
+    );
+    let err = files.append(&full, None, dir, paths, 0).unwrap_err();
+    assert!(err.to_string().contains("do not line up"), "{err}");
+    drop((files, source, space, ctx));
     let _ = std::fs::remove_dir_all(&base);
 }
