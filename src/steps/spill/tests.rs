@@ -163,7 +163,7 @@ async fn a_result_larger_than_the_share_for_results_goes_to_scratch_and_reads_th
 /// layer whose row groups do not line up with its input is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appended_layers_read_back_row_for_row_with_their_input() {
-    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::array::{ArrayRef, Int64Array};
     use datafusion::arrow::datatypes::{Field, Schema};
     let base = std::env::temp_dir().join(format!("clvflow-zip-test-{}", std::process::id()));
     let ctx = session(64 << 20, &base);

@@ -202,13 +202,10 @@ impl SpilledFiles {
                 per_layer[layer].push(at);
             }
         }
-        if cols.is_empty() {
-            // Row counts only: the first layer with no columns.
-            per_layer[0] = Vec::new();
-        }
         let mut readers = Vec::new();
         let mut layer_reader = vec![usize::MAX; self.layers.len()];
         for (layer, at) in per_layer.iter_mut().enumerate() {
+            // No columns at all (row counts only): the first layer with none.
             if at.is_empty() && !(cols.is_empty() && layer == 0) {
                 continue;
             }
