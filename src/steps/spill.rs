@@ -122,7 +122,7 @@ impl TableProvider for SpilledTable {
             Some(table) => table.statistics(),
             None => {
                 let all: Vec<usize> = (0..self.files.schema().fields().len()).collect();
-                Some(self.files.statistics(self.files.rows(), &all))
+                self.files.statistics(self.files.rows(), &all).ok()
             }
         }
     }

@@ -225,6 +225,15 @@ async fn appended_layers_read_back_row_for_row_with_their_input() {
     assert_eq!(ints(&ctx, "SELECT w / 3 FROM zipped"), all);
     assert_eq!(ints(&ctx, "SELECT count(*) FROM zipped"), vec![220_000]);
     assert!(ctx.sql("SELECT v FROM zipped").await.is_err());
+    // Exact row counts, so that a join builds its hash table on the smaller side.
+    let provider = ctx.table_provider("zipped").await.unwrap();
+    let stats = provider.statistics().unwrap();
+    assert_eq!(
+        stats.num_rows,
+        datafusion::common::stats::Precision::Exact(220_000)
+    );
+    assert_eq!(stats.column_statistics.len(), 2);
+    drop(provider);
     // A model step reads it file by file: the file's index is the partition.
     let source = Source::open(&ctx, "zipped").await.unwrap();
     let mut seen = Vec::new();

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::Statistics;
 use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -182,6 +182,7 @@ impl SpilledFiles {
     }
 
     /// The first layer's files.
+    #[cfg(test)]
     pub fn first_files(&self) -> &[PathBuf] {
         &self.layers[0].files
     }
@@ -225,14 +226,17 @@ impl SpilledFiles {
                 path.clone(),
             ));
         }
+        // Every layer a column is in was opened above, with that column in its projection.
         let map = cols
             .iter()
             .map(|&c| {
                 let (layer, at) = self.columns[c];
-                let pos = per_layer[layer].iter().position(|x| *x == at).unwrap_or(0);
-                (layer_reader[layer], pos)
+                let pos = per_layer[layer].iter().position(|x| *x == at);
+                pos.map(|p| (layer_reader[layer], p)).ok_or_else(|| {
+                    Error::Internal(format!("column {c} of a spilled result was not read"))
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let schema = Arc::new(
             self.schema
                 .project(cols)
@@ -247,17 +251,17 @@ impl SpilledFiles {
 
     /// Statistics of `rows` of these rows with the columns `cols`: rows exact, bytes as the
     /// rows took in memory when written, in proportion to the columns.
-    pub fn statistics(&self, rows: usize, cols: &[usize]) -> Statistics {
+    pub fn statistics(&self, rows: usize, cols: &[usize]) -> Result<Statistics> {
         let width = self.schema.fields().len().max(1);
         let bytes = self.bytes as f64 * (rows as f64 / self.rows.max(1) as f64) * cols.len() as f64
             / width as f64;
         let schema = self
             .schema
             .project(cols)
-            .unwrap_or_else(|_| Schema::empty());
-        Statistics::new_unknown(&schema)
+            .map_err(|e| Error::arrow("project a step result", e))?;
+        Ok(Statistics::new_unknown(&schema)
             .with_num_rows(Precision::Exact(rows))
-            .with_total_byte_size(Precision::Inexact(bytes as usize))
+            .with_total_byte_size(Precision::Inexact(bytes as usize)))
     }
 
     /// The row groups of all files split into at most `n` runs of about the same number of
@@ -449,7 +453,11 @@ impl ExecutionPlan for ZipExec {
                 .unwrap_or(0),
             None => self.files.rows,
         };
-        Ok(Arc::new(self.files.statistics(rows, &self.cols)))
+        let stats = self
+            .files
+            .statistics(rows, &self.cols)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(Arc::new(stats))
     }
 
     fn execute(
