@@ -146,6 +146,10 @@ pub enum EngineSpec {
         /// three quarters); a result beyond it is written to scratch files in `spill_dir`.
         #[serde(default)]
         result_memory: Option<ByteSize>,
+        /// A step with `split_by` whose tables take more than this runs bucket by bucket of
+        /// that column, buckets of a quarter of it (default: half of `memory_limit`).
+        #[serde(default)]
+        split_above: Option<ByteSize>,
         /// Folder for spill files; defaults to the OS temp folder.
         #[serde(default)]
         spill_dir: Option<String>,
@@ -212,6 +216,7 @@ impl Default for EngineSpec {
             target_partitions: None,
             memory_limit: None,
             result_memory: None,
+            split_above: None,
             spill_dir: None,
             batch_size: None,
             memory_pool: MemoryPoolKind::default(),

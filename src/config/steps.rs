@@ -20,6 +20,10 @@ pub struct StepSpec {
     /// DataFusion settings for this step only, by full key (values quoted), on top of
     /// `engine.settings`; e.g. more hash partitions for a large aggregation.
     pub settings: BTreeMap<String, String>,
+    /// `split_by: <column>`: the step's SQL computes every result row from the rows of one
+    /// value of this column (in every table it reads that has the column), so when its data
+    /// does not fit the memory limit it may run bucket by bucket of that column's values.
+    pub split_by: Option<String>,
 }
 
 /// The kind of a step: the key that names it in the file.
@@ -54,6 +58,7 @@ enum StepKey {
     Kmeans,
     Clv,
     Settings,
+    SplitBy,
 }
 
 impl<'de> Deserialize<'de> for StepSpec {
@@ -67,6 +72,7 @@ impl<'de> Deserialize<'de> for StepSpec {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StepSpec, A::Error> {
                 let mut name: Option<String> = None;
                 let mut settings: Option<BTreeMap<String, String>> = None;
+                let mut split_by: Option<String> = None;
                 let mut kinds: Vec<StepKindSpec> = Vec::new();
                 while let Some(key) = map.next_key::<StepKey>()? {
                     match key {
@@ -76,6 +82,10 @@ impl<'de> Deserialize<'de> for StepSpec {
                         StepKey::Settings if settings.is_some() => {
                             return Err(de::Error::duplicate_field("settings"));
                         }
+                        StepKey::SplitBy if split_by.is_some() => {
+                            return Err(de::Error::duplicate_field("split_by"));
+                        }
+                        StepKey::SplitBy => split_by = Some(map.next_value()?),
                         StepKey::Name => name = Some(map.next_value()?),
                         StepKey::Settings => settings = Some(map.next_value()?),
                         StepKey::Sql => kinds.push(StepKindSpec::Sql(map.next_value()?)),
@@ -103,6 +113,7 @@ impl<'de> Deserialize<'de> for StepSpec {
                     name,
                     kind,
                     settings: settings.unwrap_or_default(),
+                    split_by,
                 })
             }
         }

@@ -61,6 +61,8 @@ pub struct LocalEngine {
     pub memory_limit: Option<u64>,
     /// Bytes of the pool step results held in memory may take; `None`: three quarters of it.
     pub result_memory: Option<u64>,
+    /// Bytes of tables above which a `split_by` step runs split; `None`: half the memory limit.
+    pub split_above: Option<u64>,
     pub memory_pool: MemoryPoolKind,
     /// Absolute folder for spill files; `None`: the OS temp folder.
     pub spill_dir: Option<PathBuf>,
@@ -83,6 +85,7 @@ impl EngineConfig {
                 target_partitions,
                 memory_limit,
                 result_memory,
+                split_above,
                 spill_dir,
                 batch_size,
                 memory_pool,
@@ -93,6 +96,7 @@ impl EngineConfig {
                     target_partitions: *target_partitions,
                     memory_limit: memory_limit.map(|b| b.0),
                     result_memory: result_memory.map(|b| b.0),
+                    split_above: split_above.map(|b| b.0),
                     memory_pool: *memory_pool,
                     spill_dir: spill_dir.as_ref().map(|d| root.join(d)),
                     batch_size: *batch_size,
@@ -128,6 +132,7 @@ impl EngineConfig {
                     target_partitions: *target_partitions,
                     memory_limit: memory_limit.map(|b| b.0),
                     result_memory: result_memory.map(|b| b.0),
+                    split_above: None,
                     memory_pool: *memory_pool,
                     spill_dir: spill_dir.as_ref().map(|d| root.join(d)),
                     batch_size: *batch_size,
@@ -291,7 +296,11 @@ impl Engine {
             .result_memory
             .map(bytes)
             .or(local.memory_limit.map(|l| bytes(l) / 4 * 3));
-        let space = scratch::ResultSpace::new(hold, &scratch_base);
+        let split_above = local
+            .split_above
+            .map(bytes)
+            .or(local.memory_limit.map(|l| bytes(l) / 2));
+        let space = scratch::ResultSpace::new(hold, &scratch_base).with_split_above(split_above);
         let mut config = config.with_extension(Arc::new(space));
         if local
             .settings
@@ -448,6 +457,7 @@ mod tests {
             target_partitions: Some(2),
             memory_limit: Some(limit),
             result_memory: None,
+            split_above: None,
             memory_pool: MemoryPoolKind::Greedy,
             spill_dir: None,
             batch_size: None,

@@ -25,6 +25,8 @@ use crate::error::{Error, Result};
 pub struct ResultSpace {
     /// Bytes results held in memory may take together; `None`: no limit.
     hold_limit: Option<usize>,
+    /// Bytes of tables above which a `split_by` step runs split (`crate::steps::sql::split`).
+    split_above: Option<usize>,
     held: AtomicUsize,
     root: PathBuf,
     next: AtomicU64,
@@ -43,10 +45,22 @@ impl ResultSpace {
             .unwrap_or_default();
         Self {
             hold_limit,
+            split_above: None,
             held: AtomicUsize::new(0),
             root: parent.join(format!("{}-{nanos}", std::process::id())),
             next: AtomicU64::new(0),
         }
+    }
+
+    /// This space, with `split_by` steps split above `bytes` of tables (`None`: never).
+    pub fn with_split_above(mut self, bytes: Option<usize>) -> Self {
+        self.split_above = bytes;
+        self
+    }
+
+    /// Bytes of tables above which a `split_by` step runs split; `None`: never.
+    pub fn split_above(&self) -> Option<usize> {
+        self.split_above
     }
 
     /// The space of `ctx`'s engine; `None` for a session not made by an engine (tests).

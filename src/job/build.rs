@@ -142,6 +142,17 @@ fn build(
             bad_gross_margin_used: &bad_gross_margin_used,
         };
         let kind = StepKind::check(&s.kind, &cx);
+        if let Some(column) = &s.split_by
+            && !matches!(s.kind, crate::config::steps::StepKindSpec::Sql(_))
+        {
+            diags.push(source.diag(
+                &format!("{field}.split_by"),
+                format!(
+                    "`split_by: {column}` applies to `sql` steps only (a `{}` step reads its input as it is)",
+                    s.kind.key()
+                ),
+            ));
+        }
         tables.insert(s.name.clone());
         match kind {
             Ok(kind) => {
@@ -160,6 +171,7 @@ fn build(
                         name: s.name.clone(),
                         field,
                         settings: s.settings.clone(),
+                        split_by: s.split_by.clone(),
                         kind,
                     });
                 } else {

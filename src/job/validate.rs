@@ -103,6 +103,7 @@ async fn plan_schemas(
             run_date: today,
             vars: &vars,
             keep: None,
+            split: None,
         };
         let reads = step.kind.reads(&step_session, &vars).unwrap_or_default();
         if !step.kind.is_sql()
@@ -117,7 +118,24 @@ async fn plan_schemas(
         // Planned before the step declares its own results (a step never reads those).
         column_reads.push(step.kind.column_reads(&step_session, &vars).await);
         match step.kind.declare(&cx, source).await {
-            Ok(tables) => schemas.extend(tables),
+            Ok(tables) => {
+                if let (Some(column), Some((_, result))) = (&step.split_by, tables.first()) {
+                    let mut read = Vec::new();
+                    for name in reads.iter() {
+                        if let Ok(t) = step_session.table_provider(name.as_str()).await {
+                            read.push((name.clone(), t.schema()));
+                        }
+                    }
+                    let field = format!("{}.split_by", step.field);
+                    diags.extend(crate::steps::sql::split::check(
+                        column,
+                        result,
+                        &read,
+                        |m| source.diag(&field, m),
+                    ));
+                }
+                schemas.extend(tables)
+            }
             Err(d) => {
                 // A step that fails makes later steps that use it fail too: report only the
                 // cause.

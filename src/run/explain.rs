@@ -73,6 +73,7 @@ async fn explain_on(
         run_date,
         vars: &vars,
         keep: None,
+        split: None,
     };
     let batches = sql
         .dataframe(&cx)

@@ -335,6 +335,10 @@ async fn execute(
         let settings =
             crate::steps::sql::partitions::resolve(ctx, &job.name, step, &vars, &known).await;
         let step_ctx = engine::session_for_settings(ctx, &settings, &step.field)?;
+        let split = match streamed {
+            false => crate::steps::sql::split::plan(ctx, &job.name, step, &vars, &known).await,
+            true => None,
+        };
         let cx = StepContext {
             session: &step_ctx,
             job: &job.name,
@@ -342,6 +346,7 @@ async fn execute(
             run_date,
             vars: &vars,
             keep: staging.and_then(|s| s.keep_columns(i)),
+            split: split.as_ref(),
         };
         let mut out = match (&step.kind, staging) {
             (crate::steps::StepKind::Sql(sql), Some(staging)) if streamed => {

@@ -40,6 +40,9 @@ pub struct Step {
     pub field: String,
     /// DataFusion settings for this step only (checked).
     pub settings: BTreeMap<String, String>,
+    /// `split_by`: the column whose values the step's SQL keeps apart (SQL steps only, checked;
+    /// see [`sql::split`]).
+    pub split_by: Option<String>,
     pub kind: StepKind,
 }
 
@@ -106,6 +109,8 @@ pub struct StepContext<'a> {
     /// output writes it and every later reader is known: the result holds only those.
     /// `None`: every column.
     pub keep: Option<&'a BTreeSet<String>>,
+    /// Set when the step runs bucket by bucket of its `split_by` column ([`sql::split`]).
+    pub split: Option<&'a sql::split::Buckets>,
 }
 
 impl StepContext<'_> {

@@ -130,7 +130,7 @@ impl TableProvider for SpilledTable {
 
 /// The bytes of the rows of `batch` (of the slice, when its columns are slices of longer
 /// buffers).
-fn slice_bytes(batch: &RecordBatch) -> usize {
+pub(crate) fn slice_bytes(batch: &RecordBatch) -> usize {
     batch
         .columns()
         .iter()
@@ -180,7 +180,7 @@ fn write_err(path: &Path, e: parquet::errors::ParquetError) -> Error {
 }
 
 /// One scratch file being written.
-pub(super) struct SpillFile {
+pub(crate) struct SpillFile {
     writer: ArrowWriter<File>,
     path: PathBuf,
 }
@@ -190,7 +190,7 @@ impl SpillFile {
         Self::create(dir.path(), index, schema)
     }
 
-    pub(super) fn create(dir: &Path, index: usize, schema: SchemaRef) -> Result<Self> {
+    pub(crate) fn create(dir: &Path, index: usize, schema: SchemaRef) -> Result<Self> {
         let path = dir.join(format!("part-{index:05}.parquet"));
         Ok(Self {
             writer: writer(&path, schema)?,
@@ -198,13 +198,13 @@ impl SpillFile {
         })
     }
 
-    pub(super) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+    pub(crate) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.writer
             .write(batch)
             .map_err(|e| write_err(&self.path, e))
     }
 
-    pub(super) fn close(self) -> Result<PathBuf> {
+    pub(crate) fn close(self) -> Result<PathBuf> {
         self.writer.close().map_err(|e| write_err(&self.path, e))?;
         Ok(self.path)
     }
@@ -220,17 +220,7 @@ pub(super) async fn register_spilled(
     rows: usize,
     bytes: usize,
 ) -> Result<()> {
-    let err = |e| Error::df(format!("register the scratch files of `{name}`"), e);
-    let url = format!("{}/", dir.path().display());
-    let table = crate::storage::listing::table(
-        &ctx.state(),
-        &url,
-        crate::storage::listing::Format::Parquet,
-        Some(schema.clone()),
-        vec![],
-    )
-    .await
-    .map_err(err)?;
+    let table = listing(ctx, name, &schema, &dir).await?;
     tracing::info!(
         table = name,
         rows,
@@ -240,6 +230,42 @@ pub(super) async fn register_spilled(
     );
     let files = SpilledFiles::new(schema, dir, files, rows, bytes)?;
     register_files(ctx, name, files, Some(table))
+}
+
+/// Registers the result of a split step (`crate::steps::sql::split`): `files` in `dir`, file k
+/// holding bucket k of `split` (column, count), `sizes` its rows and bytes in memory.
+pub(crate) async fn register_split(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    dir: ScratchDir,
+    files: Vec<PathBuf>,
+    sizes: (usize, usize),
+    split: (String, usize),
+) -> Result<()> {
+    let table = listing(ctx, name, &schema, &dir).await?;
+    let files =
+        SpilledFiles::new(schema, dir, files, sizes.0, sizes.1)?.with_split(split.0, split.1)?;
+    register_files(ctx, name, files, Some(table))
+}
+
+/// DataFusion's scan of the scratch files of `name` in `dir`.
+async fn listing(
+    ctx: &SessionContext,
+    name: &str,
+    schema: &SchemaRef,
+    dir: &ScratchDir,
+) -> Result<Arc<ListingTable>> {
+    let url = format!("{}/", dir.path().display());
+    crate::storage::listing::table(
+        &ctx.state(),
+        &url,
+        crate::storage::listing::Format::Parquet,
+        Some(schema.clone()),
+        vec![],
+    )
+    .await
+    .map_err(|e| Error::df(format!("register the scratch files of `{name}`"), e))
 }
 
 /// Registers `files` as table `name` (replacing one of that name); `table`: DataFusion's scan

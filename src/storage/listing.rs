@@ -21,6 +21,8 @@ pub enum Format {
     Parquet,
     /// Comma-separated with a header row.
     Csv,
+    /// Arrow IPC files (scratch only: a split step's buckets).
+    Arrow,
 }
 
 impl Format {
@@ -29,6 +31,7 @@ impl Format {
         match self {
             Format::Parquet => ".parquet",
             Format::Csv => ".csv",
+            Format::Arrow => ".arrow",
         }
     }
 
@@ -36,6 +39,7 @@ impl Format {
         match self {
             Format::Parquet => Arc::new(ParquetFormat::default()),
             Format::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
+            Format::Arrow => Arc::new(datafusion::datasource::file_format::arrow::ArrowFormat),
         }
     }
 }

@@ -613,10 +613,35 @@ fn the_same_exports_give_the_same_outputs_every_run() {
     }
     compare_marts(&p, "first", "data/marts");
     let scratch = p.file("data/_spill/clvflow-scratch");
-    let left: Vec<_> = std::fs::read_dir(&scratch)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "scratch files left: {left:?}");
+    let left = || -> Vec<_> {
+        std::fs::read_dir(&scratch)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    assert!(left().is_empty(), "scratch files left: {:?}", left());
+    // The steps with `split_by: customer_id` run bucket by bucket once their tables take more
+    // than `split_above`: `orders_clean` scatters the orders, `customer_features` reads its
+    // buckets as they are. The same rows again.
+    std::fs::remove_dir_all(p.file("data/marts")).unwrap();
+    p.edit(
+        "config.yaml",
+        "result_memory: 1KiB,",
+        "result_memory: 1KiB, split_above: 64KiB,",
+    );
+    let out = p.ok(&["run", "customer_value", "--date", RUN_DATE]);
+    let log = stderr(&out);
+    for (step, earlier) in [("orders_clean", false), ("customer_features", true)] {
+        let line = log
+            .lines()
+            .find(|l| l.contains("step runs split") && l.contains(&format!("step={step} ")))
+            .unwrap_or_else(|| panic!("{step} did not run split:\n{log}"));
+        assert!(
+            line.contains(&format!("from_earlier_split={earlier}")),
+            "{line}"
+        );
+    }
+    compare_marts(&p, "first", "data/marts");
+    assert!(left().is_empty(), "scratch files left: {:?}", left());
 }
 
 /// Asserts the output tables under `a` and `b` (folders of the project) hold the same rows.

@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs`, `report` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:57:")
+        lines.iter().any(|l| l.contains("customer_value.yaml:59:")
             && l.contains("steps[9].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:64:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:66:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -94,7 +94,7 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:47:")
+        err.contains("customer_value.yaml:49:")
             && err.contains("steps[3].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
@@ -239,11 +239,11 @@ fn a_bad_step_setting_is_reported_at_its_key_without_noise_from_later_steps() {
         .collect();
     // Exactly the two settings: the steps that read orders_clean are not planned, not reported.
     assert_eq!(lines.len(), 2, "{err}");
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:35:7: steps[0].settings.datafusion.execution.target_partitions: `datafusion.execution.target_partitions: lots`")
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:36:7: steps[0].settings.datafusion.execution.target_partitions: `datafusion.execution.target_partitions: lots`")
         && l.contains("Error parsing 'lots' as usize")), "{err}");
     assert!(
         lines.iter().any(|l| l.contains(
-            "customer_value.yaml:37:7: steps[0].settings.datafusion.execution.no_such_option:"
+            "customer_value.yaml:38:7: steps[0].settings.datafusion.execution.no_such_option:"
         ) && l.contains("no_such_option")),
         "{err}"
     );
@@ -393,8 +393,8 @@ fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].contains("jobs/customer_value.yaml:70:5: outputs[2].url: job `customer_clv`")
-            && lines[0].contains("jobs/customer_clv.yaml:28:")
+        lines[0].contains("jobs/customer_value.yaml:72:5: outputs[2].url: job `customer_clv`")
+            && lines[0].contains("jobs/customer_clv.yaml:30:")
             && lines[0].contains("outputs[1] `file://./data/marts/clv_fit/`"),
         "{err}"
     );
@@ -414,7 +414,7 @@ fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_clv"]));
     assert!(
-        err.contains("jobs/customer_clv.yaml:28:")
+        err.contains("jobs/customer_clv.yaml:30:")
             && err.contains("job `customer_value` writes the same table or one inside it"),
         "{err}"
     );

@@ -423,6 +423,7 @@ mod tests {
             target_partitions: Some(2),
             memory_limit: Some(1 << 20),
             result_memory: None,
+            split_above: None,
             memory_pool: crate::config::project::MemoryPoolKind::Greedy,
             spill_dir: None,
             batch_size: None,
@@ -462,6 +463,7 @@ mod tests {
             name: "m".into(),
             field: "steps[0]".into(),
             settings: Default::default(),
+            split_by: None,
             kind: crate::steps::StepKind::Clv(ClvStep { spec }),
         };
         let vars = Default::default();
@@ -472,6 +474,7 @@ mod tests {
             run_date: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
             vars: &vars,
             keep: None,
+            split: None,
         };
         let err = step.kind.run(&cx).await.unwrap_err();
         let text = crate::error::chain(&err);

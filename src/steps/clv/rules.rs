@@ -32,6 +32,7 @@ use crate::engine::quote_ident;
 use crate::error::{Error, Result};
 use crate::steps::rows::date32;
 use crate::steps::spill::ResultWriter;
+use crate::steps::sql::split::CoarseBuckets;
 use crate::steps::{StepContext, StepOutcome, require_columns};
 
 mod passes;
@@ -364,14 +365,26 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
     let bytes_for = |rows: usize| rows * (24 + 24 / passes::SUB_SHARDS) + (rows / 2) * 64;
     let bytes_needed = bytes_for(rows_in_from);
     let estimate = spec.model == ClvModel::FormulaRetention && spec.retention_rate.is_none();
-    let buckets = match cx.session.runtime_env().memory_pool.memory_limit() {
+    let mut buckets = match cx.session.runtime_env().memory_pool.memory_limit() {
         datafusion::execution::memory_pool::MemoryLimit::Finite(limit) if !estimate => {
             bytes_needed.div_ceil((limit / 3).max(1)).max(1)
         }
         _ => 1,
     };
+    // Orders a split step wrote by customer (`split_by: customer_id`) are read file by file: the
+    // buckets (a power of two that divides the files) are unions of its files, one read in all.
+    let split = match buckets {
+        1 => None,
+        n => {
+            let n = n.next_power_of_two();
+            CoarseBuckets::of(cx.session, &spec.from, "customer_id", n)
+                .await?
+                .inspect(|_| buckets = n)
+        }
+    };
     if buckets > 1 {
         tracing::info!(step = %cx.step.name, buckets, orders = rows_in_from,
+            from_split_files = split.is_some(),
             "rule model: customers taken in buckets, one read of the orders each");
     }
     let mut writer = ResultWriter::for_step(cx, schema(spec.model))?;
@@ -395,7 +408,15 @@ pub(super) async fn run(cx: &StepContext<'_>, step: &ClvStep) -> Result<StepOutc
         .map_err(|e| cx.df_err(e))?;
         let filter = bucket_filter(k, buckets);
         let t = Instant::now();
-        let orders = collect(cx, &format!("{}{filter}", orders_sql(spec, cx.run_date))).await?;
+        let orders = match &split {
+            Some(split) => {
+                let session = split.bucket(k).await?;
+                let sql = orders_sql(spec, cx.run_date);
+                let df = session.sql(&sql).await.map_err(|e| cx.df_err(e))?;
+                df.collect().await.map_err(|e| cx.df_err(e))?
+            }
+            None => collect(cx, &format!("{}{filter}", orders_sql(spec, cx.run_date))).await?,
+        };
         let costs = match &spec.acquisition_costs {
             Some(table) if spec.model == ClvModel::Discounted => {
                 collect(cx, &format!("{}{filter}", costs_sql(table))).await?

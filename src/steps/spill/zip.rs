@@ -66,6 +66,8 @@ pub struct SpilledFiles {
     groups: Arc<Vec<Vec<usize>>>,
     rows: usize,
     bytes: usize,
+    /// Set when file k holds exactly the rows of bucket k of a column ([`Self::split_by`]).
+    split: Option<(String, usize)>,
 }
 
 fn read_err(path: &Path, e: impl fmt::Display) -> Error {
@@ -108,7 +110,38 @@ impl SpilledFiles {
             groups: Arc::new(groups),
             rows,
             bytes,
+            split: None,
         })
+    }
+
+    /// These files, marked as split: file k holds exactly the rows whose `column` is in bucket
+    /// k of `count` (`crate::steps::sql::split`).
+    pub fn with_split(mut self, column: String, count: usize) -> Result<Self> {
+        if self.file_count() != count || self.layers.len() != 1 {
+            return Err(Error::Internal(format!(
+                "{} files in {} layers marked as split in {count} buckets",
+                self.file_count(),
+                self.layers.len()
+            )));
+        }
+        self.split = Some((column, count));
+        Ok(self)
+    }
+
+    /// The column and bucket count when these files are split by a column (a split step's
+    /// result): file k holds bucket k.
+    pub fn split_by(&self) -> Option<(&str, usize)> {
+        self.split.as_ref().map(|(c, n)| (c.as_str(), *n))
+    }
+
+    /// The files, when they are one layer.
+    pub fn single_layer(&self) -> Option<&[PathBuf]> {
+        (self.layers.len() == 1).then(|| self.layers[0].files.as_slice())
+    }
+
+    /// The rows of file `file`.
+    pub fn file_rows(&self, file: usize) -> usize {
+        self.groups.get(file).map_or(0, |g| g.iter().sum())
     }
 
     /// These files with a layer appended: `files` in `dir`, one per file of these and row for
@@ -157,6 +190,8 @@ impl SpilledFiles {
             groups: self.groups.clone(),
             rows: self.rows,
             bytes,
+            // Appended layers keep the rows' order, but a bucket is read as one file.
+            split: None,
         })
     }
 

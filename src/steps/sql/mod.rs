@@ -4,6 +4,7 @@
 //! only, registered as a view that the output's write computes while it streams.
 
 pub mod partitions;
+pub mod split;
 pub mod template;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -182,6 +183,9 @@ impl SqlStep {
     /// columns later steps read are kept; DataFusion then does not compute the others either
     /// where it can leave them out.
     pub async fn run(&self, cx: &StepContext<'_>) -> Result<StepOutcome> {
+        if let Some(buckets) = cx.split {
+            return split::run(self, cx, buckets).await;
+        }
         let started = Instant::now();
         let mut df = self.dataframe(cx).await?;
         let names: Vec<String> = (df.schema().fields().iter())

@@ -88,6 +88,7 @@ async fn run_step(ctx: &SessionContext, spec: &ClvSpec) -> crate::error::Result<
         name: "m".into(),
         field: "steps[0]".into(),
         settings: Default::default(),
+        split_by: None,
         kind: crate::steps::StepKind::Clv(ClvStep { spec: spec.clone() }),
     };
     let vars = Default::default();
@@ -98,6 +99,7 @@ async fn run_step(ctx: &SessionContext, spec: &ClvSpec) -> crate::error::Result<
         run_date: date(),
         vars: &vars,
         keep: None,
+        split: None,
     };
     step.kind.run(&cx).await.map(|_| ())
 }
