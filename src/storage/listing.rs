@@ -81,3 +81,21 @@ pub async fn table(
         .with_schema(schema);
     Ok(Arc::new(ListingTable::try_new(config)?))
 }
+
+/// A `ListingTable` over exactly the files `paths` (absolute local paths or URLs) of `format`,
+/// with `schema`.
+pub fn table_of_files(
+    paths: &[String],
+    format: Format,
+    schema: SchemaRef,
+) -> Result<Arc<ListingTable>> {
+    let urls = paths
+        .iter()
+        .map(ListingTableUrl::parse)
+        .collect::<Result<Vec<_>>>()?;
+    let options = ListingOptions::new(format.file_format()).with_file_extension(format.extension());
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}

@@ -2,6 +2,7 @@
 //! on.
 
 use super::*;
+
 /// A session like `base` whose tables are its own (the default schema's, copied), so that
 /// replacing one for a bucket leaves `base`'s alone.
 pub(super) async fn overlay(base: &SessionContext) -> Result<SessionContext> {
@@ -79,27 +80,20 @@ impl CoarseBuckets {
     /// A session on which the table holds only bucket `k`'s rows (every other table as on the
     /// session this was made from).
     pub async fn bucket(&self, k: usize) -> Result<&SessionContext> {
-        use datafusion::datasource::listing::{
-            ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-        };
         let err = |e| Error::df(format!("read bucket {k} of `{}`", self.name), e);
-        let urls = (self.files.iter().enumerate())
+        let paths: Vec<String> = (self.files.iter().enumerate())
             .filter(|(j, _)| j % self.buckets == k)
-            .map(|(_, p)| ListingTableUrl::parse(p.display().to_string()))
-            .collect::<datafusion::error::Result<Vec<_>>>()
-            .map_err(err)?;
-        let format = crate::storage::listing::Format::Parquet;
-        let options = ListingOptions::new(Arc::new(
-            datafusion::datasource::file_format::parquet::ParquetFormat::default(),
-        ))
-        .with_file_extension(format.extension());
-        let config = ListingTableConfig::new_with_multi_paths(urls)
-            .with_listing_options(options)
-            .with_schema(self.schema.clone());
-        let table = ListingTable::try_new(config).map_err(err)?;
+            .map(|(_, p)| p.display().to_string())
+            .collect();
+        let table = crate::storage::listing::table_of_files(
+            &paths,
+            crate::storage::listing::Format::Parquet,
+            self.schema.clone(),
+        )
+        .map_err(err)?;
         self.session
             .deregister_table(&self.name)
-            .and_then(|_| self.session.register_table(&self.name, Arc::new(table)))
+            .and_then(|_| self.session.register_table(&self.name, table))
             .map_err(err)?;
         Ok(&self.session)
     }
