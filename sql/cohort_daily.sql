@@ -3,6 +3,9 @@
 -- first 24 hours), the net revenue of the orders on that day and the number of customers whose
 -- second order fell on it. Orders before signup are not counted. Small (cohorts x channels x
 -- days), so `cohort_value` reads it several times instead of joining the orders again.
+-- Sums over customers: the shipped job runs it split by customer_id with `split_result: partial`
+-- when the orders do not fit (one row per cohort, channel, day and bucket), and `cohort_value`
+-- sums its rows per cohort, channel and day again.
 -- A customer's second order day is second_min(day) in a hash aggregation per customer (clvflow's
 -- aggregate; DuckDB spells it min(day, 2)[2]): no sort of every order by customer and time for a
 -- window, which costs DataFusion 55 more and holds more memory than the aggregation. The join

@@ -51,13 +51,21 @@ cohorts as (
     group by cohort_month, channel
 ),
 
+-- cohort_daily may hold a cohort, channel and day once per bucket of customers (a split run:
+-- partial sums), so its rows are summed again (once each where it ran whole).
+daily as (
+    select cohort_month, channel, day, sum(revenue) as revenue, sum(second_buyers) as second_buyers
+    from cohort_daily
+    group by cohort_month, channel, day
+),
+
 cumulative as (
     select
         cohort_month,
         channel,
         day,
         sum(revenue) over (partition by cohort_month, channel order by day rows between unbounded preceding and current row) as revenue_to_day
-    from cohort_daily
+    from daily
 ),
 
 payback as (
@@ -70,15 +78,15 @@ payback as (
     group by u.cohort_month, u.channel
 ),
 
--- Revenue and second orders in the first `days` days (cohort_daily: one row per cohort, channel
--- and day with an order).
+-- Revenue and second orders in the first `days` days (daily: one row per cohort, channel and day
+-- with an order).
 at_points as (
     select c.cohort_month, c.channel, p.days,
            coalesce(sum(d.revenue), 0) as revenue,
            coalesce(sum(d.second_buyers), 0) as repeat_buyers
     from cohorts as c
     cross join points as p
-    left join cohort_daily as d
+    left join daily as d
       on d.cohort_month = c.cohort_month and d.channel = c.channel and d.day < p.days
     group by c.cohort_month, c.channel, p.days
 ),
@@ -86,7 +94,7 @@ at_points as (
 realized as (
     select c.cohort_month, c.channel, coalesce(sum(d.revenue), 0) as revenue
     from cohorts as c
-    left join cohort_daily as d
+    left join daily as d
       on d.cohort_month = c.cohort_month and d.channel = c.channel and d.day < least(365, c.observed_days)
     group by c.cohort_month, c.channel
 ),

@@ -24,6 +24,22 @@ pub struct StepSpec {
     /// value of this column (in every table it reads that has the column), so when its data
     /// does not fit the memory limit it may run bucket by bucket of that column's values.
     pub split_by: Option<String>,
+    /// `split_result`: what the buckets' results of a split step are (default `whole`).
+    pub split_result: SplitResult,
+}
+
+/// `split_result:` of a `split_by` step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitResult {
+    /// Every result row comes from the rows of one value of the column: the buckets' results
+    /// together are the whole query's result, and the result keeps the column.
+    #[default]
+    Whole,
+    /// Each bucket gives rows of its own (e.g. sums per group over the bucket's customers):
+    /// the result is the union of the buckets' results, so a group may have one row per bucket,
+    /// and a later step combines them (sums of sums). The result need not have the column.
+    Partial,
 }
 
 /// The kind of a step: the key that names it in the file.
@@ -59,6 +75,7 @@ enum StepKey {
     Clv,
     Settings,
     SplitBy,
+    SplitResult,
 }
 
 impl<'de> Deserialize<'de> for StepSpec {
@@ -73,6 +90,7 @@ impl<'de> Deserialize<'de> for StepSpec {
                 let mut name: Option<String> = None;
                 let mut settings: Option<BTreeMap<String, String>> = None;
                 let mut split_by: Option<String> = None;
+                let mut split_result: Option<SplitResult> = None;
                 let mut kinds: Vec<StepKindSpec> = Vec::new();
                 while let Some(key) = map.next_key::<StepKey>()? {
                     match key {
@@ -85,7 +103,11 @@ impl<'de> Deserialize<'de> for StepSpec {
                         StepKey::SplitBy if split_by.is_some() => {
                             return Err(de::Error::duplicate_field("split_by"));
                         }
+                        StepKey::SplitResult if split_result.is_some() => {
+                            return Err(de::Error::duplicate_field("split_result"));
+                        }
                         StepKey::SplitBy => split_by = Some(map.next_value()?),
+                        StepKey::SplitResult => split_result = Some(map.next_value()?),
                         StepKey::Name => name = Some(map.next_value()?),
                         StepKey::Settings => settings = Some(map.next_value()?),
                         StepKey::Sql => kinds.push(StepKindSpec::Sql(map.next_value()?)),
@@ -114,6 +136,7 @@ impl<'de> Deserialize<'de> for StepSpec {
                     kind,
                     settings: settings.unwrap_or_default(),
                     split_by,
+                    split_result: split_result.unwrap_or_default(),
                 })
             }
         }

@@ -153,6 +153,12 @@ fn build(
                 ),
             ));
         }
+        if s.split_by.is_none() && s.split_result != crate::config::steps::SplitResult::default() {
+            diags.push(source.diag(
+                &format!("{field}.split_result"),
+                "`split_result` says what the buckets of a `split_by` step give: this step has no `split_by`".to_string(),
+            ));
+        }
         tables.insert(s.name.clone());
         match kind {
             Ok(kind) => {
@@ -172,6 +178,7 @@ fn build(
                         field,
                         settings: s.settings.clone(),
                         split_by: s.split_by.clone(),
+                        split_result: s.split_result,
                         kind,
                     });
                 } else {

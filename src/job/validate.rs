@@ -129,6 +129,7 @@ async fn plan_schemas(
                     let field = format!("{}.split_by", step.field);
                     diags.extend(crate::steps::sql::split::check(
                         column,
+                        step.split_result,
                         result,
                         &read,
                         |m| source.diag(&field, m),

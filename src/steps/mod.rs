@@ -43,6 +43,9 @@ pub struct Step {
     /// `split_by`: the column whose values the step's SQL keeps apart (SQL steps only, checked;
     /// see [`sql::split`]).
     pub split_by: Option<String>,
+    /// `split_result`: whether the buckets' results are the whole result or partial rows a later
+    /// step combines ([`crate::config::steps::SplitResult`]).
+    pub split_result: crate::config::steps::SplitResult,
     pub kind: StepKind,
 }
 

@@ -233,7 +233,8 @@ pub(super) async fn register_spilled(
 }
 
 /// Registers the result of a split step (`crate::steps::sql::split`): `files` in `dir`, file k
-/// holding bucket k of `split` (column, count), `sizes` its rows and bytes in memory.
+/// holding bucket k of `split` (column, count; `None`: a partial result, file k holding what
+/// bucket k gave), `sizes` its rows and bytes in memory.
 pub(crate) async fn register_split(
     ctx: &SessionContext,
     name: &str,
@@ -241,11 +242,13 @@ pub(crate) async fn register_split(
     dir: ScratchDir,
     files: Vec<PathBuf>,
     sizes: (usize, usize),
-    split: (String, usize),
+    split: Option<(String, usize)>,
 ) -> Result<()> {
     let table = listing(ctx, name, &schema, &dir).await?;
-    let files =
-        SpilledFiles::new(schema, dir, files, sizes.0, sizes.1)?.with_split(split.0, split.1)?;
+    let mut files = SpilledFiles::new(schema, dir, files, sizes.0, sizes.1)?;
+    if let Some((column, count)) = split {
+        files = files.with_split(column, count)?;
+    }
     register_files(ctx, name, files, Some(table))
 }
 

@@ -143,7 +143,7 @@ fn config_mistakes_exit_2_and_name_file_line_column_and_field() {
         totals,
         2,
         &[
-            "customer_value.yaml:66:",
+            "customer_value.yaml:68:",
             "outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`",
         ],
     );

@@ -44,11 +44,11 @@ fn three_mistakes_are_reported_together_with_positions() {
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].ends_with("jobs/customer_value.yaml:2:1: schedul: unknown field `schedul`, expected one of `description`, `schedule`, `timezone`, `depends_on`, `retries`, `timeout`, `catchup`, `params`, `inputs`, `steps`, `outputs`, `report` (remove it or fix its spelling)") , "{err}");
     assert!(
-        lines.iter().any(|l| l.contains("customer_value.yaml:59:")
+        lines.iter().any(|l| l.contains("customer_value.yaml:61:")
             && l.contains("steps[9].sql: cannot read SQL file `sql/channel_sumary.sql`")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:66:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:68:") && l.contains("outputs[0].partition_by[1]: `segment_name` is not a column of step `customer_value`")), "{err}");
 }
 
 #[test]
@@ -94,7 +94,7 @@ fn clv_model_options_are_checked_per_model() {
     );
     let err = stderr(&p.clvflow(&["validate", "customer_value", "customer_clv"]));
     assert!(
-        err.contains("customer_value.yaml:49:")
+        err.contains("customer_value.yaml:51:")
             && err.contains("steps[3].clv.backtest: not used by the `historical` model; remove it"),
         "{err}"
     );
@@ -250,6 +250,40 @@ fn a_bad_step_setting_is_reported_at_its_key_without_noise_from_later_steps() {
 }
 
 #[test]
+fn split_keys_are_checked_at_their_lines() {
+    let p = TestProject::shipped();
+    // cohort_daily (no customer_id in its rows) without `split_result: partial`; `split_result`
+    // without `split_by` (customer_features); `split_by` on a model step (clv_discounted).
+    p.edit(
+        "jobs/customer_value.yaml",
+        "    split_result: partial ",
+        "    # split_result: partial ",
+    );
+    p.edit(
+        "jobs/customer_value.yaml",
+        "    split_by: customer_id                # reads orders_clean's buckets",
+        "    split_result: partial                # reads orders_clean's buckets",
+    );
+    p.edit(
+        "jobs/customer_value.yaml",
+        "acquisition_costs: customers }\n",
+        "acquisition_costs: customers }\n    split_by: customer_id\n",
+    );
+    let out = p.clvflow(&["validate", "customer_value"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains(".yaml:")).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:40:5: steps[1].split_by:")
+        && l.contains("the step's result has no column `customer_id`")
+        && l.contains("split_result: partial")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:47:5: steps[2].split_result:")
+        && l.contains("has no `split_by`")), "{err}");
+    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:54:5: steps[3].split_by:")
+        && l.contains("applies to `sql` steps only")), "{err}");
+}
+
+#[test]
 fn step_settings_apply_to_their_step_only() {
     let p = TestProject::shipped();
     p.generate(300);
@@ -393,7 +427,7 @@ fn two_jobs_writing_one_table_are_rejected_naming_both_files() {
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
-        lines[0].contains("jobs/customer_value.yaml:72:5: outputs[2].url: job `customer_clv`")
+        lines[0].contains("jobs/customer_value.yaml:74:5: outputs[2].url: job `customer_clv`")
             && lines[0].contains("jobs/customer_clv.yaml:30:")
             && lines[0].contains("outputs[1] `file://./data/marts/clv_fit/`"),
         "{err}"

@@ -464,6 +464,7 @@ mod tests {
             field: "steps[0]".into(),
             settings: Default::default(),
             split_by: None,
+            split_result: Default::default(),
             kind: crate::steps::StepKind::Clv(ClvStep { spec }),
         };
         let vars = Default::default();

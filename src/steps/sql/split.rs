@@ -48,6 +48,7 @@ use futures::StreamExt;
 use super::SqlStep;
 use super::partitions::{self, HASH_JOIN_KEY, JoinsSetByEngine};
 use crate::config::Diagnostic;
+use crate::config::steps::SplitResult;
 use crate::engine::memory::BufferCounter;
 use crate::engine::scratch::ResultSpace;
 use crate::error::{Error, Result};
@@ -168,10 +169,11 @@ fn splittable(t: &DataType) -> bool {
 }
 
 /// What `validate` says about `split_by: column` of a step whose result has `result` and which
-/// reads `tables` (name and schema): the result and at least one table must have the column, as
-/// an integer or text.
+/// reads `tables` (name and schema): at least one table must have the column, and the result
+/// too unless it is `split_result: partial`, as an integer or text.
 pub fn check(
     column: &str,
+    kind: SplitResult,
     result: &Schema,
     tables: &[(String, SchemaRef)],
     diag: impl Fn(String) -> Diagnostic,
@@ -185,8 +187,10 @@ pub fn check(
         )
     };
     match find_field(result, column) {
+        None if kind == SplitResult::Partial => {}
         None => diags.push(diag(format!(
-            "`split_by: {column}`: the step's result has no column `{column}` (later steps read its rows by it)"
+            "`split_by: {column}`: the step's result has no column `{column}` (later steps read its rows by it; \
+             a result of partial rows per bucket, e.g. sums per group, says `split_result: partial`)"
         ))),
         Some(f) if !splittable(f.data_type()) => diags.push(diag(bad_type("the result", f))),
         Some(_) => {}
@@ -252,10 +256,13 @@ pub async fn run(sql: &SqlStep, cx: &StepContext<'_>, b: &Buckets) -> Result<Ste
         .map(|f| f.name().clone())
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    // The split column stays (its buckets are what later split steps read), whoever reads it.
+    let partial = cx.step.split_result == SplitResult::Partial;
+    // The split column of a whole result stays (its buckets are what later split steps read),
+    // whoever reads it.
     let kept: Option<Vec<String>> = cx.kept_columns(&refs).map(|ix| {
         let mut kept: Vec<String> = ix.iter().map(|&i| names[i].clone()).collect();
-        if let Some(key) = names.iter().find(|n| n.eq_ignore_ascii_case(&b.column))
+        if !partial
+            && let Some(key) = names.iter().find(|n| n.eq_ignore_ascii_case(&b.column))
             && !kept.contains(key)
         {
             kept.insert(0, key.clone());
@@ -270,7 +277,7 @@ pub async fn run(sql: &SqlStep, cx: &StepContext<'_>, b: &Buckets) -> Result<Ste
         None => whole,
     };
     let schema: SchemaRef = Arc::new(whole.schema().as_arrow().clone());
-    if find_field(&schema, &b.column).is_none() {
+    if !partial && find_field(&schema, &b.column).is_none() {
         return Err(cx.model_err(format!(
             "`split_by: {}`: the step's result has no such column",
             b.column
@@ -434,7 +441,7 @@ pub async fn run(sql: &SqlStep, cx: &StepContext<'_>, b: &Buckets) -> Result<Ste
         out,
         files,
         (rows, bytes),
-        (b.column.clone(), b.count),
+        (!partial).then(|| (b.column.clone(), b.count)),
     )
     .await?;
     Ok(StepOutcome {

@@ -89,6 +89,7 @@ async fn run_step(ctx: &SessionContext, spec: &ClvSpec) -> crate::error::Result<
         field: "steps[0]".into(),
         settings: Default::default(),
         split_by: None,
+        split_result: Default::default(),
         kind: crate::steps::StepKind::Clv(ClvStep { spec: spec.clone() }),
     };
     let vars = Default::default();

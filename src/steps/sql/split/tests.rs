@@ -102,6 +102,7 @@ fn validate_names_what_a_split_column_lacks() {
     let lookup = schema(&[("channel", DataType::Utf8)]);
     let ok = check(
         "customer_id",
+        SplitResult::Whole,
         &orders,
         &[
             ("orders".into(), orders.clone()),
@@ -112,6 +113,7 @@ fn validate_names_what_a_split_column_lacks() {
     assert!(ok.is_empty(), "{ok:?}");
     let bad = check(
         "amount",
+        SplitResult::Whole,
         &orders,
         &[("orders".into(), orders.clone())],
         diag,
@@ -122,6 +124,7 @@ fn validate_names_what_a_split_column_lacks() {
     );
     let missing = check(
         "customer_id",
+        SplitResult::Whole,
         &lookup,
         &[("lookup".into(), lookup.clone())],
         diag,
@@ -133,6 +136,18 @@ fn validate_names_what_a_split_column_lacks() {
         "{text:?}"
     );
     assert!(text[1].contains("no table the step reads") && text[1].contains("lookup"));
+    // A partial result (sums per group of each bucket) need not have the column; a table read
+    // still must.
+    let partial = |tables: &[(String, SchemaRef)]| {
+        check("customer_id", SplitResult::Partial, &lookup, tables, diag)
+    };
+    let ok = partial(&[("orders".into(), orders.clone())]);
+    assert!(ok.is_empty(), "{ok:?}");
+    let none = partial(&[("lookup".into(), lookup.clone())]);
+    assert!(
+        none.len() == 1 && none[0].message.contains("no table the step reads"),
+        "{none:?}"
+    );
 }
 
 /// Orders with duplicate lines, returns, NULL and negative customer ids; customers, some of them
@@ -223,12 +238,23 @@ from customers c
 left join per p on p.customer_id = c.customer_id
 join lookup l on l.channel = c.channel";
 
+/// Partial sums per channel (`split_result: partial`); [`COMBINE`] sums them again.
+const PER_CHANNEL: &str = "
+select c.channel, count(*) as orders, sum(k.net_amount) as revenue, max(k.lines) as most_lines
+from clean k join customers c on c.customer_id = k.customer_id
+group by c.channel";
+
+const COMBINE: &str = "
+select channel, sum(orders) as orders, sum(revenue) as revenue, max(most_lines) as most_lines
+from {t} group by channel";
+
 fn step(name: &str, sql: &str) -> Step {
     Step {
         name: name.into(),
         field: "steps[0]".into(),
         settings: BTreeMap::from([(partitions::KEY.to_string(), partitions::AUTO.to_string())]),
         split_by: Some("customer_id".into()),
+        split_result: Default::default(),
         kind: StepKind::Sql(SqlStep {
             file: format!("{name}.sql").into(),
             template: Template::parse(sql).unwrap(),
@@ -313,6 +339,54 @@ async fn a_split_step_gives_the_rows_of_the_whole_query() {
             ctx.table(whole).await.unwrap().schema().as_arrow().fields()
         );
     }
+    // A partial step: sums per channel over each bucket's customers (one row per channel and
+    // bucket), which a later query sums again, equal to the same sums over all the rows.
+    let mut s = step("per_channel", PER_CHANNEL);
+    s.split_result = SplitResult::Partial;
+    let cx = StepContext {
+        session: &ctx,
+        job: "j",
+        step: &s,
+        run_date: date,
+        vars: &vars,
+        keep: None,
+        split: None,
+    };
+    let StepKind::Sql(q) = &s.kind else {
+        unreachable!()
+    };
+    let whole = q.dataframe(&cx).await.unwrap();
+    ctx.register_table("per_channel_whole", whole.into_view())
+        .unwrap();
+    let once = ctx
+        .sql(&COMBINE.replace("{t}", "per_channel_whole"))
+        .await
+        .unwrap();
+    ctx.register_table("combined_whole", once.into_view())
+        .unwrap();
+    let want = sorted(&ctx, "combined_whole").await;
+    let b = buckets(4);
+    let out = s
+        .kind
+        .run(&StepContext {
+            split: Some(&b),
+            ..cx
+        })
+        .await
+        .unwrap();
+    let combined = ctx
+        .sql(&COMBINE.replace("{t}", "per_channel"))
+        .await
+        .unwrap();
+    ctx.register_table("combined", combined.into_view())
+        .unwrap();
+    assert_eq!(sorted(&ctx, "combined").await, want);
+    // One row per channel and bucket (each bucket has customers of every channel), not split.
+    assert_eq!(out.rows, 3 * 4);
+    let provider = ctx.table_provider("per_channel").await.unwrap();
+    let t = provider.downcast_ref::<SpilledTable>().unwrap();
+    assert_eq!(t.files().split_by(), None);
+    assert_eq!(t.files().single_layer().unwrap().len(), 4);
     // Read in 2 coarser buckets (the rule-based CLV models' way): files 0 and 2, then 1 and 3.
     let all = crate::steps::spill::tests::ints(&ctx, "select customer_id from clean");
     let coarse = CoarseBuckets::of(&ctx, "clean", "customer_id", 2)
@@ -354,7 +428,16 @@ async fn a_split_step_gives_the_rows_of_the_whole_query() {
     drop(coarse);
     // Scratch: the buckets of the scatter are gone, the two results' files remain until dropped.
     // (The views of the whole queries hold the tables they read.)
-    for t in ["clean", "features", "clean_whole", "features_whole"] {
+    for t in [
+        "clean",
+        "features",
+        "clean_whole",
+        "features_whole",
+        "per_channel",
+        "per_channel_whole",
+        "combined",
+        "combined_whole",
+    ] {
         ctx.deregister_table(t).unwrap();
     }
     let left: Vec<_> = walk(&base);
