@@ -274,13 +274,28 @@ fn split_keys_are_checked_at_their_lines() {
     let err = stderr(&out);
     let lines: Vec<&str> = err.lines().filter(|l| l.contains(".yaml:")).collect();
     assert_eq!(lines.len(), 3, "{err}");
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:40:5: steps[1].split_by:")
-        && l.contains("the step's result has no column `customer_id`")
-        && l.contains("split_result: partial")), "{err}");
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:47:5: steps[2].split_result:")
-        && l.contains("has no `split_by`")), "{err}");
-    assert!(lines.iter().any(|l| l.contains("customer_value.yaml:54:5: steps[3].split_by:")
-        && l.contains("applies to `sql` steps only")), "{err}");
+    assert!(
+        lines.iter().any(
+            |l| l.contains("customer_value.yaml:40:5: steps[1].split_by:")
+                && l.contains("the step's result has no column `customer_id`")
+                && l.contains("split_result: partial")
+        ),
+        "{err}"
+    );
+    assert!(
+        lines.iter().any(
+            |l| l.contains("customer_value.yaml:47:5: steps[2].split_result:")
+                && l.contains("has no `split_by`")
+        ),
+        "{err}"
+    );
+    assert!(
+        lines.iter().any(
+            |l| l.contains("customer_value.yaml:54:5: steps[3].split_by:")
+                && l.contains("applies to `sql` steps only")
+        ),
+        "{err}"
+    );
 }
 
 #[test]

@@ -13,6 +13,10 @@
 //! 3. bucket k's rows go to scratch file k of the result, which is registered as split by the
 //!    column ([`super::super::spill::SpilledFiles::split_by`]), so the next split step skips 1.
 //!
+//! With `split_result: partial` the query instead gives rows per bucket that a later step
+//! combines (sums per group over the bucket's customers: `cohort_daily`); the result is the
+//! union of the buckets' rows, need not have the column, and is not registered as split.
+//!
 //! A row's bucket is its value's euclidean remainder by the bucket count (integer columns; the
 //! same buckets as the rule-based CLV models' `bucket_filter`) or an FNV-1a hash of its bytes
 //! modulo the count (text); NULL is bucket 0. The count comes from the data: the bytes of the
