@@ -238,13 +238,10 @@ fn compute_in_blocks(
         let n: usize = group.iter().map(|r| r.ids.len()).sum();
         customers += n;
         let mut batches = Vec::with_capacity(n.div_ceil(batch_size) + group.len());
-        // A shard's columns are built whole and handed out as slices of `batch_size` rows: one
-        // allocation per column and shard. Built batch by batch, the result's 64 KiB arrays
-        // went into the allocator's pages between the freed pages of the orders just read,
-        // and held them: at 96M order rows the process stayed 1.1 GiB above its live heap
-        // until the result was dropped (mimalloc returns a page only when all of it is free).
-        for r in group.iter().filter(|r| !r.ids.is_empty()) {
-            let (ids, accs) = (&r.ids[..], &r.accs[..]);
+        let chunks = group
+            .iter()
+            .flat_map(|r| r.ids.chunks(batch_size).zip(r.accs.chunks(batch_size)));
+        for (ids, accs) in chunks {
             let m = ids.len();
             let floats = |f: &dyn Fn(&Acc) -> f64| {
                 Arc::new(Float64Array::from_iter_values(accs.iter().map(f))) as ArrayRef
@@ -291,17 +288,11 @@ fn compute_in_blocks(
                     )));
                 }
             };
-            // Summed batch by batch, as before the slices (the same float sum).
-            for c in clv.chunks(batch_size) {
-                total_clv += c.iter().sum::<f64>();
-            }
+            total_clv += clv.iter().sum::<f64>();
             cols.push(Arc::new(Float64Array::from(clv)));
-            let whole = RecordBatch::try_new(schema.clone(), cols)
-                .map_err(|e| Error::arrow("build the rule model's result", e))?;
-            batches.extend(
-                (0..m)
-                    .step_by(batch_size)
-                    .map(|at| whole.slice(at, batch_size.min(m - at))),
+            batches.push(
+                RecordBatch::try_new(schema.clone(), cols)
+                    .map_err(|e| Error::arrow("build the rule model's result", e))?,
             );
         }
         parts.push(batches);
