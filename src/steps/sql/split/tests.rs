@@ -262,6 +262,23 @@ fn step(name: &str, sql: &str) -> Step {
     }
 }
 
+/// The context of `step` in job `j` on 2026-01-01, run whole (no buckets, every column kept).
+fn whole_context<'a>(
+    ctx: &'a SessionContext,
+    step: &'a Step,
+    vars: &'a BTreeMap<String, String>,
+) -> StepContext<'a> {
+    StepContext {
+        session: ctx,
+        job: "j",
+        step,
+        run_date: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+        vars,
+        keep: None,
+        split: None,
+    }
+}
+
 async fn sorted(ctx: &SessionContext, table: &str) -> String {
     let df = ctx.table(table).await.unwrap();
     let cols: Vec<datafusion::logical_expr::SortExpr> = (df.schema().fields().iter())
@@ -279,7 +296,6 @@ async fn a_split_step_gives_the_rows_of_the_whole_query() {
     let ctx = crate::steps::spill::tests::session(256 << 20, &base);
     tables(&ctx).await;
     let vars = BTreeMap::new();
-    let date = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
     let buckets = |count| Buckets {
         column: "customer_id".into(),
         count,
@@ -292,15 +308,7 @@ async fn a_split_step_gives_the_rows_of_the_whole_query() {
     ] {
         let s = step(name, sql);
         // Whole, as the step runs when its data fits.
-        let cx = StepContext {
-            session: &ctx,
-            job: "j",
-            step: &s,
-            run_date: date,
-            vars: &vars,
-            keep: None,
-            split: None,
-        };
+        let cx = whole_context(&ctx, &s, &vars);
         let df = match &s.kind {
             StepKind::Sql(q) => q.dataframe(&cx).await.unwrap(),
             _ => unreachable!(),
@@ -343,15 +351,7 @@ async fn a_split_step_gives_the_rows_of_the_whole_query() {
     // bucket), which a later query sums again, equal to the same sums over all the rows.
     let mut s = step("per_channel", PER_CHANNEL);
     s.split_result = SplitResult::Partial;
-    let cx = StepContext {
-        session: &ctx,
-        job: "j",
-        step: &s,
-        run_date: date,
-        vars: &vars,
-        keep: None,
-        split: None,
-    };
+    let cx = whole_context(&ctx, &s, &vars);
     let StepKind::Sql(q) = &s.kind else {
         unreachable!()
     };
